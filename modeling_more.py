@@ -1,0 +1,1254 @@
+"""MoRE: Mixture of Recurrent Experts, one model file in the Transformers style.
+
+Order, smallest piece first: norms, rotary and attention helpers -> grouped kernels -> experts (registry) -> routers
+(registry) -> dispatch and MoE block (with Synthesis II iterations) -> decoder layer -> cache -> pretrained base ->
+`MoREModel` -> losses -> `MoREForCausalLM` -> Auto registration.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import can_return_tuple, logging
+
+
+try:  # remote code: both files live in one `transformers_modules` package
+    from .configuration_more import MoREConfig
+except ImportError:  # installed as top-level modules
+    from configuration_more import MoREConfig
+
+
+logger = logging.get_logger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Norms, rotary positions, attention helpers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in fp32; `weight` is (d,) or one row per token (N, d) for grouped experts."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+class MoRERMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+class MoRERotaryEmbedding(nn.Module):
+    """Rotary cos/sin for arbitrary integer positions (a (batch, seq) grid or a flat list of routed tokens)."""
+
+    def __init__(self, config, head_dim: int):
+        super().__init__()
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq  # (..., head_dim / 2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1):
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(batch, kv_heads, seq, head_dim) -> (batch, kv_heads * n_rep, seq, head_dim)."""
+    if n_rep == 1:
+        return hidden_states
+    batch, kv_heads, slen, head_dim = hidden_states.shape
+    hidden_states = hidden_states[:, :, None].expand(batch, kv_heads, n_rep, slen, head_dim)
+    return hidden_states.reshape(batch, kv_heads * n_rep, slen, head_dim)
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class MoREAttention(nn.Module):
+    """Causal self-attention of the backbone, through Transformers' attention interface (eager, SDPA, ...)."""
+
+    def __init__(self, config: MoREConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (batch, heads, seq, head_dim)
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
+        return attn_output, attn_weights
+
+
+class MoREMLP(nn.Module):
+    """Dense gated MLP (SwiGLU with `hidden_act="silu"`): dense layers and the shared expert."""
+
+    def __init__(self, config: MoREConfig, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Grouped kernels: rows sorted by expert, stacked weights, no Python loop over experts
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    # grouped_mm wants fp32/bf16 and 16-byte aligned row strides for both operands.
+    if x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype:
+        return False
+    return all((size * x.element_size()) % 16 == 0 for size in weight.shape[1:])
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """`x @ weight[g].T` for the rows of each group.
+
+    x: (rows, in) sorted by group; weight: (groups, out, in); offs: (groups,) int32 cumulative row ends, the last
+    equal to `rows`. One group is a plain linear layer.
+    """
+    if weight.shape[0] == 1:
+        return F.linear(x, weight[0])
+    if _grouped_mm_supported(x, weight):
+        return F.grouped_mm(x.contiguous(), weight.transpose(1, 2), offs=offs)
+    # Unaligned sizes or other dtypes: the same result, one matmul per group.
+    ends = offs.tolist()
+    starts = [0] + ends[:-1]
+    return torch.cat([F.linear(x[s:e], weight[g]) for g, (s, e) in enumerate(zip(starts, ends, strict=True))])
+
+
+def pad_segments(x: torch.Tensor, segment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scatter rows sorted by segment id into a padded (segments, max_len, ...) tensor.
+
+    Returns the padded tensor, each row's (segment, slot) coordinates and the padded validity mask.
+    """
+    _, compact, counts = torch.unique_consecutive(segment, return_inverse=True, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(segment.shape[0], device=segment.device) - starts[compact]  # (rows,)
+    padded = x.new_zeros(counts.shape[0], int(counts.max()), *x.shape[1:])
+    padded[compact, slot] = x
+    valid = torch.zeros(padded.shape[:2], dtype=torch.bool, device=x.device)
+    valid[compact, slot] = True
+    return padded, (compact, slot), valid
+
+
+def segment_causal_attention(q, k, v, segment, position, scaling, cached=None):
+    """Causal attention among the rows of each segment (one expert's tokens of one sequence).
+
+    q, k, v: (rows, heads, head_dim), rows sorted by (segment, position). `cached` optionally holds keys and values of
+    earlier tokens as (k, v, segment, position); new rows then attend to cached rows of their segment with a lower or
+    equal position as well. Returns (rows, heads, head_dim).
+    """
+    if cached is None:
+        # Without a cache each segment is a plain causal block: one SDPA call over padded segments.
+        stacked = torch.cat([q, k, v], dim=-1)
+        padded, (seg, slot), _ = pad_segments(stacked, segment)  # (segments, max_len, heads, 3 * head_dim)
+        pq, pk, pv = padded.transpose(1, 2).chunk(3, dim=-1)  # (segments, heads, max_len, head_dim)
+        out = F.scaled_dot_product_attention(pq, pk, pv, is_causal=True, scale=scaling)
+        return out.transpose(1, 2)[seg, slot]
+    ck, cv, cseg, cpos = cached
+    # Keys are cached rows plus new rows, re-sorted by (segment, position); queries are the new rows only.
+    key_segment = torch.cat([cseg, segment])
+    key_position = torch.cat([cpos, position])
+    order = torch.argsort(key_segment * (int(key_position.max()) + 1) + key_position, stable=True)
+    key_segment, key_position = key_segment[order], key_position[order]
+    kv = torch.cat([torch.cat([ck, k]), torch.cat([cv, v])], dim=-1)[order]
+    segments = torch.unique_consecutive(key_segment)
+    # Put query rows in the key layout's segment numbering so both paddings line up.
+    q_compact = torch.searchsorted(segments, segment)
+    pkv, _, k_valid = pad_segments(kv, key_segment)
+    pk_pos, _, _ = pad_segments(key_position, key_segment)
+    q_counts = torch.bincount(q_compact, minlength=segments.shape[0])
+    q_slot = torch.arange(q.shape[0], device=q.device) - (torch.cumsum(q_counts, 0) - q_counts)[q_compact]
+    pq = q.new_zeros(segments.shape[0], int(q_counts.max()), *q.shape[1:])
+    pq[q_compact, q_slot] = q
+    pq_pos = position.new_full(pq.shape[:2], -1)
+    pq_pos[q_compact, q_slot] = position
+    mask = k_valid[:, None, :] & (pk_pos[:, None, :] <= pq_pos[:, :, None])  # (segments, q_len, k_len)
+    mask[..., 0] |= pq_pos < 0  # padded query rows see one key so softmax stays finite; they are discarded
+    pk, pv = pkv.transpose(1, 2).chunk(2, dim=-1)
+    out = F.scaled_dot_product_attention(pq.transpose(1, 2), pk, pv, attn_mask=mask[:, None], scale=scaling)
+    return out.transpose(1, 2)[q_compact, q_slot]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Dispatch: route once, one stable sort by (expert, sequence, position), gather once, scatter-add once
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MoREDispatch:
+    """Routed (token, expert) pairs sorted by (expert, sequence, position).
+
+    Rows whose assignment was dropped (padding, capacity, expert dropout) are sorted last, carry expert id
+    `num_experts` and gate weight 0, and ride in the last expert's group so every kernel sees whole groups without a
+    host sync; they never reach an output, a statistic or a cache.
+    """
+
+    token_index: torch.Tensor  # (rows,) flat token index into (batch * seq)
+    expert_index: torch.Tensor  # (rows,) 0..num_experts, num_experts = dropped
+    weights: torch.Tensor  # (rows,) gate weight, 0 for dropped rows
+    offs: torch.Tensor  # (num_experts,) int32 cumulative group ends, last == rows
+    batch_index: torch.Tensor  # (rows,)
+    position: torch.Tensor  # (rows,) rotary position of the token
+    cache_index: torch.Tensor  # (rows,) index of the token in the cached sequence
+    batch_size: int
+    num_experts: int
+
+    @property
+    def kept(self) -> torch.Tensor:
+        return self.expert_index < self.num_experts
+
+    @property
+    def group_index(self) -> torch.Tensor:
+        """Weight group of each row (dropped rows use the last expert's weights)."""
+        return self.expert_index.clamp(max=self.num_experts - 1)
+
+    @property
+    def segment(self) -> torch.Tensor:
+        """Attention segment of each row: one per (expert, sequence); dropped rows form their own segments."""
+        return self.expert_index * self.batch_size + self.batch_index
+
+
+def build_dispatch(top_k_index, top_k_weights, token_mask, position_ids, cache_offset, capacity, num_experts):
+    """Sort (token, slot) pairs once by (expert, sequence, position).
+
+    top_k_index, top_k_weights: (tokens, top_k); token_mask: (tokens,) bool, False for padding; position_ids:
+    (batch, seq). `capacity` (int or None) caps the rows kept per expert; later tokens overflow first.
+    """
+    batch_size, seq_len = position_ids.shape
+    num_tokens, top_k = top_k_index.shape
+    token_index = torch.arange(num_tokens, device=top_k_index.device).repeat_interleave(top_k)  # (tokens * top_k,)
+    expert = top_k_index.reshape(-1)
+    weights = top_k_weights.reshape(-1)
+    if token_mask is not None:
+        expert = torch.where(token_mask.repeat_interleave(top_k), expert, num_experts)
+    if capacity is not None:
+        # Rank of each pair within its expert, in token order (Switch Transformer's cumsum over one-hot).
+        one_hot = F.one_hot(expert, num_experts + 1)  # (pairs, experts + 1)
+        rank = (torch.cumsum(one_hot, 0) * one_hot).sum(-1) - 1
+        expert = torch.where(rank < capacity, expert, num_experts)
+    order = torch.argsort(expert * num_tokens + token_index, stable=True)
+    expert, token_index = expert[order], token_index[order]
+    weights = torch.where(expert < num_experts, weights[order], 0.0)
+    counts = torch.bincount(expert, minlength=num_experts + 1)[:num_experts]
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    offs[-1] = expert.shape[0]  # dropped rows ride in the last group
+    batch_index = torch.div(token_index, seq_len, rounding_mode="floor")
+    cache_index = token_index % seq_len + cache_offset
+    return MoREDispatch(
+        token_index=token_index,
+        expert_index=expert,
+        weights=weights,
+        offs=offs,
+        batch_index=batch_index,
+        position=position_ids.reshape(-1)[token_index],
+        cache_index=cache_index,
+        batch_size=batch_size,
+        num_experts=num_experts,
+    )
+
+
+@dataclass
+class MoREExpertContext:
+    """Per-call settings every expert sees."""
+
+    num_recurrent_steps: int
+    num_backprop_steps: int | None
+    cache_pool: "MoREExpertPool | None" = None
+    output_stats: bool = False
+    stats: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Experts: stacked weights over all experts of a layer, computed for all routed rows at once
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class MoREExperts(nn.Module):
+    """Base class: `forward(x, dispatch, ctx)` maps routed rows (rows, hidden) to expert outputs (rows, hidden)."""
+
+    def __init__(self, config: MoREConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.hidden_size = config.hidden_size
+
+
+class MoREFFNExperts(MoREExperts):
+    """Standard MoE experts (guide §2.1): a gated FFN per expert, weights stacked as in Transformers' Mixtral."""
+
+    def __init__(self, config: MoREConfig):
+        super().__init__(config)
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_size, self.hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_size, self.intermediate_size))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x, dispatch, ctx):
+        gate, up = grouped_linear(x, self.gate_up_proj, dispatch.offs).chunk(2, dim=-1)  # (rows, inter) each
+        return grouped_linear(self.act_fn(gate) * up, self.down_proj, dispatch.offs)
+
+
+class MoRERecurrentExperts(MoREExperts):
+    """Shared machinery of every expert that iterates a latent state over r weight-tied steps.
+
+    Subclasses define `encode` (expert input -> static input of the loop), `initial_state`, `step` and `decode`.
+    This class owns the step loop: depth, truncated backprop (early steps under `no_grad`), latent state
+    initialisation (normal(latent_init_std) in training, zeros in eval) and the recurrence statistics.
+    """
+
+    def __init__(self, config: MoREConfig):
+        super().__init__(config)
+        self.latent_init_std = config.latent_init_std
+
+    def encode(self, x, dispatch):
+        return x
+
+    def initial_state(self, static):
+        if self.training and self.latent_init_std > 0:
+            return torch.randn_like(static) * self.latent_init_std
+        return torch.zeros_like(static)
+
+    def step(self, state, static, dispatch, ctx, step_idx):
+        raise NotImplementedError
+
+    def decode(self, state, static, dispatch):
+        return state
+
+    def forward(self, x, dispatch, ctx):
+        static = self.encode(x, dispatch)
+        state = self.initial_state(static)
+        steps = ctx.num_recurrent_steps
+        first_grad_step = 0 if ctx.num_backprop_steps is None else max(0, steps - ctx.num_backprop_steps)
+        grad_enabled = torch.is_grad_enabled()
+        changes = []
+        for step_idx in range(steps):
+            with torch.set_grad_enabled(grad_enabled and step_idx >= first_grad_step):
+                new_state = self.step(state, static, dispatch, ctx, step_idx)
+            if ctx.output_stats:
+                changes.append(_relative_change(new_state, state, dispatch.kept))
+            state = new_state
+        if ctx.output_stats:
+            ctx.stats["steps"] = torch.tensor(float(steps))
+            ctx.stats["state_change"] = torch.stack(changes).detach()  # (steps,)
+            # Share of the final state written by the last step (guide §5.2: final-step contribution).
+            ctx.stats["final_step_contribution"] = changes[-1].detach()
+        if ctx.cache_pool is not None:
+            self.write_cache(ctx, dispatch)
+        return self.decode(state, static, dispatch)
+
+    def write_cache(self, ctx, dispatch):
+        """Experts that keep per-step state for decoding store it here (see `MoREHuginnExperts`)."""
+
+
+def _relative_change(new, old, kept):
+    """Mean over kept rows of ||new - old|| / ||old||."""
+    num = (new - old).float().norm(dim=-1)
+    den = old.float().norm(dim=-1).clamp_min(1e-6)
+    ratio = torch.where(kept, num / den, 0.0)
+    return ratio.sum() / kept.sum().clamp_min(1)
+
+
+class MoREHuginnExperts(MoRERecurrentExperts):
+    """Huginn-style recurrent block with weights stacked over `num_groups` weight groups (guide §2.2.1, §7.3).
+
+    One step: `s = adapter([s; x])`, `s = norm(attn(norm(s)) + s)`, `s = norm(mlp(norm(s)) + s)`. Attention runs among
+    the tokens routed to the same expert in the same sequence, causal, with rotary at their original positions.
+    `expert_type="recurrent"` gives every expert its own block (num_groups = num_experts).
+    """
+
+    def __init__(self, config: MoREConfig, num_groups: int | None = None):
+        super().__init__(config)
+        groups = self.num_experts if num_groups is None else num_groups
+        d, heads = config.hidden_size, config.recurrent_num_heads
+        self.num_heads, self.head_dim = heads, d // heads
+        self.scaling = self.head_dim**-0.5
+        self.eps = config.rms_norm_eps
+        inter = config.recurrent_intermediate_size
+        self.adapter = nn.Parameter(torch.empty(groups, d, 2 * d))
+        self.qkv_proj = nn.Parameter(torch.empty(groups, 3 * d, d))
+        self.o_proj = nn.Parameter(torch.empty(groups, d, d))
+        self.gate_up_proj = nn.Parameter(torch.empty(groups, 2 * inter, d))
+        self.down_proj = nn.Parameter(torch.empty(groups, d, inter))
+        self.norms = nn.Parameter(torch.ones(4, groups, d))  # pre-attn, post-attn, pre-mlp, post-mlp
+        self.act_fn = ACT2FN[config.hidden_act]
+        self.rotary = MoRERotaryEmbedding(config, self.head_dim)
+
+    def _group_offs(self, dispatch):
+        return dispatch.offs
+
+    def _norm(self, x, which, dispatch):
+        weight = self.norms[which]
+        weight = weight[0] if weight.shape[0] == 1 else weight[dispatch.group_index]  # (d,) or (rows, d)
+        return rms_norm(x, weight, self.eps)
+
+    def step(self, state, static, dispatch, ctx, step_idx):
+        offs = self._group_offs(dispatch)
+        state = grouped_linear(torch.cat([state, static], dim=-1), self.adapter, offs)
+        attn = self._attention(self._norm(state, 0, dispatch), dispatch, ctx, step_idx, offs)
+        state = self._norm(attn + state, 1, dispatch)
+        gate, up = grouped_linear(self._norm(state, 2, dispatch), self.gate_up_proj, offs).chunk(2, dim=-1)
+        state = self._norm(grouped_linear(self.act_fn(gate) * up, self.down_proj, offs) + state, 3, dispatch)
+        return state
+
+    def _attention(self, x, dispatch, ctx, step_idx, offs):
+        rows = x.shape[0]
+        q, k, v = grouped_linear(x, self.qkv_proj, offs).view(rows, 3, self.num_heads, self.head_dim).unbind(1)
+        cos, sin = self.rotary(x, dispatch.position)  # (rows, head_dim)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)  # (rows, heads, head_dim)
+        segment = dispatch.segment
+        cached = None
+        if ctx.cache_pool is not None:
+            ctx.cache_pool.stage(step_idx, k, v)
+            cached = ctx.cache_pool.read(step_idx, dispatch.batch_size)
+        out = segment_causal_attention(q, k, v, segment, dispatch.cache_index, self.scaling, cached)
+        return grouped_linear(out.reshape(rows, -1), self.o_proj, offs)
+
+    def write_cache(self, ctx, dispatch):
+        ctx.cache_pool.commit(dispatch)
+
+
+class MoRESharedRecurrentExperts(MoREHuginnExperts):
+    """One Huginn engine per layer; expert i differs only by its projections W_in^i, W_out^i (guide §2.2.2)."""
+
+    def __init__(self, config: MoREConfig):
+        super().__init__(config, num_groups=1)
+        d = config.hidden_size
+        self.w_in = nn.Parameter(torch.empty(self.num_experts, d, d))
+        self.w_out = nn.Parameter(torch.empty(self.num_experts, d, d))
+        self.projection_dropout = nn.Dropout(config.projection_dropout)
+
+    def encode(self, x, dispatch):
+        return self.projection_dropout(grouped_linear(x, self.w_in, dispatch.offs))
+
+    def decode(self, state, static, dispatch):
+        return grouped_linear(state, self.w_out, dispatch.offs)
+
+    def orthogonality_loss(self) -> torch.Tensor:
+        """Mean ||W W^T - I||_F^2 / d over both projections of every expert (keeps them near-orthogonal)."""
+        eye = torch.eye(self.hidden_size, device=self.w_in.device, dtype=torch.float32)
+        weights = torch.cat([self.w_in, self.w_out]).float()  # (2 * experts, d, d)
+        gram = weights @ weights.transpose(1, 2)
+        return (gram - eye).pow(2).sum(dim=(1, 2)).mean() / self.hidden_size
+
+
+EXPERT_REGISTRY: dict[str, type[MoREExperts]] = {
+    "ffn": MoREFFNExperts,
+    "recurrent": MoREHuginnExperts,
+    "shared_recurrent": MoRESharedRecurrentExperts,
+}
+
+
+def get_expert_class(name: str) -> type[MoREExperts]:
+    if name not in EXPERT_REGISTRY:
+        raise ValueError(f"Unknown expert_type {name!r}; valid names: {sorted(EXPERT_REGISTRY)}.")
+    return EXPERT_REGISTRY[name]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Routers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MoRERouting:
+    logits: torch.Tensor  # (tokens, experts) fp32
+    probs: torch.Tensor  # (tokens, experts) fp32 softmax
+    top_k_weights: torch.Tensor  # (tokens, top_k)
+    top_k_index: torch.Tensor  # (tokens, top_k)
+
+
+class MoRELinearRouter(nn.Module):
+    """Softmax over a linear layer, top-k, optional top-k renormalisation, jitter noise in training."""
+
+    def __init__(self, config: MoREConfig, layer_idx: int):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.jitter_noise = config.router_jitter_noise
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+
+    def compute_logits(self, x, token_mask, state):
+        return F.linear(x, self.weight).float(), state
+
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None, state=None):
+        """x: (tokens, hidden). Returns the routing and the router state for the next layer / iteration."""
+        if self.training and self.jitter_noise > 0:
+            # Switch Transformer's multiplicative input jitter, on the router input only.
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        logits, state = self.compute_logits(x, token_mask, state)  # (tokens, experts)
+        return self.route(logits), state
+
+    def route(self, logits: torch.Tensor) -> MoRERouting:
+        probs = F.softmax(logits, dim=-1)
+        top_k_weights, top_k_index = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
+        return MoRERouting(logits, probs, top_k_weights, top_k_index)
+
+
+ROUTER_REGISTRY: dict[str, type[nn.Module]] = {
+    "linear": MoRELinearRouter,
+}
+
+
+def get_router_class(name: str) -> type[nn.Module]:
+    if name not in ROUTER_REGISTRY:
+        raise ValueError(f"Unknown router_type {name!r}; valid names: {sorted(ROUTER_REGISTRY)}.")
+    return ROUTER_REGISTRY[name]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Router losses and diagnostics (per layer and iteration)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_balancing_loss(probs, top_k_index, token_mask=None):
+    """Switch Transformer loss `E * sum_e f_e * P_e` over real tokens; 1.0 at perfectly uniform routing.
+
+    probs: (tokens, experts); top_k_index: (tokens, top_k); token_mask: (tokens,) bool or None.
+    """
+    num_experts = probs.shape[-1]
+    mask = probs.new_ones(probs.shape[0]) if token_mask is None else token_mask.to(probs.dtype)
+    counts = torch.zeros_like(probs).scatter_add_(
+        1, top_k_index, mask[:, None].expand_as(top_k_index).to(probs.dtype)
+    )  # (tokens, experts)
+    denom = mask.sum().clamp_min(1)
+    fraction = counts.sum(0) / (denom * top_k_index.shape[1])  # share of assignments per expert
+    mean_prob = (probs * mask[:, None]).sum(0) / denom
+    return num_experts * (fraction * mean_prob).sum()
+
+
+def router_z_loss(logits, token_mask=None):
+    """ST-MoE router z-loss: mean squared log-partition over real tokens."""
+    z = torch.logsumexp(logits, dim=-1).pow(2)
+    if token_mask is None:
+        return z.mean()
+    mask = token_mask.to(z.dtype)
+    return (z * mask).sum() / mask.sum().clamp_min(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# MoE block: router + experts (+ shared expert), iterated `num_moe_iterations` times (Synthesis II)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MoREBlockOutput:
+    router_logits: list = field(default_factory=list)  # one (tokens, experts) tensor per iteration
+    aux_loss: list = field(default_factory=list)
+    z_loss: list = field(default_factory=list)
+    recurrent_steps: list = field(default_factory=list)
+    stats: list = field(default_factory=list)
+
+
+class MoRESparseMoeBlock(nn.Module):
+    """Routes once per iteration, sorts once, runs all experts grouped, scatter-adds once.
+
+    With `num_moe_iterations` T > 1 the block is a recurrent unit (guide §2.3.1):
+    `state = state + residual_scale * moe(state)`, re-routed at every iteration; it returns `state_T - state_0`
+    so the decoder layer's residual stays the usual `h + mlp(norm(h))`.
+    """
+
+    def __init__(self, config: MoREConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_experts = config.num_experts
+        self.top_k = config.num_experts_per_tok
+        self.gate = get_router_class(config.router_type)(config, layer_idx)
+        self.experts = get_expert_class(config.expert_type)(config)
+        self.shared_expert = None
+        if config.shared_expert_intermediate_size > 0:
+            self.shared_expert = MoREMLP(config, config.shared_expert_intermediate_size)
+            if config.shared_expert_gate == "learned":
+                self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+
+    def _capacity(self, num_tokens: int) -> int | None:
+        factor = self.config.capacity_factor if self.training else self.config.eval_capacity_factor
+        if factor is None:
+            return None
+        return max(1, math.ceil(factor * num_tokens * self.top_k / self.num_experts))
+
+    def moe(self, x, token_mask, position_ids, cache_offset, ctx, router_state):
+        """One routed pass. x: (tokens, hidden) -> (tokens, hidden)."""
+        routing, router_state = self.gate(x, token_mask, router_state)
+        dispatch = build_dispatch(
+            routing.top_k_index,
+            routing.top_k_weights.to(x.dtype),
+            token_mask,
+            position_ids,
+            cache_offset,
+            self._capacity(x.shape[0]),
+            self.num_experts,
+        )
+        rows = self.experts(x[dispatch.token_index], dispatch, ctx)  # (rows, hidden)
+        out = torch.zeros_like(x).index_add_(0, dispatch.token_index, rows * dispatch.weights[:, None])
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.config.shared_expert_gate == "learned":
+                out = out + torch.sigmoid(self.shared_expert_gate(x)) * shared
+            else:
+                out = self.config.moe_weight * out + self.config.shared_expert_weight * shared
+        return out, routing, router_state
+
+    def forward(self, hidden_states, token_mask, position_ids, cache_offset, settings, cache=None, router_state=None):
+        batch, seq_len, hidden = hidden_states.shape
+        state = hidden_states.reshape(-1, hidden)
+        flat_mask = None if token_mask is None else token_mask.reshape(-1)
+        out = MoREBlockOutput()
+        total = torch.zeros_like(state)
+        for iteration in range(settings.num_moe_iterations):
+            ctx = MoREExpertContext(
+                num_recurrent_steps=settings.num_recurrent_steps,
+                num_backprop_steps=self.config.num_backprop_steps,
+                cache_pool=None if cache is None else cache.expert_pool(self.layer_idx, iteration),
+                output_stats=settings.output_recurrence_stats,
+            )
+            delta, routing, router_state = self.moe(state, flat_mask, position_ids, cache_offset, ctx, router_state)
+            delta = self.config.moe_residual_scale * delta
+            total = total + delta
+            state = state + delta
+            out.router_logits.append(routing.logits)
+            out.aux_loss.append(load_balancing_loss(routing.probs, routing.top_k_index, flat_mask))
+            out.z_loss.append(router_z_loss(routing.logits, flat_mask))
+            if isinstance(self.experts, MoRERecurrentExperts):
+                out.recurrent_steps.append(float(settings.num_recurrent_steps))
+            if settings.output_recurrence_stats:
+                out.stats.append(ctx.stats)
+        return total.view(batch, seq_len, hidden), out, router_state
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decoder layer
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MoREForwardSettings:
+    """Depth and flags resolved once per model call, so every layer (and a checkpointed recompute) agrees."""
+
+    num_recurrent_steps: int
+    num_moe_iterations: int
+    output_recurrence_stats: bool = False
+
+
+class MoREDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: MoREConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.self_attn = MoREAttention(config, layer_idx)
+        self.is_moe = layer_idx not in config.mlp_only_layers
+        self.mlp = MoRESparseMoeBlock(config, layer_idx) if self.is_moe else MoREMLP(config, config.intermediate_size)
+        self.input_layernorm = MoRERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = MoRERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states,
+        position_embeddings=None,
+        attention_mask=None,
+        position_ids=None,
+        token_mask=None,
+        cache_offset=0,
+        settings=None,
+        cache=None,
+        router_state=None,
+        **kwargs,
+    ):
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache=cache, **kwargs
+        )
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        block_output = None
+        if self.is_moe:
+            hidden_states, block_output, router_state = self.mlp(
+                hidden_states, token_mask, position_ids, cache_offset, settings, cache, router_state
+            )
+        else:
+            hidden_states = self.mlp(hidden_states)
+        return residual + hidden_states, block_output, router_state
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class MoREExpertPool:
+    """Keys and values of attention inside recurrent experts, for one (layer, iteration).
+
+    Each cached token routed to an expert is a row with its (segment slot, batch, position) and its keys/values at
+    every step (rows, steps, heads, head_dim). Policy for depth: a token computed with fewer steps than a later read
+    asks for is read at its latest computed step (its last step is repeated along the step axis).
+    """
+
+    def __init__(self):
+        self.expert = self.batch = self.position = None  # (rows,)
+        self.keys = self.values = None  # (rows, steps, heads, head_dim)
+        self._staged = {}
+
+    def __len__(self):
+        return 0 if self.expert is None else self.expert.shape[0]
+
+    def copy(self) -> "MoREExpertPool":
+        pool = MoREExpertPool()
+        pool.expert, pool.batch, pool.position, pool.keys, pool.values = (
+            self.expert,
+            self.batch,
+            self.position,
+            self.keys,
+            self.values,
+        )
+        return pool
+
+    def read(self, step_idx: int, batch_size: int):
+        """Cached (k, v, segment, position) at `step_idx` (or the latest available step), or None when empty."""
+        if len(self) == 0:
+            return None
+        step = min(step_idx, self.keys.shape[1] - 1)
+        return self.keys[:, step], self.values[:, step], self.expert * batch_size + self.batch, self.position
+
+    def stage(self, step_idx: int, keys: torch.Tensor, values: torch.Tensor):
+        self._staged[step_idx] = (keys, values)
+
+    def commit(self, dispatch: MoREDispatch):
+        """Append the kept rows of this call with the keys/values staged at every step."""
+        steps = len(self._staged)
+        keys = torch.stack([self._staged[i][0] for i in range(steps)], dim=1)  # (rows, steps, heads, head_dim)
+        values = torch.stack([self._staged[i][1] for i in range(steps)], dim=1)
+        self._staged = {}
+        kept = dispatch.kept
+        keys, values = keys[kept], values[kept]
+        if len(self) > 0:
+            keys, self.keys = _match_steps(keys, self.keys)
+            values, self.values = _match_steps(values, self.values)
+        self.expert = _cat(self.expert, dispatch.expert_index[kept])
+        self.batch = _cat(self.batch, dispatch.batch_index[kept])
+        self.position = _cat(self.position, dispatch.cache_index[kept])
+        self.keys = _cat(self.keys, keys)
+        self.values = _cat(self.values, values)
+
+    def select(self, mask: torch.Tensor):
+        for name in ("expert", "batch", "position", "keys", "values"):
+            setattr(self, name, getattr(self, name)[mask])
+
+    def remap_batch(self, source: torch.Tensor):
+        """New batch row j takes the rows of old batch row `source[j]` (beam reorder, repeat, select)."""
+        if len(self) == 0:
+            return
+        match = self.batch[None, :] == source[:, None]  # (new_batch, rows)
+        new_batch, rows = match.nonzero(as_tuple=True)
+        for name in ("expert", "position", "keys", "values"):
+            setattr(self, name, getattr(self, name)[rows])
+        self.batch = new_batch
+
+
+def _cat(old, new):
+    return new if old is None else torch.cat([old, new])
+
+
+def _match_steps(a, b):
+    """Pad the step axis (dim 1) of the shorter tensor by repeating its last step."""
+    steps = max(a.shape[1], b.shape[1])
+
+    def pad(t):
+        if t.shape[1] == steps:
+            return t
+        return torch.cat([t, t[:, -1:].expand(-1, steps - t.shape[1], *t.shape[2:])], dim=1)
+
+    return pad(a), pad(b)
+
+
+class MoRECache(DynamicCache):
+    """`DynamicCache` for the backbone attention plus per-(layer, iteration) pools for attention inside recurrent
+    experts. Not compileable: pools grow by routed rows."""
+
+    is_compileable = False
+
+    def __init__(self, config=None, **kwargs):
+        super().__init__(config=config, **kwargs)
+        self.expert_pools: dict[tuple[int, int], MoREExpertPool] = {}
+
+    def expert_pool(self, layer_idx: int, iteration: int) -> MoREExpertPool:
+        key = (layer_idx, iteration)
+        if key not in self.expert_pools:
+            # An iteration never run before starts from the latest earlier iteration's pool (depth policy).
+            earlier = [i for (layer, i) in self.expert_pools if layer == layer_idx and i < iteration]
+            self.expert_pools[key] = (
+                self.expert_pools[(layer_idx, max(earlier))].copy() if earlier else MoREExpertPool()
+            )
+        return self.expert_pools[key]
+
+    def _remap_pools(self, source: torch.Tensor):
+        for pool in self.expert_pools.values():
+            pool.remap_batch(source.to(pool.batch.device) if pool.batch is not None else source)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        super().reorder_cache(beam_idx)
+        self._remap_pools(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        batch = self._pool_batch_size()
+        if batch is not None:
+            self._remap_pools(torch.arange(batch).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        super().batch_select_indices(indices)
+        self._remap_pools(indices)
+
+    def crop(self, max_length: int):
+        super().crop(max_length)
+        length = self.get_seq_length()
+        for pool in self.expert_pools.values():
+            if len(pool) > 0:
+                pool.select(pool.position < length)
+
+    def reset(self):
+        super().reset()
+        self.expert_pools = {}
+
+    def _pool_batch_size(self):
+        if self.layers and getattr(self.layers[0], "keys", None) is not None and self.layers[0].keys.numel() > 0:
+            return self.layers[0].keys.shape[0]
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pretrained base, outputs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MoREModelOutputWithPast(MoeModelOutputWithPast):
+    aux_loss: torch.FloatTensor | None = None
+    z_loss: torch.FloatTensor | None = None
+    orthogonality_loss: torch.FloatTensor | None = None
+    recurrent_steps: torch.FloatTensor | None = None
+    recurrence_stats: tuple | None = None
+
+
+@dataclass
+class MoRECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    """`loss` = LM loss + weighted aux terms. `router_logits` has one entry per MoE layer and iteration;
+    `recurrent_steps` is the mean number of expert steps per routed token; `recurrence_stats` (when asked) holds, per
+    MoE layer and iteration, a dict with `steps`, `state_change` (per step) and `final_step_contribution`."""
+
+    z_loss: torch.FloatTensor | None = None
+    orthogonality_loss: torch.FloatTensor | None = None
+    recurrent_steps: torch.FloatTensor | None = None
+    recurrence_stats: tuple | None = None
+
+
+class MoREPreTrainedModel(PreTrainedModel):
+    config_class = MoREConfig
+    config: MoREConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MoREDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, MoREFFNExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, MoREHuginnExperts):
+            # Guide §3.2: xavier-uniform adapter; per-expert fan sizes, so the bound uses one expert's matrix.
+            bound = math.sqrt(6.0 / (module.adapter.shape[1] + module.adapter.shape[2]))
+            init.uniform_(module.adapter, -bound, bound)
+            for param in (module.qkv_proj, module.o_proj, module.gate_up_proj, module.down_proj):
+                init.normal_(param, mean=0.0, std=std)
+            init.ones_(module.norms)
+            if isinstance(module, MoRESharedRecurrentExperts):
+                # Near-orthogonal start for the per-expert projections around the shared engine.
+                for param in (module.w_in, module.w_out):
+                    init.copy_(param, torch.linalg.qr(torch.randn_like(param, dtype=torch.float32))[0].to(param))
+        elif isinstance(module, MoRELinearRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, MoRERMSNorm):
+            init.ones_(module.weight)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class MoREModel(MoREPreTrainedModel):
+    def __init__(self, config: MoREConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([MoREDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = MoRERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
+        self.rotary_emb = MoRERotaryEmbedding(config, head_dim)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def resolve_settings(self, num_recurrent_steps, num_moe_iterations, output_recurrence_stats):
+        """Depth for this call: the argument, else a training draw, else the config's inference default."""
+        config = self.config
+        if num_recurrent_steps is None:
+            num_recurrent_steps = (
+                self._sample_depth() if self.training and torch.is_grad_enabled() else config.num_recurrent_steps
+            )
+        if num_moe_iterations is None:
+            num_moe_iterations = config.num_moe_iterations
+        for name, value in (("num_recurrent_steps", num_recurrent_steps), ("num_moe_iterations", num_moe_iterations)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        return MoREForwardSettings(num_recurrent_steps, num_moe_iterations, bool(output_recurrence_stats))
+
+    def _sample_depth(self) -> int:
+        """Training depth, drawn from the global torch RNG (so Trainer's RNG checkpointing replays it) and
+        broadcast from rank 0 so every data-parallel rank runs the same depth."""
+        config = self.config
+        low, high = config.train_recurrent_steps_min, config.train_recurrent_steps_max
+        if config.recurrent_steps_sampler == "fixed":
+            return config.num_recurrent_steps
+        if config.recurrent_steps_sampler == "uniform":
+            depth = torch.randint(low, high + 1, (1,))
+        else:
+            # Huginn: Poisson with a log-normal rate around the range's mean, clipped to the range.
+            sigma = 0.5
+            mean = (low + high) / 2
+            rate = torch.exp(torch.randn(1) * sigma + math.log(mean) - sigma**2 / 2)
+            depth = torch.poisson(rate).long().clamp(low, high)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            depth = depth.to(self.embed_tokens.weight.device)
+            torch.distributed.broadcast(depth, src=0)
+        return int(depth.item())
+
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_length):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"`input_ids` must have shape (batch, seq_len), got {tuple(input_ids.shape)}.")
+            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size):
+                raise ValueError(
+                    f"`input_ids` must be in [0, {self.vocab_size}) (vocab_size); got values in "
+                    f"[{int(input_ids.min())}, {int(input_ids.max())}]."
+                )
+        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        if attention_mask is not None:
+            expected = (shape[0], past_length + shape[1])
+            if attention_mask.dim() != 2 or tuple(attention_mask.shape) != expected:
+                raise ValueError(
+                    f"`attention_mask` must have shape (batch, past + seq_len) = {expected}, "
+                    f"got {tuple(attention_mask.shape)}."
+                )
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        use_cache=None,
+        output_hidden_states=None,
+        output_router_logits=None,
+        output_recurrence_stats=None,
+        num_recurrent_steps=None,
+        num_moe_iterations=None,
+        **kwargs,
+    ) -> MoREModelOutputWithPast:
+        config = self.config
+        use_cache = use_cache if use_cache is not None else config.use_cache
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else False
+        if output_router_logits is None:
+            output_router_logits = config.output_router_logits
+        if self.gradient_checkpointing and self.training and use_cache:
+            use_cache = False
+        if use_cache and cache is None:
+            cache = MoRECache(config=config)
+        if cache is not None and not isinstance(cache, MoRECache):
+            if cache.get_seq_length() > 0:
+                raise ValueError("MoRE needs a `MoRECache` (it also caches expert state); got a non-empty "
+                                 f"{type(cache).__name__}.")
+            cache = MoRECache(config=config)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch, seq_len = inputs_embeds.shape[:2]
+
+        if position_ids is None:
+            if attention_mask is not None:
+                # Left padding: real tokens count positions from 0 whatever the pad length.
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -seq_len:]
+            else:
+                position_ids = torch.arange(past_length, past_length + seq_len, device=inputs_embeds.device)
+                position_ids = position_ids.unsqueeze(0).expand(batch, -1)
+        position_ids = position_ids.expand(batch, -1)
+        token_mask = None if attention_mask is None else attention_mask[:, -seq_len:].bool()
+        causal_mask = create_causal_mask(
+            config=config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        settings = self.resolve_settings(num_recurrent_steps, num_moe_iterations, output_recurrence_stats)
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        all_hidden_states = () if output_hidden_states else None
+        blocks = []
+        router_state = None
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states, block_output, router_state = layer(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=causal_mask,
+                position_ids=position_ids,
+                token_mask=token_mask,
+                cache_offset=past_length,
+                settings=settings,
+                cache=cache,
+                router_state=router_state,
+            )
+            if block_output is not None:
+                blocks.append(block_output)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+
+        aux_terms = [t for b in blocks for t in b.aux_loss]
+        z_terms = [t for b in blocks for t in b.z_loss]
+        steps = [s for b in blocks for s in b.recurrent_steps]
+        ortho = None
+        if config.expert_type == "shared_recurrent" and config.projection_orthogonality_coef > 0:
+            terms = [layer.mlp.experts.orthogonality_loss() for layer in self.layers if layer.is_moe]
+            ortho = torch.stack(terms).mean()
+        return MoREModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            cache=cache if use_cache else None,
+            hidden_states=all_hidden_states,
+            router_logits=tuple(t for b in blocks for t in b.router_logits) if output_router_logits else None,
+            aux_loss=torch.stack(aux_terms).mean() if aux_terms else None,
+            z_loss=torch.stack(z_terms).mean() if z_terms else None,
+            orthogonality_loss=ortho,
+            recurrent_steps=torch.tensor(sum(steps) / len(steps)) if steps else None,
+            recurrence_stats=tuple(s for b in blocks for s in b.stats) if settings.output_recurrence_stats else None,
+        )
+
+
+class MoREForCausalLM(MoREPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MoREConfig):
+        super().__init__(config)
+        self.model = MoREModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        # generate() builds an empty DynamicCache; MoRE also caches expert state, so swap in its own cache.
+        cache = model_kwargs.get("cache")
+        if cache is not None and not isinstance(cache, MoRECache) and cache.get_seq_length() == 0:
+            model_kwargs["cache"] = MoRECache(config=self.config)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_hidden_states=None,
+        output_router_logits=None,
+        output_recurrence_stats=None,
+        num_recurrent_steps=None,
+        num_moe_iterations=None,
+        logits_to_keep=0,
+        **kwargs,
+    ) -> MoRECausalLMOutputWithPast:
+        r"""
+        Causal LM forward. `num_recurrent_steps` / `num_moe_iterations` override the depth for this call (and reach
+        every decoding step when passed to `generate`).
+
+        Example:
+
+        ```python
+        >>> import torch
+        >>> from transformers import AutoModelForCausalLM
+        >>> from configuration_more import MoREConfig
+        >>> config = MoREConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        ...                     num_attention_heads=4, num_experts=4, expert_type="recurrent")
+        >>> model = AutoModelForCausalLM.from_config(config)
+        >>> ids = torch.randint(0, 100, (2, 8))
+        >>> out = model(ids, labels=ids, num_recurrent_steps=3)
+        >>> out.logits.shape
+        torch.Size([2, 8, 100])
+        ```
+        """
+        outputs: MoREModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_router_logits=output_router_logits,
+            output_recurrence_stats=output_recurrence_stats,
+            num_recurrent_steps=num_recurrent_steps,
+            num_moe_iterations=num_moe_iterations,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = None
+        if labels is not None:
+            expected = tuple(hidden_states.shape[:2])
+            if tuple(labels.shape) != expected:
+                raise ValueError(f"`labels` must have shape (batch, seq_len) = {expected}, got {tuple(labels.shape)}.")
+            num_items = kwargs.get("num_items_in_batch")
+            loss = self.loss_function(logits, labels, self.vocab_size, num_items_in_batch=num_items)
+            loss = loss + self.regularisation(outputs, labels, num_items)
+        return MoRECausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=outputs.aux_loss,
+            z_loss=outputs.z_loss,
+            orthogonality_loss=outputs.orthogonality_loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            router_logits=outputs.router_logits,
+            recurrent_steps=outputs.recurrent_steps,
+            recurrence_stats=outputs.recurrence_stats,
+        )
+
+    def regularisation(self, outputs, labels, num_items_in_batch=None):
+        """Weighted router and projection terms.
+
+        They are means over this batch; under gradient accumulation (Trainer passes `num_items_in_batch`, the label
+        tokens of all accumulated micro-batches) each micro-batch is weighted by its share of those tokens, so the
+        accumulated sum carries the configured weight once.
+        """
+        config = self.config
+        total = 0.0
+        if outputs.aux_loss is not None:
+            total = total + config.router_aux_loss_coef * outputs.aux_loss + config.router_z_loss_coef * outputs.z_loss
+        if outputs.orthogonality_loss is not None:
+            total = total + config.projection_orthogonality_coef * outputs.orthogonality_loss
+        if num_items_in_batch is not None:
+            local = (labels[:, 1:] != -100).sum()
+            total = total * (local / num_items_in_batch).to(outputs.last_hidden_state.dtype)
+        return total
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------------------------------------------------
+
+MoREConfig.register_for_auto_class()
+MoREForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+MoREModel.register_for_auto_class("AutoModel")
+
+if not __name__.startswith("transformers_modules"):
+    # Installed path: `import modeling_more` makes the Auto classes know MoRE (installed classes win over remote code).
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    AutoConfig.register("more", MoREConfig, exist_ok=True)
+    AutoModel.register(MoREConfig, MoREModel, exist_ok=True)
+    AutoModelForCausalLM.register(MoREConfig, MoREForCausalLM, exist_ok=True)
+
+
+__all__ = ["MoRECache", "MoREConfig", "MoREForCausalLM", "MoREModel", "MoREPreTrainedModel"]
