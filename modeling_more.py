@@ -186,10 +186,11 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) ->
     return torch.cat([F.linear(x[s:e], weight[g]) for g, (s, e) in enumerate(zip(starts, ends, strict=True))])
 
 
-def pad_segments(x: torch.Tensor, segment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pad_segments(x: torch.Tensor, segment: torch.Tensor):
     """Scatter rows sorted by segment id into a padded (segments, max_len, ...) tensor.
 
-    Returns the padded tensor, each row's (segment, slot) coordinates and the padded validity mask.
+    Returns the padded tensor, each row's (segment, slot) coordinates, the padded validity mask and the first row of
+    each segment.
     """
     _, compact, counts = torch.unique_consecutive(segment, return_inverse=True, return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
@@ -198,7 +199,7 @@ def pad_segments(x: torch.Tensor, segment: torch.Tensor) -> tuple[torch.Tensor, 
     padded[compact, slot] = x
     valid = torch.zeros(padded.shape[:2], dtype=torch.bool, device=x.device)
     valid[compact, slot] = True
-    return padded, (compact, slot), valid
+    return padded, (compact, slot), valid, starts
 
 
 def segment_causal_attention(q, k, v, segment, position, scaling, cached=None):
@@ -211,7 +212,7 @@ def segment_causal_attention(q, k, v, segment, position, scaling, cached=None):
     if cached is None:
         # Without a cache each segment is a plain causal block: one SDPA call over padded segments.
         stacked = torch.cat([q, k, v], dim=-1)
-        padded, (seg, slot), _ = pad_segments(stacked, segment)  # (segments, max_len, heads, 3 * head_dim)
+        padded, (seg, slot), _, _ = pad_segments(stacked, segment)  # (segments, max_len, heads, 3 * head_dim)
         pq, pk, pv = padded.transpose(1, 2).chunk(3, dim=-1)  # (segments, heads, max_len, head_dim)
         out = F.scaled_dot_product_attention(pq, pk, pv, is_causal=True, scale=scaling)
         return out.transpose(1, 2)[seg, slot]
@@ -225,8 +226,8 @@ def segment_causal_attention(q, k, v, segment, position, scaling, cached=None):
     segments = torch.unique_consecutive(key_segment)
     # Put query rows in the key layout's segment numbering so both paddings line up.
     q_compact = torch.searchsorted(segments, segment)
-    pkv, _, k_valid = pad_segments(kv, key_segment)
-    pk_pos, _, _ = pad_segments(key_position, key_segment)
+    pkv, _, k_valid, _ = pad_segments(kv, key_segment)
+    pk_pos, _, _, _ = pad_segments(key_position, key_segment)
     q_counts = torch.bincount(q_compact, minlength=segments.shape[0])
     q_slot = torch.arange(q.shape[0], device=q.device) - (torch.cumsum(q_counts, 0) - q_counts)[q_compact]
     pq = q.new_zeros(segments.shape[0], int(q_counts.max()), *q.shape[1:])
@@ -501,10 +502,154 @@ class MoRESharedRecurrentExperts(MoREHuginnExperts):
         return (gram - eye).pow(2).sum(dim=(1, 2)).mean() / self.hidden_size
 
 
+def _grouped_bias(bias: torch.Tensor, dispatch: MoREDispatch) -> torch.Tensor:
+    """Per-row bias (rows, out) from stacked biases (experts, out)."""
+    return bias[dispatch.group_index]
+
+
+def _grouped_lstm_cell(x_proj, h, c, w_hh, offs):
+    """One LSTM-cell step for rows grouped by expert; x_proj already holds `x @ W_ih^T + b` (rows, 4 * hidden)."""
+    gates = x_proj + grouped_linear(h, w_hh, offs)
+    i, f, g, o = gates.chunk(4, dim=-1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+class MoRESandwichExperts(MoRERecurrentExperts):
+    """Option B (guide §2.3): expand d -> d_ff, activation, r GRU-cell steps in d_ff, contract d_ff -> d.
+
+    The expanded features are both the GRU's initial state and its input at every step (re-injection, as the
+    Huginn adapter re-injects the input), so the GRU refines the FFN's hidden features.
+    """
+
+    def __init__(self, config: MoREConfig):
+        super().__init__(config)
+        d, inter, experts = config.hidden_size, config.intermediate_size, config.num_experts
+        self.expand = nn.Parameter(torch.empty(experts, inter, d))
+        self.contract = nn.Parameter(torch.empty(experts, d, inter))
+        self.gru_w_ih = nn.Parameter(torch.empty(experts, 3 * inter, inter))
+        self.gru_w_hh = nn.Parameter(torch.empty(experts, 3 * inter, inter))
+        self.gru_ih_bias = nn.Parameter(torch.zeros(experts, 3 * inter))
+        self.gru_hh_bias = nn.Parameter(torch.zeros(experts, 3 * inter))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def encode(self, x, dispatch):
+        expanded = self.act_fn(grouped_linear(x, self.expand, dispatch.offs))  # (rows, d_ff)
+        # The GRU input is the same at every step: project it once.
+        input_gates = grouped_linear(expanded, self.gru_w_ih, dispatch.offs)
+        input_gates = input_gates + _grouped_bias(self.gru_ih_bias, dispatch)
+        return expanded, input_gates
+
+    def initial_state(self, static):
+        return static[0]
+
+    def step(self, state, static, dispatch, ctx, step_idx):
+        gi = static[1]  # (rows, 3 * d_ff)
+        gh = grouped_linear(state, self.gru_w_hh, dispatch.offs) + _grouped_bias(self.gru_hh_bias, dispatch)
+        i_r, i_z, i_n = gi.chunk(3, dim=-1)
+        h_r, h_z, h_n = gh.chunk(3, dim=-1)
+        reset, update = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+        candidate = torch.tanh(i_n + reset * h_n)
+        return (1 - update) * candidate + update * state
+
+    def decode(self, state, static, dispatch):
+        return grouped_linear(state, self.contract, dispatch.offs)
+
+
+class MoRESequentialExperts(MoRERecurrentExperts):
+    """Option D (guide §2.5): FFN, then r LSTM-cell refinement steps with a sigmoid-gated residual.
+
+    The loop state packs the LSTM's (h, c) as one (rows, 2 * hidden) tensor.
+    """
+
+    def __init__(self, config: MoREConfig):
+        super().__init__(config)
+        d, experts = config.hidden_size, config.num_experts
+        self.ffn = MoREFFNExperts(config)
+        self.lstm_w_ih = nn.Parameter(torch.empty(experts, 4 * d, d))
+        self.lstm_w_hh = nn.Parameter(torch.empty(experts, 4 * d, d))
+        self.lstm_bias = nn.Parameter(torch.zeros(experts, 4 * d))
+        self.refine_gate = nn.Parameter(torch.empty(experts, d))
+        self.refine_gate_bias = nn.Parameter(torch.zeros(experts))
+
+    def encode(self, x, dispatch):
+        return self.ffn(x, dispatch, None)
+
+    def initial_state(self, static):
+        return torch.cat([static, torch.zeros_like(static)], dim=-1)
+
+    def step(self, state, static, dispatch, ctx, step_idx):
+        h, c = state.chunk(2, dim=-1)
+        x_proj = grouped_linear(h, self.lstm_w_ih, dispatch.offs) + _grouped_bias(self.lstm_bias, dispatch)
+        h_new, c = _grouped_lstm_cell(x_proj, h, c, self.lstm_w_hh, dispatch.offs)
+        gate_logit = (h * self.refine_gate[dispatch.group_index]).sum(-1, keepdim=True)
+        gate = torch.sigmoid(gate_logit + self.refine_gate_bias[dispatch.group_index][:, None])  # (rows, 1)
+        return torch.cat([gate * h_new + (1 - gate) * h, c], dim=-1)
+
+    def decode(self, state, static, dispatch):
+        return state[:, : self.hidden_size]
+
+
+class MoREParallelExperts(MoREExperts):
+    """Option C (guide §2.4): FFN branch || LSTM branch, mixed per token by a softmax gate (d -> 64 -> 2).
+
+    The LSTM runs over the tokens routed to the expert in each sequence, in time order; its (h, c) per
+    (expert, sequence) is cached for decoding.
+    """
+
+    def __init__(self, config: MoREConfig):
+        super().__init__(config)
+        d, experts, gate_hidden = config.hidden_size, config.num_experts, config.parallel_gate_hidden_size
+        self.ffn = MoREFFNExperts(config)
+        self.lstm_w_ih = nn.Parameter(torch.empty(experts, 4 * d, d))
+        self.lstm_w_hh = nn.Parameter(torch.empty(experts, 4 * d, d))
+        self.lstm_bias = nn.Parameter(torch.zeros(experts, 4 * d))
+        self.gate_in = nn.Parameter(torch.empty(experts, gate_hidden, d))
+        self.gate_in_bias = nn.Parameter(torch.zeros(experts, gate_hidden))
+        self.gate_out = nn.Parameter(torch.empty(experts, 2, gate_hidden))
+        self.gate_out_bias = nn.Parameter(torch.zeros(experts, 2))
+
+    def forward(self, x, dispatch, ctx):
+        ffn_out = self.ffn(x, dispatch, ctx)
+        lstm_out = self._lstm(x, dispatch, ctx)
+        hidden = F.relu(grouped_linear(x, self.gate_in, dispatch.offs) + _grouped_bias(self.gate_in_bias, dispatch))
+        w2 = self.gate_out[dispatch.group_index]  # (rows, 2, gate_hidden)
+        gates = F.softmax(torch.einsum("rh,rkh->rk", hidden, w2) + _grouped_bias(self.gate_out_bias, dispatch), dim=-1)
+        if ctx.output_stats:
+            ctx.stats["recurrent_branch_weight"] = (gates[:, 1] * dispatch.kept).sum().detach() / dispatch.kept.sum()
+        return gates[:, :1] * ffn_out + gates[:, 1:] * lstm_out
+
+    def _lstm(self, x, dispatch, ctx):
+        x_proj = grouped_linear(x, self.lstm_w_ih, dispatch.offs) + _grouped_bias(self.lstm_bias, dispatch)
+        padded, (seg, slot), valid, first = pad_segments(x_proj, dispatch.segment)  # (segments, max_len, 4 * hidden)
+        # Each segment belongs to one expert; segments are sorted by expert, so their states group like rows do.
+        seg_expert, seg_batch = dispatch.expert_index[first], dispatch.batch_index[first]
+        counts = torch.bincount(seg_expert, minlength=self.num_experts + 1)[: self.num_experts]
+        seg_offs = torch.cumsum(counts, 0).to(torch.int32)
+        seg_offs[-1] = padded.shape[0]
+        h = x.new_zeros(padded.shape[0], self.hidden_size)
+        c = torch.zeros_like(h)
+        pool = ctx.cache_pool
+        if pool is not None:
+            h, c = pool.read_state(seg_expert, seg_batch, h, c)
+        outputs = []
+        for t in range(padded.shape[1]):
+            h_new, c_new = _grouped_lstm_cell(padded[:, t], h, c, self.lstm_w_hh, seg_offs)
+            step_valid = valid[:, t, None]
+            h, c = torch.where(step_valid, h_new, h), torch.where(step_valid, c_new, c)
+            outputs.append(h)
+        if pool is not None:
+            pool.write_state(seg_expert, seg_batch, h, c, self.num_experts, dispatch.batch_size)
+        return torch.stack(outputs, dim=1)[seg, slot]  # (rows, hidden)
+
+
 EXPERT_REGISTRY: dict[str, type[MoREExperts]] = {
     "ffn": MoREFFNExperts,
     "recurrent": MoREHuginnExperts,
     "shared_recurrent": MoRESharedRecurrentExperts,
+    "sandwich": MoRESandwichExperts,
+    "parallel": MoREParallelExperts,
+    "sequential": MoRESequentialExperts,
 }
 
 
@@ -671,7 +816,7 @@ class MoRESparseMoeBlock(nn.Module):
             ctx = MoREExpertContext(
                 num_recurrent_steps=settings.num_recurrent_steps,
                 num_backprop_steps=self.config.num_backprop_steps,
-                cache_pool=None if cache is None else cache.expert_pool(self.layer_idx, iteration),
+                cache_pool=None if cache is None else cache.expert_pool(self.layer_idx, iteration, cache_offset > 0),
                 output_stats=settings.output_recurrence_stats,
             )
             delta, routing, router_state = self.moe(state, flat_mask, position_ids, cache_offset, ctx, router_state)
@@ -758,6 +903,7 @@ class MoREExpertPool:
     def __init__(self):
         self.expert = self.batch = self.position = None  # (rows,)
         self.keys = self.values = None  # (rows, steps, heads, head_dim)
+        self.state_h = self.state_c = None  # (experts, batch, hidden): recurrent branch state per (expert, sequence)
         self._staged = {}
 
     def __len__(self):
@@ -765,14 +911,24 @@ class MoREExpertPool:
 
     def copy(self) -> "MoREExpertPool":
         pool = MoREExpertPool()
-        pool.expert, pool.batch, pool.position, pool.keys, pool.values = (
-            self.expert,
-            self.batch,
-            self.position,
-            self.keys,
-            self.values,
-        )
+        for name in ("expert", "batch", "position", "keys", "values", "state_h", "state_c"):
+            setattr(pool, name, getattr(self, name))
         return pool
+
+    def read_state(self, seg_expert, seg_batch, h, c):
+        """Initial (h, c) of each segment: the cached state of its (expert, sequence), zeros if none."""
+        if self.state_h is None:
+            return h, c
+        expert = seg_expert.clamp(max=self.state_h.shape[0] - 1)
+        return self.state_h[expert, seg_batch], self.state_c[expert, seg_batch]
+
+    def write_state(self, seg_expert, seg_batch, h, c, num_experts, batch_size):
+        if self.state_h is None:
+            self.state_h = h.new_zeros(num_experts, batch_size, h.shape[-1])
+            self.state_c = torch.zeros_like(self.state_h)
+        kept = seg_expert < num_experts  # segments of dropped rows keep no state
+        self.state_h = self.state_h.index_put((seg_expert[kept], seg_batch[kept]), h[kept])
+        self.state_c = self.state_c.index_put((seg_expert[kept], seg_batch[kept]), c[kept])
 
     def read(self, step_idx: int, batch_size: int):
         """Cached (k, v, segment, position) at `step_idx` (or the latest available step), or None when empty."""
@@ -807,8 +963,12 @@ class MoREExpertPool:
 
     def remap_batch(self, source: torch.Tensor):
         """New batch row j takes the rows of old batch row `source[j]` (beam reorder, repeat, select)."""
+        if self.state_h is not None:
+            source = source.to(self.state_h.device)
+            self.state_h, self.state_c = self.state_h[:, source], self.state_c[:, source]
         if len(self) == 0:
             return
+        source = source.to(self.batch.device)
         match = self.batch[None, :] == source[:, None]  # (new_batch, rows)
         new_batch, rows = match.nonzero(as_tuple=True)
         for name in ("expert", "position", "keys", "values"):
@@ -842,11 +1002,12 @@ class MoRECache(DynamicCache):
         super().__init__(config=config, **kwargs)
         self.expert_pools: dict[tuple[int, int], MoREExpertPool] = {}
 
-    def expert_pool(self, layer_idx: int, iteration: int) -> MoREExpertPool:
+    def expert_pool(self, layer_idx: int, iteration: int, inherit: bool) -> MoREExpertPool:
         key = (layer_idx, iteration)
         if key not in self.expert_pools:
-            # An iteration never run before starts from the latest earlier iteration's pool (depth policy).
-            earlier = [i for (layer, i) in self.expert_pools if layer == layer_idx and i < iteration]
+            # An iteration that cached tokens never ran (`inherit`: the cache already holds tokens) starts from the
+            # latest earlier iteration's pool, as missing recurrent steps do (depth policy).
+            earlier = [i for (layer, i) in self.expert_pools if layer == layer_idx and i < iteration and inherit]
             self.expert_pools[key] = (
                 self.expert_pools[(layer_idx, max(earlier))].copy() if earlier else MoREExpertPool()
             )
@@ -854,15 +1015,15 @@ class MoRECache(DynamicCache):
 
     def _remap_pools(self, source: torch.Tensor):
         for pool in self.expert_pools.values():
-            pool.remap_batch(source.to(pool.batch.device) if pool.batch is not None else source)
+            pool.remap_batch(source)
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         super().reorder_cache(beam_idx)
         self._remap_pools(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int):
+        batch = self._batch_size()
         super().batch_repeat_interleave(repeats)
-        batch = self._pool_batch_size()
         if batch is not None:
             self._remap_pools(torch.arange(batch).repeat_interleave(repeats))
 
@@ -871,6 +1032,8 @@ class MoRECache(DynamicCache):
         self._remap_pools(indices)
 
     def crop(self, max_length: int):
+        if any(pool.state_h is not None for pool in self.expert_pools.values()):
+            raise ValueError("A MoRE cache holding recurrent branch states (expert_type='parallel') can't be cropped.")
         super().crop(max_length)
         length = self.get_seq_length()
         for pool in self.expert_pools.values():
@@ -881,7 +1044,7 @@ class MoRECache(DynamicCache):
         super().reset()
         self.expert_pools = {}
 
-    def _pool_batch_size(self):
+    def _batch_size(self):
         if self.layers and getattr(self.layers[0], "keys", None) is not None and self.layers[0].keys.numel() > 0:
             return self.layers[0].keys.shape[0]
         return None
@@ -928,20 +1091,21 @@ class MoREPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         std = self.config.initializer_range
-        if isinstance(module, MoREFFNExperts):
-            init.normal_(module.gate_up_proj, mean=0.0, std=std)
-            init.normal_(module.down_proj, mean=0.0, std=std)
-        elif isinstance(module, MoREHuginnExperts):
-            # Guide §3.2: xavier-uniform adapter; per-expert fan sizes, so the bound uses one expert's matrix.
-            bound = math.sqrt(6.0 / (module.adapter.shape[1] + module.adapter.shape[2]))
-            init.uniform_(module.adapter, -bound, bound)
-            for param in (module.qkv_proj, module.o_proj, module.gate_up_proj, module.down_proj):
-                init.normal_(param, mean=0.0, std=std)
-            init.ones_(module.norms)
-            if isinstance(module, MoRESharedRecurrentExperts):
-                # Near-orthogonal start for the per-expert projections around the shared engine.
-                for param in (module.w_in, module.w_out):
+        if isinstance(module, MoREExperts):
+            # Stacked expert weights, by role: norms start at one, biases at zero, the Huginn adapter is
+            # xavier-uniform (guide §3.2, per-expert fans), shared-engine projections start orthogonal, others normal.
+            for name, param in module.named_parameters(recurse=False):
+                if name == "norms":
+                    init.ones_(param)
+                elif name.endswith("bias"):
+                    init.zeros_(param)
+                elif name == "adapter":
+                    bound = math.sqrt(6.0 / (param.shape[1] + param.shape[2]))
+                    init.uniform_(param, -bound, bound)
+                elif name in ("w_in", "w_out"):
                     init.copy_(param, torch.linalg.qr(torch.randn_like(param, dtype=torch.float32))[0].to(param))
+                else:
+                    init.normal_(param, mean=0.0, std=std)
         elif isinstance(module, MoRELinearRouter):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, MoRERMSNorm):
