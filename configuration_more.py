@@ -12,7 +12,7 @@ logger = logging.get_logger(__name__)
 
 # Valid names of the registries in `modeling_more.py`; a test keeps both lists equal.
 EXPERT_TYPES = ("ffn", "recurrent", "shared_recurrent", "sandwich", "parallel", "sequential")
-ROUTER_TYPES = ("linear",)
+ROUTER_TYPES = ("linear", "gru", "rnn", "gru_token", "rnn_token")
 RECURRENT_STEPS_SAMPLERS = ("fixed", "uniform", "poisson_lognormal")
 SHARED_EXPERT_GATES = ("learned", "fixed")
 HIDDEN_ACTS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
@@ -32,11 +32,12 @@ class MoREConfig(PreTrainedConfig):
     Mixture of experts:
         expert_type (one of `EXPERT_TYPES`), num_experts, num_experts_per_tok (`top_k`, as a constructor argument
         only), norm_topk_prob (renormalise the top-k weights), router_type (one of `ROUTER_TYPES`),
-        router_jitter_noise (multiplicative input jitter in training), capacity_factor (training; `None` =
-        dropless), eval_capacity_factor (eval; `None` = dropless), router_aux_loss_coef (`aux_loss_weight`),
-        router_z_loss_coef (`router_z_loss_weight`), output_router_logits, shared_expert_intermediate_size (0 = no
-        shared expert), shared_expert_gate (`"learned"` sigmoid gate or `"fixed"` mix with shared_expert_weight /
-        moe_weight), mlp_only_layers (layer indices kept dense).
+        router_jitter_noise (multiplicative input jitter in training), router_hidden_size (state size of the
+        recurrent routers: `gru`/`rnn` layer to layer, `gru_token`/`rnn_token` token to token), capacity_factor
+        (training; `None` = dropless), eval_capacity_factor (eval; `None` = dropless), router_aux_loss_coef
+        (`aux_loss_weight`), router_z_loss_coef (`router_z_loss_weight`), output_router_logits,
+        shared_expert_intermediate_size (0 = no shared expert), shared_expert_gate (`"learned"` sigmoid gate or
+        `"fixed"` mix with shared_expert_weight / moe_weight), mlp_only_layers (layer indices kept dense).
 
     Expert-level recurrence (`recurrent`, `shared_recurrent`, `sandwich`, `sequential`):
         num_recurrent_steps (inference default; also a forward / `generate` argument), train_recurrent_steps_min /
@@ -112,6 +113,7 @@ class MoREConfig(PreTrainedConfig):
     norm_topk_prob: bool = False
     router_type: str = "linear"
     router_jitter_noise: float = 0.0
+    router_hidden_size: int = 128
     capacity_factor: float | None = None
     eval_capacity_factor: float | None = None
     router_aux_loss_coef: float = 1e-3
@@ -174,6 +176,7 @@ class MoREConfig(PreTrainedConfig):
             "recurrent_intermediate_size",
             "recurrent_num_heads",
             "parallel_gate_hidden_size",
+            "router_hidden_size",
             "num_moe_iterations",
         ):
             _check_positive_int(name, getattr(self, name))

@@ -325,6 +325,7 @@ class MoREExpertContext:
 
     num_recurrent_steps: int
     num_backprop_steps: int | None
+    batch_size: int
     cache_pool: "MoREExpertPool | None" = None
     output_stats: bool = False
     stats: dict = field(default_factory=dict)
@@ -672,26 +673,26 @@ class MoRERouting:
     top_k_index: torch.Tensor  # (tokens, top_k)
 
 
-class MoRELinearRouter(nn.Module):
-    """Softmax over a linear layer, top-k, optional top-k renormalisation, jitter noise in training."""
+class MoRERouter(nn.Module):
+    """Base router: subclasses compute logits (tokens, experts) and may carry a state; this class adds jitter,
+    softmax, top-k and optional top-k renormalisation."""
 
     def __init__(self, config: MoREConfig, layer_idx: int):
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
         self.jitter_noise = config.router_jitter_noise
-        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
 
-    def compute_logits(self, x, token_mask, state):
-        return F.linear(x, self.weight).float(), state
+    def compute_logits(self, x, token_mask, state, ctx):
+        raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None, state=None):
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None, state, ctx):
         """x: (tokens, hidden). Returns the routing and the router state for the next layer / iteration."""
         if self.training and self.jitter_noise > 0:
             # Switch Transformer's multiplicative input jitter, on the router input only.
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-        logits, state = self.compute_logits(x, token_mask, state)  # (tokens, experts)
-        return self.route(logits), state
+        logits, state = self.compute_logits(x, token_mask, state, ctx)  # (tokens, experts)
+        return self.route(logits.float()), state
 
     def route(self, logits: torch.Tensor) -> MoRERouting:
         probs = F.softmax(logits, dim=-1)
@@ -701,12 +702,77 @@ class MoRELinearRouter(nn.Module):
         return MoRERouting(logits, probs, top_k_weights, top_k_index)
 
 
-ROUTER_REGISTRY: dict[str, type[nn.Module]] = {
+class MoRELinearRouter(MoRERouter):
+    """Softmax over a linear layer (Switch / Mixtral)."""
+
+    def __init__(self, config: MoREConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+
+    def compute_logits(self, x, token_mask, state, ctx):
+        return F.linear(x, self.weight), state
+
+
+ROUTER_CELLS = {"gru": nn.GRUCell, "rnn": nn.RNNCell}
+
+
+class MoRELayerwiseRecurrentRouter(MoRERouter):
+    """RMoE (Qiu et al., arXiv 2408.06793): one recurrent cell shared by all layers (owned by `MoREModel`), a
+    per-layer input projection and head; each token's cell state passes from layer to layer (and iteration to
+    iteration). No state crosses tokens, so decoding needs no router cache."""
+
+    def __init__(self, config: MoREConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.input_proj = nn.Linear(config.hidden_size, config.router_hidden_size, bias=False)
+        self.head = nn.Linear(config.router_hidden_size, config.num_experts, bias=False)
+
+    def compute_logits(self, x, token_mask, state, ctx):
+        cell, hidden = state  # the shared cell and the previous layer's (tokens, router_hidden) state
+        if hidden is None:
+            hidden = x.new_zeros(x.shape[0], cell.hidden_size)
+        hidden = cell(self.input_proj(x), hidden)
+        return self.head(hidden), (cell, hidden)
+
+
+class MoRETokenwiseRecurrentRouter(MoRERouter):
+    """The RMoE seed's variant: a per-layer cell whose state runs across the positions of each sequence. Padding
+    tokens never update it; the state after the last token is cached per (layer, iteration) for decoding."""
+
+    def __init__(self, config: MoREConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        cell_type = config.router_type.removesuffix("_token")
+        self.input_proj = nn.Linear(config.hidden_size, config.router_hidden_size, bias=False)
+        self.cell = ROUTER_CELLS[cell_type](config.router_hidden_size, config.router_hidden_size)
+        self.head = nn.Linear(config.router_hidden_size, config.num_experts, bias=False)
+
+    def compute_logits(self, x, token_mask, state, ctx):
+        batch = ctx.batch_size
+        inputs = self.input_proj(x).view(batch, -1, self.cell.hidden_size)  # (batch, seq, router_hidden)
+        mask = None if token_mask is None else token_mask.view(batch, -1, 1)
+        pool = ctx.cache_pool
+        hidden = pool.router_hidden if pool is not None and pool.router_hidden is not None else None
+        if hidden is None:
+            hidden = inputs.new_zeros(batch, self.cell.hidden_size)
+        outputs = []
+        for t in range(inputs.shape[1]):
+            new = self.cell(inputs[:, t], hidden)
+            hidden = new if mask is None else torch.where(mask[:, t], new, hidden)
+            outputs.append(hidden)
+        if pool is not None:
+            pool.router_hidden = hidden
+        return self.head(torch.stack(outputs, dim=1).view(x.shape[0], -1)), state
+
+
+ROUTER_REGISTRY: dict[str, type[MoRERouter]] = {
     "linear": MoRELinearRouter,
+    "gru": MoRELayerwiseRecurrentRouter,
+    "rnn": MoRELayerwiseRecurrentRouter,
+    "gru_token": MoRETokenwiseRecurrentRouter,
+    "rnn_token": MoRETokenwiseRecurrentRouter,
 }
 
 
-def get_router_class(name: str) -> type[nn.Module]:
+def get_router_class(name: str) -> type[MoRERouter]:
     if name not in ROUTER_REGISTRY:
         raise ValueError(f"Unknown router_type {name!r}; valid names: {sorted(ROUTER_REGISTRY)}.")
     return ROUTER_REGISTRY[name]
@@ -786,7 +852,7 @@ class MoRESparseMoeBlock(nn.Module):
 
     def moe(self, x, token_mask, position_ids, cache_offset, ctx, router_state):
         """One routed pass. x: (tokens, hidden) -> (tokens, hidden)."""
-        routing, router_state = self.gate(x, token_mask, router_state)
+        routing, router_state = self.gate(x, token_mask, router_state, ctx)
         dispatch = build_dispatch(
             routing.top_k_index,
             routing.top_k_weights.to(x.dtype),
@@ -816,6 +882,7 @@ class MoRESparseMoeBlock(nn.Module):
             ctx = MoREExpertContext(
                 num_recurrent_steps=settings.num_recurrent_steps,
                 num_backprop_steps=self.config.num_backprop_steps,
+                batch_size=batch,
                 cache_pool=None if cache is None else cache.expert_pool(self.layer_idx, iteration, cache_offset > 0),
                 output_stats=settings.output_recurrence_stats,
             )
@@ -904,6 +971,7 @@ class MoREExpertPool:
         self.expert = self.batch = self.position = None  # (rows,)
         self.keys = self.values = None  # (rows, steps, heads, head_dim)
         self.state_h = self.state_c = None  # (experts, batch, hidden): recurrent branch state per (expert, sequence)
+        self.router_hidden = None  # (batch, router_hidden): token-wise router state after the last cached token
         self._staged = {}
 
     def __len__(self):
@@ -911,7 +979,7 @@ class MoREExpertPool:
 
     def copy(self) -> "MoREExpertPool":
         pool = MoREExpertPool()
-        for name in ("expert", "batch", "position", "keys", "values", "state_h", "state_c"):
+        for name in ("expert", "batch", "position", "keys", "values", "state_h", "state_c", "router_hidden"):
             setattr(pool, name, getattr(self, name))
         return pool
 
@@ -966,6 +1034,8 @@ class MoREExpertPool:
         if self.state_h is not None:
             source = source.to(self.state_h.device)
             self.state_h, self.state_c = self.state_h[:, source], self.state_c[:, source]
+        if self.router_hidden is not None:
+            self.router_hidden = self.router_hidden[source.to(self.router_hidden.device)]
         if len(self) == 0:
             return
         source = source.to(self.batch.device)
@@ -1032,8 +1102,9 @@ class MoRECache(DynamicCache):
         self._remap_pools(indices)
 
     def crop(self, max_length: int):
-        if any(pool.state_h is not None for pool in self.expert_pools.values()):
-            raise ValueError("A MoRE cache holding recurrent branch states (expert_type='parallel') can't be cropped.")
+        if any(p.state_h is not None or p.router_hidden is not None for p in self.expert_pools.values()):
+            raise ValueError("A MoRE cache holding recurrent states (parallel experts, token-wise routers) can't be "
+                             "cropped.")
         super().crop(max_length)
         length = self.get_seq_length()
         for pool in self.expert_pools.values():
@@ -1108,6 +1179,10 @@ class MoREPreTrainedModel(PreTrainedModel):
                     init.normal_(param, mean=0.0, std=std)
         elif isinstance(module, MoRELinearRouter):
             init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (nn.GRUCell, nn.RNNCell)):
+            bound = 1.0 / math.sqrt(module.hidden_size)  # PyTorch's own default for recurrent cells
+            for param in module.parameters(recurse=False):
+                init.uniform_(param, -bound, bound)
         elif isinstance(module, MoRERMSNorm):
             init.ones_(module.weight)
 
@@ -1127,6 +1202,10 @@ class MoREModel(MoREPreTrainedModel):
         self.norm = MoRERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
         self.rotary_emb = MoRERotaryEmbedding(config, head_dim)
+        # RMoE layerwise routers share one cell across all layers; its state passes from layer to layer.
+        self.router_cell = None
+        if config.router_type in ("gru", "rnn"):
+            self.router_cell = ROUTER_CELLS[config.router_type](config.router_hidden_size, config.router_hidden_size)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -1246,7 +1325,7 @@ class MoREModel(MoREPreTrainedModel):
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         all_hidden_states = () if output_hidden_states else None
         blocks = []
-        router_state = None
+        router_state = (self.router_cell, None) if self.router_cell is not None else None
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
