@@ -60,8 +60,11 @@ class MoRERotaryEmbedding(nn.Module):
 
     def __init__(self, config, head_dim: int):
         super().__init__()
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
-        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.head_dim, self.rope_theta = head_dim, config.rope_theta
+        self.inv_freq = nn.Buffer(self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(self) -> torch.Tensor:
+        return 1.0 / (self.rope_theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq  # (..., head_dim / 2)
@@ -723,14 +726,14 @@ class MoRELayerwiseRecurrentRouter(MoRERouter):
 
     def __init__(self, config: MoREConfig, layer_idx: int):
         super().__init__(config, layer_idx)
-        self.input_proj = nn.Linear(config.hidden_size, config.router_hidden_size, bias=False)
+        self.input_weight = nn.Parameter(torch.empty(config.router_hidden_size, config.hidden_size))
         self.head = nn.Linear(config.router_hidden_size, config.num_experts, bias=False)
 
     def compute_logits(self, x, token_mask, state, ctx):
         cell, hidden = state  # the shared cell and the previous layer's (tokens, router_hidden) state
         if hidden is None:
             hidden = x.new_zeros(x.shape[0], cell.hidden_size)
-        hidden = cell(self.input_proj(x), hidden)
+        hidden = cell(F.linear(x, self.input_weight), hidden)
         return self.head(hidden), (cell, hidden)
 
 
@@ -741,13 +744,13 @@ class MoRETokenwiseRecurrentRouter(MoRERouter):
     def __init__(self, config: MoREConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         cell_type = config.router_type.removesuffix("_token")
-        self.input_proj = nn.Linear(config.hidden_size, config.router_hidden_size, bias=False)
+        self.input_weight = nn.Parameter(torch.empty(config.router_hidden_size, config.hidden_size))
         self.cell = ROUTER_CELLS[cell_type](config.router_hidden_size, config.router_hidden_size)
         self.head = nn.Linear(config.router_hidden_size, config.num_experts, bias=False)
 
     def compute_logits(self, x, token_mask, state, ctx):
         batch = ctx.batch_size
-        inputs = self.input_proj(x).view(batch, -1, self.cell.hidden_size)  # (batch, seq, router_hidden)
+        inputs = F.linear(x, self.input_weight).view(batch, -1, self.cell.hidden_size)  # (batch, seq, router_hidden)
         mask = None if token_mask is None else token_mask.view(batch, -1, 1)
         pool = ctx.cache_pool
         hidden = pool.router_hidden if pool is not None and pool.router_hidden is not None else None
@@ -1159,6 +1162,16 @@ class MoREPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = False
 
+    def _activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, *args, **kwargs):
+        if (activation_checkpointing_kwargs or {}).get("use_reentrant", False):
+            # Reentrant checkpointing only keeps tensors a layer returns directly in the graph; MoRE layers also
+            # return router losses and router state, whose gradients it would silently drop.
+            raise ValueError(
+                "MoRE supports non-reentrant activation checkpointing only; got use_reentrant=True. "
+                "Pass gradient_checkpointing_kwargs={'use_reentrant': False} (the default)."
+            )
+        return super()._activation_checkpointing_enable(activation_checkpointing_kwargs, *args, **kwargs)
+
     def _init_weights(self, module):
         super()._init_weights(module)
         std = self.config.initializer_range
@@ -1179,10 +1192,20 @@ class MoREPreTrainedModel(PreTrainedModel):
                     init.normal_(param, mean=0.0, std=std)
         elif isinstance(module, MoRELinearRouter):
             init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (MoRELayerwiseRecurrentRouter, MoRETokenwiseRecurrentRouter)):
+            # Unit-gain input projection: with std 0.02 the token-independent cell state would dominate the
+            # logits and send every token to the same expert at initialisation.
+            init.normal_(module.input_weight, mean=0.0, std=module.input_weight.shape[1] ** -0.5)
         elif isinstance(module, (nn.GRUCell, nn.RNNCell)):
-            bound = 1.0 / math.sqrt(module.hidden_size)  # PyTorch's own default for recurrent cells
-            for param in module.parameters(recurse=False):
-                init.uniform_(param, -bound, bound)
+            bound = 1.0 / math.sqrt(module.hidden_size)  # PyTorch's default for the weights; biases start at zero
+            for name, param in module.named_parameters(recurse=False):
+                if name.startswith("bias"):
+                    init.zeros_(param)
+                else:
+                    init.uniform_(param, -bound, bound)
+        elif isinstance(module, MoRERotaryEmbedding):
+            # Non-persistent buffer: not in checkpoints, so it must be rebuilt when weights load on the meta device.
+            init.copy_(module.inv_freq, module.compute_inv_freq())
         elif isinstance(module, MoRERMSNorm):
             init.ones_(module.weight)
 

@@ -1,0 +1,66 @@
+"""Tiny configs and models shared by the test files (import after `conftest.py` put the repo root on sys.path)."""
+
+import copy
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import modeling_more
+from configuration_more import MoREConfig
+
+
+EXPERT_TYPES = sorted(modeling_more.EXPERT_REGISTRY)
+ROUTER_TYPES = sorted(modeling_more.ROUTER_REGISTRY)
+# Expert types that run the shared step loop (depth, truncated backprop, latent init, statistics).
+RECURRENT_EXPERT_TYPES = [
+    name
+    for name in EXPERT_TYPES
+    if issubclass(modeling_more.EXPERT_REGISTRY[name], modeling_more.MoRERecurrentExperts)
+]
+# Every expert type with the linear router, and every other router with FFN experts.
+EXPERT_ROUTER_PAIRS = [(e, "linear") for e in EXPERT_TYPES] + [("ffn", r) for r in ROUTER_TYPES if r != "linear"]
+VOCAB = 100
+
+
+def tiny_config(**overrides) -> MoREConfig:
+    """hidden 32, 2 layers, 4 heads, 4 experts, vocab 100, intermediate 64; any field can be overridden."""
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_experts=4,
+        num_experts_per_tok=1,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    kwargs.update(overrides)
+    return MoREConfig(**kwargs)
+
+
+def tiny_model(train: bool = False, seed: int = 0, attn_implementation=None, **overrides):
+    """A freshly initialised tiny `MoREForCausalLM` (eval mode unless `train`)."""
+    torch.manual_seed(seed)
+    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    model = AutoModelForCausalLM.from_config(tiny_config(**overrides), **kwargs)
+    return model.train(train)
+
+
+def random_ids(batch: int = 2, seq: int = 8, seed: int = 0) -> torch.Tensor:
+    """Token ids that avoid the special tokens 0-2."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, seq), generator=generator)
+
+
+def moe_blocks(model):
+    return [layer.mlp for layer in model.model.layers if isinstance(layer.mlp, modeling_more.MoRESparseMoeBlock)]
+
+
+def clone_model(model, **kwargs):
+    """A second model with the same config and weights (kwargs go to `from_config`)."""
+    other = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), **kwargs)
+    other.load_state_dict(model.state_dict())
+    return other.train(model.training)

@@ -1,0 +1,156 @@
+"""MoREConfig: validation names the bad field, guide aliases, save/load round trip, registries in sync."""
+
+import pytest
+from helpers import tiny_config
+from transformers import AutoConfig
+
+import configuration_more
+import modeling_more
+from configuration_more import MoREConfig
+
+
+BAD_VALUES = [
+    ("expert_type", {"expert_type": "nope"}),
+    ("router_type", {"router_type": "nope"}),
+    ("num_experts_per_tok", {"num_experts": 2, "num_experts_per_tok": 3}),
+    ("hidden_size", {"hidden_size": 30, "num_attention_heads": 4}),
+    ("num_recurrent_steps", {"num_recurrent_steps": 0}),
+    ("num_recurrent_steps", {"num_recurrent_steps": -1}),
+    ("num_moe_iterations", {"num_moe_iterations": 0}),
+    ("num_moe_iterations", {"num_moe_iterations": -2}),
+    ("num_experts", {"num_experts": 0}),
+    ("num_experts", {"num_experts": -4}),
+    ("train_recurrent_steps_min", {"train_recurrent_steps_min": 4, "train_recurrent_steps_max": 2}),
+    ("recurrent_steps_sampler", {"recurrent_steps_sampler": "nope"}),
+    ("router_aux_loss_coef", {"router_aux_loss_coef": -0.1}),
+    ("router_z_loss_coef", {"router_z_loss_coef": -1e-3}),
+    ("projection_orthogonality_coef", {"projection_orthogonality_coef": -1.0}),
+    ("attention_dropout", {"attention_dropout": 1.0}),
+    ("attention_dropout", {"attention_dropout": -0.1}),
+    ("projection_dropout", {"projection_dropout": 1.5}),
+    ("projection_dropout", {"projection_dropout": -0.5}),
+    ("mlp_only_layers", {"mlp_only_layers": [2]}),
+    ("mlp_only_layers", {"mlp_only_layers": [-1]}),
+    ("capacity_factor", {"capacity_factor": 0.0}),
+    ("capacity_factor", {"capacity_factor": -1.0}),
+    ("eval_capacity_factor", {"eval_capacity_factor": 0.0}),
+]
+
+
+@pytest.mark.parametrize(("field", "overrides"), BAD_VALUES, ids=[f"{f}={list(o.values())}" for f, o in BAD_VALUES])
+def test_bad_value_raises_naming_field(field, overrides):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"num_recurrent_steps": 1},
+        {"num_moe_iterations": 1},
+        {"train_recurrent_steps_min": 3, "train_recurrent_steps_max": 3},
+        {"attention_dropout": 0.0, "projection_dropout": 0.5},
+        {"mlp_only_layers": [0, 1]},
+        {"capacity_factor": 0.25, "eval_capacity_factor": 2.0},
+        {"router_aux_loss_coef": 0.0, "router_z_loss_coef": 0.0},
+        {"num_experts": 2, "num_experts_per_tok": 2},
+    ],
+)
+def test_boundary_values_accepted(overrides):
+    config = tiny_config(**overrides)
+    for name, value in overrides.items():
+        assert getattr(config, name) == value
+
+
+ALIASES = {"d_model": 64, "n_layers": 3, "n_heads": 8, "d_ff": 96, "aux_loss_weight": 0.05}
+CANONICAL = {
+    "hidden_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 8,
+    "intermediate_size": 96,
+    "router_aux_loss_coef": 0.05,
+}
+
+
+def _fields(config):
+    fields = config.to_dict()
+    fields.pop("_name_or_path", None)
+    return fields
+
+
+def _alias_config():
+    return MoREConfig(vocab_size=100, num_experts=4, top_k=2, **ALIASES)
+
+
+def test_guide_aliases():
+    config = _alias_config()
+    for name, value in CANONICAL.items():
+        assert getattr(config, name) == value, name
+    for name, value in ALIASES.items():
+        assert getattr(config, name) == value, name
+    assert config.num_experts_per_tok == 2
+    # Derived defaults follow the aliased values.
+    assert config.num_key_value_heads == 8
+    assert config.recurrent_intermediate_size == 96
+
+
+def test_top_k_alias_is_validated():
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        MoREConfig(num_experts=2, top_k=3)
+
+
+def test_aliases_round_trip(tmp_path):
+    config = _alias_config()
+    config.save_pretrained(tmp_path)
+    for loaded in (MoREConfig.from_pretrained(tmp_path), AutoConfig.from_pretrained(tmp_path)):
+        assert type(loaded).__name__ == "MoREConfig"
+        for name, value in CANONICAL.items():
+            assert getattr(loaded, name) == value, name
+        for name, value in ALIASES.items():
+            assert getattr(loaded, name) == value, name
+        assert loaded.num_experts_per_tok == 2
+        assert _fields(loaded) == _fields(config)
+
+
+def test_round_trip_keeps_every_field(tmp_path):
+    config = tiny_config(
+        expert_type="recurrent",
+        num_experts=3,
+        num_experts_per_tok=2,
+        num_recurrent_steps=5,
+        train_recurrent_steps_min=1,
+        train_recurrent_steps_max=6,
+        recurrent_steps_sampler="poisson_lognormal",
+        num_backprop_steps=2,
+        num_moe_iterations=2,
+        mlp_only_layers=[1],
+        capacity_factor=1.5,
+        shared_expert_intermediate_size=16,
+        shared_expert_gate="fixed",
+    )
+    config.save_pretrained(tmp_path)
+    loaded = MoREConfig.from_pretrained(tmp_path)
+    assert _fields(loaded) == _fields(config)
+    assert loaded.mlp_only_layers == [1]
+    assert loaded.num_backprop_steps == 2
+
+
+def test_type_lists_match_registries():
+    assert sorted(configuration_more.EXPERT_TYPES) == sorted(modeling_more.EXPERT_REGISTRY)
+    assert sorted(configuration_more.ROUTER_TYPES) == sorted(modeling_more.ROUTER_REGISTRY)
+
+
+@pytest.mark.parametrize(
+    ("getter", "registry"),
+    [
+        (modeling_more.get_expert_class, modeling_more.EXPERT_REGISTRY),
+        (modeling_more.get_router_class, modeling_more.ROUTER_REGISTRY),
+    ],
+)
+def test_registry_lookup(getter, registry):
+    for name, cls in registry.items():
+        assert getter(name) is cls
+    with pytest.raises(ValueError, match="nope") as excinfo:
+        getter("nope")
+    for name in registry:
+        assert repr(name) in str(excinfo.value) or name in str(excinfo.value)

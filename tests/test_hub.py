@@ -1,0 +1,134 @@
+"""save_pretrained / from_pretrained: files written, identical logits, tied weights, and remote code loading in a
+fresh process where MoRE is not importable."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from helpers import EXPERT_ROUTER_PAIRS, random_ids, tiny_model
+from transformers import AutoModelForCausalLM
+
+import modeling_more  # noqa: F401  (registers MoRE with the Auto classes)
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _save(tmp_path, name="ckpt", **overrides):
+    model = tiny_model(num_experts_per_tok=2, **overrides)
+    path = tmp_path / name
+    model.save_pretrained(path)
+    return model, path
+
+
+def test_save_writes_weights_config_and_code(tmp_path):
+    _, path = _save(tmp_path)
+    files = set(os.listdir(path))
+    assert {"model.safetensors", "config.json", "configuration_more.py", "modeling_more.py"} <= files
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == "more"
+    auto_map = config["auto_map"]
+    assert auto_map["AutoConfig"] == "configuration_more.MoREConfig"
+    assert auto_map["AutoModelForCausalLM"] == "modeling_more.MoREForCausalLM"
+    # The copied code is the project's code.
+    for name in ("configuration_more.py", "modeling_more.py"):
+        with open(os.path.join(REPO_ROOT, name)) as source:
+            assert (path / name).read_text() == source.read()
+
+
+@pytest.mark.parametrize(("expert_type", "router_type"), EXPERT_ROUTER_PAIRS)
+def test_round_trip_logits_and_tied_weights(tmp_path, expert_type, router_type):
+    model, path = _save(tmp_path, expert_type=expert_type, router_type=router_type)
+    loaded = AutoModelForCausalLM.from_pretrained(path)
+    assert type(loaded) is type(model)
+    assert not loaded.training
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    # Non-persistent buffers (rotary frequencies) are not in the checkpoint: loading must rebuild them.
+    loaded_buffers = dict(loaded.named_buffers())
+    for name, buffer in model.named_buffers():
+        assert torch.equal(loaded_buffers[name], buffer), f"buffer {name} differs after from_pretrained"
+    ids = random_ids(2, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
+def test_untied_round_trip(tmp_path):
+    model, path = _save(tmp_path, tie_word_embeddings=False)
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    loaded = AutoModelForCausalLM.from_pretrained(path)
+    assert loaded.lm_head.weight.data_ptr() != loaded.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import importlib.util
+    import os
+    import sys
+
+    repo_root = os.path.realpath(sys.argv[1])
+    # An editable install would make the project importable: drop its finders and the repo root from sys.path.
+    sys.meta_path[:] = [
+        f for f in sys.meta_path if "editable" not in type(f).__name__.lower() and "editable" not in repr(f).lower()
+    ]
+    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != repo_root]
+    assert importlib.util.find_spec("modeling_more") is None, "modeling_more is importable"
+    assert importlib.util.find_spec("configuration_more") is None, "configuration_more is importable"
+
+    import torch
+    torch.set_num_threads(1)
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.load(sys.argv[2])
+    for path in sys.argv[3:]:
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        assert "modeling_more" not in sys.modules
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+        with torch.no_grad():
+            logits = model(ids).logits
+        torch.save(logits, os.path.join(path, "remote_logits.pt"))
+    print("ok")
+    """
+)
+
+
+def test_remote_code_in_fresh_process(tmp_path):
+    """Load every checkpoint with `trust_remote_code=True` in a subprocess that cannot import the project."""
+    pairs = EXPERT_ROUTER_PAIRS
+    expected, paths = {}, []
+    ids = random_ids(2, 8)
+    for expert_type, router_type in pairs:
+        model, path = _save(tmp_path, f"{expert_type}-{router_type}", expert_type=expert_type, router_type=router_type)
+        with torch.no_grad():
+            expected[path] = model(ids).logits
+        paths.append(path)
+    torch.save(ids, tmp_path / "ids.pt")
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        PYTHONNOUSERSITE="1",
+        HF_MODULES_CACHE=str(tmp_path / "hf_modules"),
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_SCRIPT, REPO_ROOT, str(tmp_path / "ids.pt"), *map(str, paths)],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ok" in result.stdout
+    for path in paths:
+        remote = torch.load(path / "remote_logits.pt")
+        torch.testing.assert_close(remote, expected[path], atol=1e-6, rtol=0, msg=lambda m, p=path: f"{p.name}: {m}")
