@@ -332,6 +332,7 @@ class MoREExpertContext:
     cache_pool: "MoREExpertPool | None" = None
     output_stats: bool = False
     stats: dict = field(default_factory=dict)
+    rotary: tuple | None = None  # (cos, sin) of the routed rows, computed once and reused by every step
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -468,7 +469,9 @@ class MoREHuginnExperts(MoRERecurrentExperts):
     def _attention(self, x, dispatch, ctx, step_idx, offs):
         rows = x.shape[0]
         q, k, v = grouped_linear(x, self.qkv_proj, offs).view(rows, 3, self.num_heads, self.head_dim).unbind(1)
-        cos, sin = self.rotary(x, dispatch.position)  # (rows, head_dim)
+        if ctx.rotary is None:  # positions do not change across steps
+            ctx.rotary = self.rotary(x, dispatch.position)  # (rows, head_dim) each
+        cos, sin = ctx.rotary
         q, k = apply_rotary_pos_emb(q, k, cos, sin)  # (rows, heads, head_dim)
         segment = dispatch.segment
         cached = None
@@ -587,7 +590,7 @@ class MoRESequentialExperts(MoRERecurrentExperts):
         x_proj = grouped_linear(h, self.lstm_w_ih, dispatch.offs) + _grouped_bias(self.lstm_bias, dispatch)
         h_new, c = _grouped_lstm_cell(x_proj, h, c, self.lstm_w_hh, dispatch.offs)
         gate_logit = (h * self.refine_gate[dispatch.group_index]).sum(-1, keepdim=True)
-        gate = torch.sigmoid(gate_logit + self.refine_gate_bias[dispatch.group_index][:, None])  # (rows, 1)
+        gate = torch.sigmoid(gate_logit + _grouped_bias(self.refine_gate_bias, dispatch)[:, None])  # (rows, 1)
         return torch.cat([gate * h_new + (1 - gate) * h, c], dim=-1)
 
     def decode(self, state, static, dispatch):
@@ -753,7 +756,7 @@ class MoRETokenwiseRecurrentRouter(MoRERouter):
         inputs = F.linear(x, self.input_weight).view(batch, -1, self.cell.hidden_size)  # (batch, seq, router_hidden)
         mask = None if token_mask is None else token_mask.view(batch, -1, 1)
         pool = ctx.cache_pool
-        hidden = pool.router_hidden if pool is not None and pool.router_hidden is not None else None
+        hidden = pool.router_hidden if pool is not None else None
         if hidden is None:
             hidden = inputs.new_zeros(batch, self.cell.hidden_size)
         outputs = []
@@ -1080,7 +1083,8 @@ class MoRECache(DynamicCache):
         if key not in self.expert_pools:
             # An iteration that cached tokens never ran (`inherit`: the cache already holds tokens) starts from the
             # latest earlier iteration's pool, as missing recurrent steps do (depth policy).
-            earlier = [i for (layer, i) in self.expert_pools if layer == layer_idx and i < iteration and inherit]
+            earlier = [i for (layer, i) in self.expert_pools if layer == layer_idx and i < iteration]
+            earlier = earlier if inherit else []
             self.expert_pools[key] = (
                 self.expert_pools[(layer_idx, max(earlier))].copy() if earlier else MoREExpertPool()
             )
