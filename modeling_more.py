@@ -814,6 +814,34 @@ def router_z_loss(logits, token_mask=None):
     return (z * mask).sum() / mask.sum().clamp_min(1)
 
 
+def routing_statistics(logits, top_k, token_mask=None) -> dict[str, torch.Tensor]:
+    """The guide's expert-utilisation diagnostics (§5.1) for one layer and iteration, over real tokens.
+
+    logits: (tokens, experts). Returns `load` (experts,) share of top-k assignments, `load_cv` (std / mean of the
+    load; 0 = balanced), `max_min_load_ratio` (inf when an expert gets nothing), `effective_experts` (inverse HHI
+    of the load; `experts` when balanced), `router_entropy` (mean per-token entropy of the routing distribution,
+    nats) and `max_prob` (mean top-1 probability).
+    """
+    logits = logits.detach().float()
+    if token_mask is not None:
+        logits = logits[token_mask.reshape(-1)]
+    num_experts = logits.shape[-1]
+    probs = F.softmax(logits, dim=-1)  # (tokens, experts)
+    index = probs.topk(top_k, dim=-1).indices  # (tokens, top_k)
+    counts = torch.bincount(index.reshape(-1), minlength=num_experts).float()  # (experts,)
+    load = counts / counts.sum().clamp_min(1)
+    mean = load.mean()
+    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)  # (tokens,)
+    return {
+        "load": load,
+        "load_cv": load.std(unbiased=False) / mean,
+        "max_min_load_ratio": load.max() / load.min(),
+        "effective_experts": 1.0 / load.pow(2).sum().clamp_min(1e-12),
+        "router_entropy": entropy.mean() if entropy.numel() else entropy.new_zeros(()),
+        "max_prob": probs.max(-1).values.mean() if probs.numel() else probs.new_zeros(()),
+    }
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # MoE block: router + experts (+ shared expert), iterated `num_moe_iterations` times (Synthesis II)
 # ---------------------------------------------------------------------------------------------------------------------
