@@ -37,7 +37,10 @@ class MoREConfig(PreTrainedConfig):
         (training; `None` = dropless), eval_capacity_factor (eval; `None` = dropless), router_aux_loss_coef
         (`aux_loss_weight`), router_z_loss_coef (`router_z_loss_weight`), output_router_logits,
         shared_expert_intermediate_size (0 = no shared expert), shared_expert_gate (`"learned"` sigmoid gate or
-        `"fixed"` mix with shared_expert_weight / moe_weight), mlp_only_layers (layer indices kept dense).
+        `"fixed"` mix with shared_expert_weight / moe_weight), mlp_only_layers (layer indices kept dense),
+        expert_dropout (training: each (token, expert) assignment is dropped with this probability and the kept
+        ones rescaled by 1 / (1 - p)), router_entropy_floor and router_entropy_coef (penalty
+        `coef * relu(floor - mean routing entropy)` per layer and iteration; floor 0 = off).
 
     Expert-level recurrence (`recurrent`, `shared_recurrent`, `sandwich`, `sequential`):
         num_recurrent_steps (inference default; also a forward / `generate` argument), train_recurrent_steps_min /
@@ -45,10 +48,16 @@ class MoREConfig(PreTrainedConfig):
         num_backprop_steps (truncated backprop: gradients flow through the last k steps only; `None` = all),
         latent_init_std (std of the latent state init in training; eval starts from zeros), recurrent_intermediate_size
         and recurrent_num_heads (the Huginn block inside recurrent experts), projection_dropout and
-        projection_orthogonality_coef (`shared_recurrent` projections), parallel_gate_hidden_size (`parallel`).
+        projection_orthogonality_coef (`shared_recurrent` projections), parallel_gate_hidden_size (`parallel`),
+        adaptive_exit_threshold (`None` = off; a routed token stops iterating once the relative change of its latent
+        state falls below it; also a forward / `generate` argument) and adaptive_exit_min_steps.
 
     Layer-level recurrence (Synthesis II):
-        num_moe_iterations (> 1 turns each MoE block into a recurrent unit), moe_residual_scale.
+        num_moe_iterations (> 1 turns each MoE block into a recurrent unit; inference default and forward /
+        `generate` argument), train_moe_iterations_min / train_moe_iterations_max (both set: iterations drawn
+        uniformly per training batch, guide 2-4), num_backprop_iterations (truncated backprop through iterations;
+        `None` = all), router_logits_ema (logits of iteration t are `ema * logits_{t-1} + (1 - ema) * new`;
+        0 = off), moe_residual_scale.
 
     Example:
 
@@ -71,6 +80,9 @@ class MoREConfig(PreTrainedConfig):
         "orthogonality_loss",
         "recurrent_steps",
         "recurrence_stats",
+        "routing_stats",
+        "entropy_loss",
+        "dropped_tokens",
     ]
     # The research guide's names, accepted as aliases of Transformers' names.
     attribute_map = {
@@ -124,6 +136,9 @@ class MoREConfig(PreTrainedConfig):
     shared_expert_weight: float = 0.5
     moe_weight: float = 0.5
     mlp_only_layers: list[int] | None = None
+    expert_dropout: float = 0.0
+    router_entropy_floor: float = 0.0
+    router_entropy_coef: float = 1e-2
 
     # Expert-level recurrence
     num_recurrent_steps: int = 4
@@ -137,9 +152,15 @@ class MoREConfig(PreTrainedConfig):
     projection_dropout: float = 0.0
     projection_orthogonality_coef: float = 0.0
     parallel_gate_hidden_size: int = 64
+    adaptive_exit_threshold: float | None = None
+    adaptive_exit_min_steps: int = 1
 
     # Layer-level recurrence (Synthesis II)
     num_moe_iterations: int = 1
+    train_moe_iterations_min: int | None = None
+    train_moe_iterations_max: int | None = None
+    num_backprop_iterations: int | None = None
+    router_logits_ema: float = 0.0
     moe_residual_scale: float = 1.0
 
     def __post_init__(self, **kwargs):
@@ -178,9 +199,16 @@ class MoREConfig(PreTrainedConfig):
             "parallel_gate_hidden_size",
             "router_hidden_size",
             "num_moe_iterations",
+            "adaptive_exit_min_steps",
         ):
             _check_positive_int(name, getattr(self, name))
-        for name in ("head_dim", "num_backprop_steps"):
+        for name in (
+            "head_dim",
+            "num_backprop_steps",
+            "num_backprop_iterations",
+            "train_moe_iterations_min",
+            "train_moe_iterations_max",
+        ):
             if getattr(self, name) is not None:
                 _check_positive_int(name, getattr(self, name))
         _check_choice("expert_type", self.expert_type, EXPERT_TYPES)
@@ -213,6 +241,22 @@ class MoREConfig(PreTrainedConfig):
                 f"`train_recurrent_steps_min` ({self.train_recurrent_steps_min}) must be <= "
                 f"`train_recurrent_steps_max` ({self.train_recurrent_steps_max})."
             )
+        if (self.train_moe_iterations_min is None) != (self.train_moe_iterations_max is None):
+            raise ValueError(
+                "`train_moe_iterations_min` and `train_moe_iterations_max` must be set together (or both None), got "
+                f"{self.train_moe_iterations_min} and {self.train_moe_iterations_max}."
+            )
+        if self.train_moe_iterations_min is not None and self.train_moe_iterations_min > self.train_moe_iterations_max:
+            raise ValueError(
+                f"`train_moe_iterations_min` ({self.train_moe_iterations_min}) must be <= "
+                f"`train_moe_iterations_max` ({self.train_moe_iterations_max})."
+            )
+        if self.adaptive_exit_threshold is not None and not (
+            isinstance(self.adaptive_exit_threshold, (int, float)) and self.adaptive_exit_threshold > 0
+        ):
+            raise ValueError(
+                f"`adaptive_exit_threshold` must be a number > 0 or None (off), got {self.adaptive_exit_threshold!r}."
+            )
         if self.shared_expert_intermediate_size < 0:
             raise ValueError(
                 f"`shared_expert_intermediate_size` must be >= 0 (0 = no shared expert), "
@@ -231,11 +275,13 @@ class MoREConfig(PreTrainedConfig):
             "shared_expert_weight",
             "moe_weight",
             "moe_residual_scale",
+            "router_entropy_floor",
+            "router_entropy_coef",
         ):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value >= 0):
                 raise ValueError(f"`{name}` must be a number >= 0, got {value!r}.")
-        for name in ("attention_dropout", "projection_dropout"):
+        for name in ("attention_dropout", "projection_dropout", "expert_dropout", "router_logits_ema"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 <= value < 1):
                 raise ValueError(f"`{name}` must be in [0, 1), got {value!r}.")

@@ -7,7 +7,7 @@ Order, smallest piece first: norms, rotary and attention helpers -> grouped kern
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -267,6 +267,7 @@ class MoREDispatch:
     cache_index: torch.Tensor  # (rows,) index of the token in the cached sequence
     batch_size: int
     num_experts: int
+    dropped: torch.Tensor | int = 0  # () real (token, expert) pairs dropped by the capacity limit
 
     @property
     def kept(self) -> torch.Tensor:
@@ -282,12 +283,32 @@ class MoREDispatch:
         """Attention segment of each row: one per (expert, sequence); dropped rows form their own segments."""
         return self.expert_index * self.batch_size + self.batch_index
 
+    def subset(self, index: torch.Tensor) -> "MoREDispatch":
+        """The rows `index` (ascending, so still sorted by expert) as a dispatch of their own."""
+        expert = self.expert_index[index]
+        counts = torch.bincount(expert, minlength=self.num_experts + 1)[: self.num_experts]
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        offs[-1] = index.shape[0]
+        return replace(
+            self,
+            token_index=self.token_index[index],
+            expert_index=expert,
+            weights=self.weights[index],
+            offs=offs,
+            batch_index=self.batch_index[index],
+            position=self.position[index],
+            cache_index=self.cache_index[index],
+        )
 
-def build_dispatch(top_k_index, top_k_weights, token_mask, position_ids, cache_offset, capacity, num_experts):
+
+def build_dispatch(
+    top_k_index, top_k_weights, token_mask, position_ids, cache_offset, capacity, num_experts, assignment_mask=None
+):
     """Sort (token, slot) pairs once by (expert, sequence, position).
 
     top_k_index, top_k_weights: (tokens, top_k); token_mask: (tokens,) bool, False for padding; position_ids:
     (batch, seq). `capacity` (int or None) caps the rows kept per expert; later tokens overflow first.
+    `assignment_mask` (tokens, top_k) bool drops single assignments (expert dropout) before the capacity count.
     """
     batch_size, seq_len = position_ids.shape
     num_tokens, top_k = top_k_index.shape
@@ -296,11 +317,16 @@ def build_dispatch(top_k_index, top_k_weights, token_mask, position_ids, cache_o
     weights = top_k_weights.reshape(-1)
     if token_mask is not None:
         expert = torch.where(token_mask.repeat_interleave(top_k), expert, num_experts)
+    if assignment_mask is not None:
+        expert = torch.where(assignment_mask.reshape(-1), expert, num_experts)
+    dropped = 0
     if capacity is not None:
         # Rank of each pair within its expert, in token order (Switch Transformer's cumsum over one-hot).
         one_hot = F.one_hot(expert, num_experts + 1)  # (pairs, experts + 1)
         rank = (torch.cumsum(one_hot, 0) * one_hot).sum(-1) - 1
-        expert = torch.where(rank < capacity, expert, num_experts)
+        overflow = (rank >= capacity) & (expert < num_experts)
+        dropped = overflow.sum()
+        expert = torch.where(overflow, num_experts, expert)
     order = torch.argsort(expert * num_tokens + token_index, stable=True)
     expert, token_index = expert[order], token_index[order]
     weights = torch.where(expert < num_experts, weights[order], 0.0)
@@ -319,20 +345,28 @@ def build_dispatch(top_k_index, top_k_weights, token_mask, position_ids, cache_o
         cache_index=cache_index,
         batch_size=batch_size,
         num_experts=num_experts,
+        dropped=dropped,
     )
 
 
 @dataclass
 class MoREExpertContext:
-    """Per-call settings every expert sees."""
+    """Per-call settings every expert sees, and what the experts report back."""
 
     num_recurrent_steps: int
     num_backprop_steps: int | None
     batch_size: int
     cache_pool: "MoREExpertPool | None" = None
     output_stats: bool = False
+    exit_threshold: float | None = None  # adaptive per-token exit (None = run every step)
+    exit_min_steps: int = 1
     stats: dict = field(default_factory=dict)
     rotary: tuple | None = None  # (cos, sin) of the routed rows, computed once and reused by every step
+    # Adaptive exit: the full dispatch, the rows still iterating, and the latest keys/values of every row.
+    full_dispatch: "MoREDispatch | None" = None
+    active_index: torch.Tensor | None = None
+    latest_kv: tuple | None = None
+    steps_taken: torch.Tensor | None = None  # (rows,) steps each routed row actually ran
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -392,28 +426,75 @@ class MoRERecurrentExperts(MoREExperts):
 
     def forward(self, x, dispatch, ctx):
         static = self.encode(x, dispatch)
-        state = self.initial_state(static)
+        state = initial = self.initial_state(static)
         steps = ctx.num_recurrent_steps
         first_grad_step = 0 if ctx.num_backprop_steps is None else max(0, steps - ctx.num_backprop_steps)
         grad_enabled = torch.is_grad_enabled()
-        changes = []
+        kept = dispatch.kept
+        adaptive = ctx.exit_threshold is not None
+        if adaptive:
+            ctx.full_dispatch = dispatch
+            ctx.active_index = kept.nonzero().squeeze(1)  # (active rows,)
+            ctx.steps_taken = torch.zeros(state.shape[0], device=state.device)
+        else:
+            ctx.steps_taken = torch.full((state.shape[0],), float(steps), device=state.device)
+        changes, deltas = [], []
         for step_idx in range(steps):
             with torch.set_grad_enabled(grad_enabled and step_idx >= first_grad_step):
-                new_state = self.step(state, static, dispatch, ctx, step_idx)
+                if adaptive:
+                    new_state = self._adaptive_step(state, static, ctx, step_idx)
+                else:
+                    new_state = self.step(state, static, dispatch, ctx, step_idx)
             if ctx.output_stats:
-                changes.append(_relative_change(new_state, state, dispatch.kept))
+                changes.append(_relative_change(new_state, state, kept))
+                deltas.append((new_state - state).detach())
             state = new_state
+            if adaptive and ctx.active_index.numel() == 0:
+                break  # every token has exited: the remaining steps cost nothing
         if ctx.output_stats:
-            ctx.stats["steps"] = torch.tensor(float(steps))
-            ctx.stats["state_change"] = torch.stack(changes).detach()  # (steps,)
-            # Share of the final state written by the last step (guide §5.2: final-step contribution).
-            ctx.stats["final_step_contribution"] = changes[-1].detach()
+            self._record_stats(ctx, changes, deltas, state, initial, kept)
         if ctx.cache_pool is not None:
             self.write_cache(ctx, dispatch)
         return self.decode(state, static, dispatch)
 
+    def _adaptive_step(self, state, static, ctx, step_idx):
+        """One step for the rows still iterating only; rows whose relative latent change falls below the threshold
+        (after `exit_min_steps`) leave the active set and keep their state."""
+        active = ctx.active_index
+        old = state[active]
+        new = self.step(old, _take_rows(static, active), ctx.full_dispatch.subset(active), ctx, step_idx)
+        ctx.steps_taken = ctx.steps_taken.index_add(0, active, torch.ones_like(active, dtype=torch.float))
+        change = (new - old).float().norm(dim=-1) / old.float().norm(dim=-1).clamp_min(1e-6)  # (active rows,)
+        ctx.active_index = active[(change >= ctx.exit_threshold) | (step_idx + 1 < ctx.exit_min_steps)]
+        return state.index_copy(0, active, new)
+
+    def _record_stats(self, ctx, changes, deltas, state, initial, kept):
+        """The guide's recurrence diagnostics (§5.2) over routed rows."""
+        weight = kept.float()
+        ctx.stats["steps"] = (ctx.steps_taken * weight).sum() / weight.sum().clamp_min(1)
+        ctx.stats["state_change"] = torch.stack(changes).detach()  # (steps run,)
+        # Share of the final state written by the last step (guide §5.2: final-step contribution).
+        ctx.stats["final_step_contribution"] = changes[-1].detach()
+        # Refinement (guide §5.2, option D, computed for every recurrent type): how far the loop moved the state
+        # relative to its start, and whether successive steps move it in the same direction (mean cosine).
+        ctx.stats["refinement_magnitude"] = _relative_change(state.detach(), initial.detach(), kept)
+        if len(deltas) > 1:
+            pairs = zip(deltas, deltas[1:], strict=False)
+            cosines = [F.cosine_similarity(a.float(), b.float(), dim=-1) for a, b in pairs]  # (rows,) each
+            consistency = torch.stack(cosines).mean(0)  # (rows,)
+            ctx.stats["refinement_consistency"] = (consistency * weight).sum() / weight.sum().clamp_min(1)
+        else:
+            ctx.stats["refinement_consistency"] = state.new_zeros((), dtype=torch.float)
+
     def write_cache(self, ctx, dispatch):
         """Experts that keep per-step state for decoding store it here (see `MoREHuginnExperts`)."""
+
+
+def _take_rows(static, index):
+    """Rows `index` of the loop's static input (a tensor or a tuple of tensors)."""
+    if isinstance(static, tuple):
+        return tuple(t[index] for t in static)
+    return static[index]
 
 
 def _relative_change(new, old, kept):
@@ -469,16 +550,29 @@ class MoREHuginnExperts(MoRERecurrentExperts):
     def _attention(self, x, dispatch, ctx, step_idx, offs):
         rows = x.shape[0]
         q, k, v = grouped_linear(x, self.qkv_proj, offs).view(rows, 3, self.num_heads, self.head_dim).unbind(1)
+        active = ctx.active_index
+        full = dispatch if active is None else ctx.full_dispatch
         if ctx.rotary is None:  # positions do not change across steps
-            ctx.rotary = self.rotary(x, dispatch.position)  # (rows, head_dim) each
+            ctx.rotary = self.rotary(x, full.position)  # (all rows, head_dim) each
         cos, sin = ctx.rotary
+        if active is not None:
+            cos, sin = cos[active], sin[active]
         q, k = apply_rotary_pos_emb(q, k, cos, sin)  # (rows, heads, head_dim)
-        segment = dispatch.segment
+        if active is not None:
+            # Adaptive exit: exited rows keep offering the keys/values of their last computed step (the cache's
+            # depth policy); only the rows still iterating ask queries.
+            if ctx.latest_kv is None:
+                ctx.latest_kv = (k.new_zeros(full.expert_index.shape[0], *k.shape[1:]),) * 2
+            k, v = (t.index_copy(0, active, new) for t, new in zip(ctx.latest_kv, (k, v), strict=True))
+            ctx.latest_kv = (k, v)
+            q = torch.zeros_like(k).index_copy(0, active, q)
         cached = None
         if ctx.cache_pool is not None:
             ctx.cache_pool.stage(step_idx, k, v)
-            cached = ctx.cache_pool.read(step_idx, dispatch.batch_size)
-        out = segment_causal_attention(q, k, v, segment, dispatch.cache_index, self.scaling, cached)
+            cached = ctx.cache_pool.read(step_idx, full.batch_size)
+        out = segment_causal_attention(q, k, v, full.segment, full.cache_index, self.scaling, cached)
+        if active is not None:
+            out = out[active]
         return grouped_linear(out.reshape(rows, -1), self.o_proj, offs)
 
     def write_cache(self, ctx, dispatch):
@@ -507,6 +601,22 @@ class MoRESharedRecurrentExperts(MoREHuginnExperts):
         weights = torch.cat([self.w_in, self.w_out]).float()  # (2 * experts, d, d)
         gram = weights @ weights.transpose(1, 2)
         return (gram - eye).pow(2).sum(dim=(1, 2)).mean() / self.hidden_size
+
+    @torch.no_grad()
+    def projection_statistics(self) -> dict[str, torch.Tensor]:
+        """Guide §5.2 (shared-block experts): `projection_orthogonality` (the orthogonality penalty's value, 0 =
+        orthogonal) and `projection_divergence` (mean over expert pairs of 1 - cosine similarity of their
+        flattened W_in and W_out; 0 = identical experts)."""
+        divergence = []
+        for weight in (self.w_in, self.w_out):
+            flat = F.normalize(weight.float().flatten(1), dim=-1)  # (experts, d * d)
+            cosine = flat @ flat.T
+            pairs = ~torch.eye(self.num_experts, dtype=torch.bool, device=flat.device)
+            divergence.append((1 - cosine[pairs]).mean() if self.num_experts > 1 else cosine.new_zeros(()))
+        return {
+            "projection_orthogonality": self.orthogonality_loss(),
+            "projection_divergence": torch.stack(divergence).mean(),
+        }
 
 
 def _grouped_bias(bias: torch.Tensor, dispatch: MoREDispatch) -> torch.Tensor:
@@ -681,24 +791,30 @@ class MoRERouting:
 
 class MoRERouter(nn.Module):
     """Base router: subclasses compute logits (tokens, experts) and may carry a state; this class adds jitter,
-    softmax, top-k and optional top-k renormalisation."""
+    the EMA of logits across Synthesis II iterations, softmax, top-k and optional top-k renormalisation."""
 
     def __init__(self, config: MoREConfig, layer_idx: int):
         super().__init__()
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
         self.jitter_noise = config.router_jitter_noise
+        self.logits_ema = config.router_logits_ema
 
     def compute_logits(self, x, token_mask, state, ctx):
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None, state, ctx):
-        """x: (tokens, hidden). Returns the routing and the router state for the next layer / iteration."""
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None, state, ctx, previous_logits=None):
+        """x: (tokens, hidden); previous_logits: the previous iteration's (tokens, experts) logits or None.
+        Returns the routing and the router state for the next layer / iteration."""
         if self.training and self.jitter_noise > 0:
             # Switch Transformer's multiplicative input jitter, on the router input only.
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         logits, state = self.compute_logits(x, token_mask, state, ctx)  # (tokens, experts)
-        return self.route(logits.float()), state
+        logits = logits.float()
+        if previous_logits is not None and self.logits_ema > 0:
+            # Synthesis II stabiliser: routing moves smoothly from one iteration to the next.
+            logits = self.logits_ema * previous_logits + (1 - self.logits_ema) * logits
+        return self.route(logits), state
 
     def route(self, logits: torch.Tensor) -> MoRERouting:
         probs = F.softmax(logits, dim=-1)
@@ -805,6 +921,15 @@ def load_balancing_loss(probs, top_k_index, token_mask=None):
     return num_experts * (fraction * mean_prob).sum()
 
 
+def routing_entropy(probs, token_mask=None):
+    """Mean per-token entropy (nats) of the routing distribution over real tokens; differentiable."""
+    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)  # (tokens,)
+    if token_mask is None:
+        return entropy.mean()
+    mask = token_mask.to(entropy.dtype)
+    return (entropy * mask).sum() / mask.sum().clamp_min(1)
+
+
 def router_z_loss(logits, token_mask=None):
     """ST-MoE router z-loss: mean squared log-partition over real tokens."""
     z = torch.logsumexp(logits, dim=-1).pow(2)
@@ -830,15 +955,13 @@ def routing_statistics(logits, top_k, token_mask=None) -> dict[str, torch.Tensor
     index = probs.topk(top_k, dim=-1).indices  # (tokens, top_k)
     counts = torch.bincount(index.reshape(-1), minlength=num_experts).float()  # (experts,)
     load = counts / counts.sum().clamp_min(1)
-    mean = load.mean()
-    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)  # (tokens,)
     return {
         "load": load,
-        "load_cv": load.std(unbiased=False) / mean,
+        "load_cv": load.std(unbiased=False) / load.mean(),
         "max_min_load_ratio": load.max() / load.min(),
         "effective_experts": 1.0 / load.pow(2).sum().clamp_min(1e-12),
-        "router_entropy": entropy.mean() if entropy.numel() else entropy.new_zeros(()),
-        "max_prob": probs.max(-1).values.mean() if probs.numel() else probs.new_zeros(()),
+        "router_entropy": routing_entropy(probs) if probs.shape[0] else probs.new_zeros(()),
+        "max_prob": probs.max(-1).values.mean() if probs.shape[0] else probs.new_zeros(()),
     }
 
 
@@ -849,11 +972,17 @@ def routing_statistics(logits, top_k, token_mask=None) -> dict[str, torch.Tensor
 
 @dataclass
 class MoREBlockOutput:
-    router_logits: list = field(default_factory=list)  # one (tokens, experts) tensor per iteration
+    """What one MoE block reports, one entry per iteration (except `iteration_stats`)."""
+
+    router_logits: list = field(default_factory=list)  # (tokens, experts) fp32
     aux_loss: list = field(default_factory=list)
     z_loss: list = field(default_factory=list)
-    recurrent_steps: list = field(default_factory=list)
-    stats: list = field(default_factory=list)
+    entropy_loss: list = field(default_factory=list)  # entropy-floor penalty (when the floor is on)
+    dropped_tokens: list = field(default_factory=list)  # () capacity drops
+    recurrent_steps: list = field(default_factory=list)  # () mean steps per routed row
+    stats: list = field(default_factory=list)  # recurrence statistics
+    routing_stats: list = field(default_factory=list)  # `routing_statistics` + dropped_tokens
+    iteration_stats: dict | None = None  # Synthesis II: entropy and max-prob per iteration, max-prob trend
 
 
 class MoRESparseMoeBlock(nn.Module):
@@ -872,6 +1001,7 @@ class MoRESparseMoeBlock(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.gate = get_router_class(config.router_type)(config, layer_idx)
         self.experts = get_expert_class(config.expert_type)(config)
+        self.expert_dropout = config.expert_dropout
         self.shared_expert = None
         if config.shared_expert_intermediate_size > 0:
             self.shared_expert = MoREMLP(config, config.shared_expert_intermediate_size)
@@ -884,17 +1014,23 @@ class MoRESparseMoeBlock(nn.Module):
             return None
         return max(1, math.ceil(factor * num_tokens * self.top_k / self.num_experts))
 
-    def moe(self, x, token_mask, position_ids, cache_offset, ctx, router_state):
-        """One routed pass. x: (tokens, hidden) -> (tokens, hidden)."""
-        routing, router_state = self.gate(x, token_mask, router_state, ctx)
+    def moe(self, x, token_mask, position_ids, cache_offset, ctx, router_state, previous_logits=None):
+        """One routed pass. x: (tokens, hidden) -> (tokens, hidden), with its routing and dispatch."""
+        routing, router_state = self.gate(x, token_mask, router_state, ctx, previous_logits)
+        weights, assignment_mask = routing.top_k_weights.to(x.dtype), None
+        if self.training and self.expert_dropout > 0:
+            # Expert dropout: single (token, expert) assignments pass through the residual; rescaled like dropout.
+            assignment_mask = torch.rand_like(routing.top_k_weights) >= self.expert_dropout  # (tokens, top_k)
+            weights = weights / (1 - self.expert_dropout)
         dispatch = build_dispatch(
             routing.top_k_index,
-            routing.top_k_weights.to(x.dtype),
+            weights,
             token_mask,
             position_ids,
             cache_offset,
             self._capacity(x.shape[0]),
             self.num_experts,
+            assignment_mask,
         )
         rows = self.experts(x[dispatch.token_index], dispatch, ctx)  # (rows, hidden)
         out = torch.zeros_like(x).index_add_(0, dispatch.token_index, rows * dispatch.weights[:, None])
@@ -904,7 +1040,7 @@ class MoRESparseMoeBlock(nn.Module):
                 out = out + torch.sigmoid(self.shared_expert_gate(x)) * shared
             else:
                 out = self.config.moe_weight * out + self.config.shared_expert_weight * shared
-        return out, routing, router_state
+        return out, routing, router_state, dispatch
 
     def forward(self, hidden_states, token_mask, position_ids, cache_offset, settings, cache=None, router_state=None):
         batch, seq_len, hidden = hidden_states.shape
@@ -912,26 +1048,67 @@ class MoRESparseMoeBlock(nn.Module):
         flat_mask = None if token_mask is None else token_mask.reshape(-1)
         out = MoREBlockOutput()
         total = torch.zeros_like(state)
-        for iteration in range(settings.num_moe_iterations):
+        iterations = settings.num_moe_iterations
+        backprop = self.config.num_backprop_iterations
+        # Truncated backprop through iterations: the first ones run without building a graph.
+        first_grad_iteration = 0 if backprop is None else max(0, iterations - backprop)
+        grad_enabled = torch.is_grad_enabled()
+        logits = None
+        for iteration in range(iterations):
             ctx = MoREExpertContext(
                 num_recurrent_steps=settings.num_recurrent_steps,
                 num_backprop_steps=self.config.num_backprop_steps,
                 batch_size=batch,
                 cache_pool=None if cache is None else cache.expert_pool(self.layer_idx, iteration, cache_offset > 0),
                 output_stats=settings.output_recurrence_stats,
+                exit_threshold=settings.exit_threshold,
+                exit_min_steps=self.config.adaptive_exit_min_steps,
             )
-            delta, routing, router_state = self.moe(state, flat_mask, position_ids, cache_offset, ctx, router_state)
+            with torch.set_grad_enabled(grad_enabled and iteration >= first_grad_iteration):
+                delta, routing, router_state, dispatch = self.moe(
+                    state, flat_mask, position_ids, cache_offset, ctx, router_state, logits
+                )
+            logits = routing.logits
             delta = self.config.moe_residual_scale * delta
             total = total + delta
             state = state + delta
-            out.router_logits.append(routing.logits)
-            out.aux_loss.append(load_balancing_loss(routing.probs, routing.top_k_index, flat_mask))
-            out.z_loss.append(router_z_loss(routing.logits, flat_mask))
-            if isinstance(self.experts, MoRERecurrentExperts):
-                out.recurrent_steps.append(float(settings.num_recurrent_steps))
-            if settings.output_recurrence_stats:
-                out.stats.append(ctx.stats)
+            self._record(out, routing, dispatch, ctx, flat_mask, settings)
+        if settings.output_router_logits and iterations > 1:
+            entropy = torch.stack([s["router_entropy"] for s in out.routing_stats])  # (iterations,)
+            max_prob = torch.stack([s["max_prob"] for s in out.routing_stats])
+            out.iteration_stats = {
+                "router_entropy": entropy,
+                "max_prob": max_prob,
+                "max_prob_trend": max_prob[-1] - max_prob[0],
+            }
         return total.view(batch, seq_len, hidden), out, router_state
+
+    def _record(self, out, routing, dispatch, ctx, token_mask, settings):
+        """Losses and diagnostics of one iteration."""
+        out.router_logits.append(routing.logits)
+        out.aux_loss.append(load_balancing_loss(routing.probs, routing.top_k_index, token_mask))
+        out.z_loss.append(router_z_loss(routing.logits, token_mask))
+        if self.config.router_entropy_floor > 0:
+            entropy = routing_entropy(routing.probs, token_mask)
+            out.entropy_loss.append(F.relu(self.config.router_entropy_floor - entropy))
+        out.dropped_tokens.append(torch.as_tensor(dispatch.dropped, device=routing.logits.device))
+        if ctx.steps_taken is not None:
+            kept = dispatch.kept.float()
+            out.recurrent_steps.append((ctx.steps_taken * kept).sum() / kept.sum().clamp_min(1))
+            if settings.output_recurrence_stats:
+                # Steps per token: the mean over its routed experts (0 for padding and dropped-only tokens).
+                tokens = routing.logits.shape[0]
+                steps = kept.new_zeros(tokens).index_add_(0, dispatch.token_index, ctx.steps_taken * kept)
+                count = kept.new_zeros(tokens).index_add_(0, dispatch.token_index, kept)
+                ctx.stats["steps_per_token"] = steps / count.clamp_min(1)
+        if settings.output_recurrence_stats:
+            if isinstance(self.experts, MoRESharedRecurrentExperts):
+                ctx.stats.update(self.experts.projection_statistics())
+            out.stats.append(ctx.stats)
+        if settings.output_router_logits:
+            stats = routing_statistics(routing.logits, self.top_k, token_mask)
+            stats["dropped_tokens"] = out.dropped_tokens[-1]
+            out.routing_stats.append(stats)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -946,6 +1123,8 @@ class MoREForwardSettings:
     num_recurrent_steps: int
     num_moe_iterations: int
     output_recurrence_stats: bool = False
+    output_router_logits: bool = False
+    exit_threshold: float | None = None
 
 
 class MoREDecoderLayer(GradientCheckpointingLayer):
@@ -1165,21 +1344,36 @@ class MoRECache(DynamicCache):
 class MoREModelOutputWithPast(MoeModelOutputWithPast):
     aux_loss: torch.FloatTensor | None = None
     z_loss: torch.FloatTensor | None = None
+    entropy_loss: torch.FloatTensor | None = None
     orthogonality_loss: torch.FloatTensor | None = None
+    dropped_tokens: torch.LongTensor | None = None
     recurrent_steps: torch.FloatTensor | None = None
     recurrence_stats: tuple | None = None
+    routing_stats: tuple | None = None
+    iteration_stats: tuple | None = None
 
 
 @dataclass
 class MoRECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
-    """`loss` = LM loss + weighted aux terms. `router_logits` has one entry per MoE layer and iteration;
-    `recurrent_steps` is the mean number of expert steps per routed token; `recurrence_stats` (when asked) holds, per
-    MoE layer and iteration, a dict with `steps`, `state_change` (per step) and `final_step_contribution`."""
+    """`loss` = LM loss + weighted aux terms (`aux_loss`, `z_loss`, `entropy_loss`, `orthogonality_loss`).
+    `dropped_tokens` counts (token, expert) assignments dropped by the capacity limit; `recurrent_steps` is the mean
+    number of expert steps actually run per routed token.
+
+    With `output_router_logits=True`: `router_logits` and `routing_stats` have one entry per MoE layer and iteration
+    (`routing_statistics` plus `dropped_tokens`), and `iteration_stats` one per MoE layer when iterating (Synthesis II:
+    `router_entropy` and `max_prob` per iteration, `max_prob_trend`). With `output_recurrence_stats=True`:
+    `recurrence_stats` has per MoE layer and iteration `steps`, `steps_per_token`, `state_change` (per step),
+    `final_step_contribution`, `refinement_magnitude`, `refinement_consistency` (+ `projection_orthogonality` and
+    `projection_divergence` for `shared_recurrent`, `recurrent_branch_weight` for `parallel`)."""
 
     z_loss: torch.FloatTensor | None = None
+    entropy_loss: torch.FloatTensor | None = None
     orthogonality_loss: torch.FloatTensor | None = None
+    dropped_tokens: torch.LongTensor | None = None
     recurrent_steps: torch.FloatTensor | None = None
     recurrence_stats: tuple | None = None
+    routing_stats: tuple | None = None
+    iteration_stats: tuple | None = None
 
 
 class MoREPreTrainedModel(PreTrainedModel):
@@ -1270,23 +1464,43 @@ class MoREModel(MoREPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def resolve_settings(self, num_recurrent_steps, num_moe_iterations, output_recurrence_stats):
+    def resolve_settings(
+        self,
+        num_recurrent_steps=None,
+        num_moe_iterations=None,
+        output_recurrence_stats=False,
+        output_router_logits=False,
+        adaptive_exit_threshold=None,
+    ):
         """Depth for this call: the argument, else a training draw, else the config's inference default."""
         config = self.config
+        sampling = self.training and torch.is_grad_enabled()
         if num_recurrent_steps is None:
-            num_recurrent_steps = (
-                self._sample_depth() if self.training and torch.is_grad_enabled() else config.num_recurrent_steps
-            )
+            num_recurrent_steps = self._sample_depth() if sampling else config.num_recurrent_steps
         if num_moe_iterations is None:
             num_moe_iterations = config.num_moe_iterations
+            if sampling and config.train_moe_iterations_min is not None:
+                draw = torch.randint(config.train_moe_iterations_min, config.train_moe_iterations_max + 1, (1,))
+                num_moe_iterations = self._broadcast(draw)
         for name, value in (("num_recurrent_steps", num_recurrent_steps), ("num_moe_iterations", num_moe_iterations)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        return MoREForwardSettings(num_recurrent_steps, num_moe_iterations, bool(output_recurrence_stats))
+        if adaptive_exit_threshold is None:
+            adaptive_exit_threshold = config.adaptive_exit_threshold
+        elif not (isinstance(adaptive_exit_threshold, (int, float)) and adaptive_exit_threshold > 0):
+            raise ValueError(
+                f"`adaptive_exit_threshold` must be a number > 0 or None, got {adaptive_exit_threshold!r}."
+            )
+        return MoREForwardSettings(
+            num_recurrent_steps,
+            num_moe_iterations,
+            bool(output_recurrence_stats),
+            bool(output_router_logits),
+            adaptive_exit_threshold,
+        )
 
     def _sample_depth(self) -> int:
-        """Training depth, drawn from the global torch RNG (so Trainer's RNG checkpointing replays it) and
-        broadcast from rank 0 so every data-parallel rank runs the same depth."""
+        """Training depth, drawn from the global torch RNG (so Trainer's RNG checkpointing replays it)."""
         config = self.config
         low, high = config.train_recurrent_steps_min, config.train_recurrent_steps_max
         if config.recurrent_steps_sampler == "fixed":
@@ -1299,10 +1513,14 @@ class MoREModel(MoREPreTrainedModel):
             mean = (low + high) / 2
             rate = torch.exp(torch.randn(1) * sigma + math.log(mean) - sigma**2 / 2)
             depth = torch.poisson(rate).long().clamp(low, high)
+        return self._broadcast(depth)
+
+    def _broadcast(self, draw: torch.Tensor) -> int:
+        """Rank 0's draw, so every data-parallel rank runs the same depth."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            depth = depth.to(self.embed_tokens.weight.device)
-            torch.distributed.broadcast(depth, src=0)
-        return int(depth.item())
+            draw = draw.to(self.embed_tokens.weight.device)
+            torch.distributed.broadcast(draw, src=0)
+        return int(draw.item())
 
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_length):
         if (input_ids is None) == (inputs_embeds is None):
@@ -1337,6 +1555,7 @@ class MoREModel(MoREPreTrainedModel):
         output_recurrence_stats=None,
         num_recurrent_steps=None,
         num_moe_iterations=None,
+        adaptive_exit_threshold=None,
         **kwargs,
     ) -> MoREModelOutputWithPast:
         config = self.config
@@ -1375,7 +1594,13 @@ class MoREModel(MoREPreTrainedModel):
             cache=cache,
             position_ids=position_ids,
         )
-        settings = self.resolve_settings(num_recurrent_steps, num_moe_iterations, output_recurrence_stats)
+        settings = self.resolve_settings(
+            num_recurrent_steps,
+            num_moe_iterations,
+            output_recurrence_stats,
+            output_router_logits,
+            adaptive_exit_threshold,
+        )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         all_hidden_states = () if output_hidden_states else None
@@ -1401,23 +1626,33 @@ class MoREModel(MoREPreTrainedModel):
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
 
-        aux_terms = [t for b in blocks for t in b.aux_loss]
-        z_terms = [t for b in blocks for t in b.z_loss]
-        steps = [s for b in blocks for s in b.recurrent_steps]
+        def gather(name):  # one entry per MoE layer and iteration
+            return [t for b in blocks for t in getattr(b, name)]
+
+        def mean(name):
+            terms = gather(name)
+            return torch.stack(terms).mean() if terms else None
+
         ortho = None
         if config.expert_type == "shared_recurrent" and config.projection_orthogonality_coef > 0:
             terms = [layer.mlp.experts.orthogonality_loss() for layer in self.layers if layer.is_moe]
             ortho = torch.stack(terms).mean()
+        dropped = gather("dropped_tokens")
+        iterating = output_router_logits and settings.num_moe_iterations > 1
         return MoREModelOutputWithPast(
             last_hidden_state=hidden_states,
             cache=cache if use_cache else None,
             hidden_states=all_hidden_states,
-            router_logits=tuple(t for b in blocks for t in b.router_logits) if output_router_logits else None,
-            aux_loss=torch.stack(aux_terms).mean() if aux_terms else None,
-            z_loss=torch.stack(z_terms).mean() if z_terms else None,
+            router_logits=tuple(gather("router_logits")) if output_router_logits else None,
+            aux_loss=mean("aux_loss"),
+            z_loss=mean("z_loss"),
+            entropy_loss=mean("entropy_loss"),
             orthogonality_loss=ortho,
-            recurrent_steps=torch.tensor(sum(steps) / len(steps)) if steps else None,
-            recurrence_stats=tuple(s for b in blocks for s in b.stats) if settings.output_recurrence_stats else None,
+            dropped_tokens=torch.stack(dropped).sum() if dropped else None,
+            recurrent_steps=mean("recurrent_steps"),
+            recurrence_stats=tuple(gather("stats")) if settings.output_recurrence_stats else None,
+            routing_stats=tuple(gather("routing_stats")) if output_router_logits else None,
+            iteration_stats=tuple(b.iteration_stats for b in blocks) if iterating else None,
         )
 
 
@@ -1453,12 +1688,14 @@ class MoREForCausalLM(MoREPreTrainedModel, GenerationMixin):
         output_recurrence_stats=None,
         num_recurrent_steps=None,
         num_moe_iterations=None,
+        adaptive_exit_threshold=None,
         logits_to_keep=0,
         **kwargs,
     ) -> MoRECausalLMOutputWithPast:
         r"""
-        Causal LM forward. `num_recurrent_steps` / `num_moe_iterations` override the depth for this call (and reach
-        every decoding step when passed to `generate`).
+        Causal LM forward. `num_recurrent_steps` / `num_moe_iterations` override the depth for this call and
+        `adaptive_exit_threshold` turns on per-token exit (all three reach every decoding step when passed to
+        `generate`).
 
         Example:
 
@@ -1487,6 +1724,7 @@ class MoREForCausalLM(MoREPreTrainedModel, GenerationMixin):
             output_recurrence_stats=output_recurrence_stats,
             num_recurrent_steps=num_recurrent_steps,
             num_moe_iterations=num_moe_iterations,
+            adaptive_exit_threshold=adaptive_exit_threshold,
         )
         hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -1504,13 +1742,17 @@ class MoREForCausalLM(MoREPreTrainedModel, GenerationMixin):
             loss=loss,
             aux_loss=outputs.aux_loss,
             z_loss=outputs.z_loss,
+            entropy_loss=outputs.entropy_loss,
             orthogonality_loss=outputs.orthogonality_loss,
+            dropped_tokens=outputs.dropped_tokens,
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             router_logits=outputs.router_logits,
             recurrent_steps=outputs.recurrent_steps,
             recurrence_stats=outputs.recurrence_stats,
+            routing_stats=outputs.routing_stats,
+            iteration_stats=outputs.iteration_stats,
         )
 
     def regularisation(self, outputs, labels, num_items_in_batch=None):
@@ -1524,6 +1766,8 @@ class MoREForCausalLM(MoREPreTrainedModel, GenerationMixin):
         total = 0.0
         if outputs.aux_loss is not None:
             total = total + config.router_aux_loss_coef * outputs.aux_loss + config.router_z_loss_coef * outputs.z_loss
+        if outputs.entropy_loss is not None:
+            total = total + config.router_entropy_coef * outputs.entropy_loss
         if outputs.orthogonality_loss is not None:
             total = total + config.projection_orthogonality_coef * outputs.orthogonality_loss
         if num_items_in_batch is not None:
