@@ -19,6 +19,8 @@ RECURRENT_EXPERT_TYPES = [
 ]
 # Every expert type with the linear router, and every other router with FFN experts.
 EXPERT_ROUTER_PAIRS = [(e, "linear") for e in EXPERT_TYPES] + [("ffn", r) for r in ROUTER_TYPES if r != "linear"]
+# (expert_type, router_type, num_moe_iterations): every pair, plus Synthesis II (2 iterations) with each expert type.
+MODEL_CASES = [(e, r, 1) for e in EXPERT_TYPES for r in ROUTER_TYPES] + [(e, "linear", 2) for e in EXPERT_TYPES]
 VOCAB = 100
 
 

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers import EXPERT_ROUTER_PAIRS, random_ids, tiny_model
+from helpers import EXPERT_ROUTER_PAIRS, MODEL_CASES, random_ids, tiny_model
 from transformers import AutoModelForCausalLM
 
 import modeling_more  # noqa: F401  (registers MoRE with the Auto classes)
@@ -40,9 +40,9 @@ def test_save_writes_weights_config_and_code(tmp_path):
             assert (path / name).read_text() == source.read()
 
 
-@pytest.mark.parametrize(("expert_type", "router_type"), EXPERT_ROUTER_PAIRS)
-def test_round_trip_logits_and_tied_weights(tmp_path, expert_type, router_type):
-    model, path = _save(tmp_path, expert_type=expert_type, router_type=router_type)
+@pytest.mark.parametrize(("expert_type", "router_type", "iterations"), MODEL_CASES)
+def test_round_trip_logits_and_tied_weights(tmp_path, expert_type, router_type, iterations):
+    model, path = _save(tmp_path, expert_type=expert_type, router_type=router_type, num_moe_iterations=iterations)
     loaded = AutoModelForCausalLM.from_pretrained(path)
     assert type(loaded) is type(model)
     assert not loaded.training

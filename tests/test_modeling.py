@@ -7,8 +7,8 @@ import torch
 from helpers import (
     EXPERT_ROUTER_PAIRS,
     EXPERT_TYPES,
+    MODEL_CASES,
     RECURRENT_EXPERT_TYPES,
-    ROUTER_TYPES,
     VOCAB,
     clone_model,
     moe_blocks,
@@ -40,11 +40,16 @@ def test_step_loop_types_share_the_machinery():
         assert name in RECURRENT_EXPERT_TYPES, name
 
 
-@pytest.mark.parametrize("router_type", ROUTER_TYPES)
 @pytest.mark.parametrize("top_k", [1, 2])
-@pytest.mark.parametrize("expert_type", EXPERT_TYPES)
-def test_forward_backward(expert_type, top_k, router_type):
-    model = tiny_model(train=True, expert_type=expert_type, num_experts_per_tok=top_k, router_type=router_type)
+@pytest.mark.parametrize(("expert_type", "router_type", "iterations"), MODEL_CASES)
+def test_forward_backward(expert_type, router_type, iterations, top_k):
+    model = tiny_model(
+        train=True,
+        expert_type=expert_type,
+        num_experts_per_tok=top_k,
+        router_type=router_type,
+        num_moe_iterations=iterations,
+    )
     ids = random_ids(2, 8)
     out = model(ids, labels=ids)
     assert out.logits.shape == (2, 8, VOCAB)
@@ -59,10 +64,9 @@ def test_forward_backward(expert_type, top_k, router_type):
     assert _nonzero(model.model.embed_tokens.weight.grad)
 
 
-@pytest.mark.parametrize("router_type", ROUTER_TYPES)
 @pytest.mark.parametrize("top_k", [1, 2])
-@pytest.mark.parametrize("expert_type", EXPERT_TYPES)
-def test_gradient_reaches_every_expert_and_router(expert_type, top_k, router_type):
+@pytest.mark.parametrize(("expert_type", "router_type", "iterations"), MODEL_CASES)
+def test_gradient_reaches_every_expert_and_router(expert_type, router_type, iterations, top_k):
     num_experts = 3  # differs from any other stacked axis here (4 norms, 3 * d gates are not leading)
     model = tiny_model(
         train=True,
@@ -70,6 +74,7 @@ def test_gradient_reaches_every_expert_and_router(expert_type, top_k, router_typ
         num_experts=num_experts,
         num_experts_per_tok=top_k,
         router_type=router_type,
+        num_moe_iterations=iterations,
     )
     routed = []  # tokens per expert, per batch and layer (for the failure message)
     for seed in range(3):
@@ -99,10 +104,11 @@ def test_gradient_reaches_every_expert_and_router(expert_type, top_k, router_typ
         assert p.grad is not None and _nonzero(p.grad), f"{name}: no gradient"
 
 
-@pytest.mark.parametrize("router_type", ROUTER_TYPES)
-@pytest.mark.parametrize("expert_type", EXPERT_TYPES)
-def test_eval_is_deterministic(expert_type, router_type):
-    model = tiny_model(expert_type=expert_type, router_type=router_type, num_experts_per_tok=2)
+@pytest.mark.parametrize(("expert_type", "router_type", "iterations"), MODEL_CASES)
+def test_eval_is_deterministic(expert_type, router_type, iterations):
+    model = tiny_model(
+        expert_type=expert_type, router_type=router_type, num_experts_per_tok=2, num_moe_iterations=iterations
+    )
     ids = random_ids(2, 8)
     with torch.no_grad():
         first = model(ids).logits

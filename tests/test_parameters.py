@@ -1,0 +1,83 @@
+"""Parameter counts of every expert type and router against the formulas in the README's expert table."""
+
+import pytest
+import torch
+from helpers import EXPERT_TYPES, ROUTER_TYPES, moe_blocks, tiny_model
+
+
+D, F, FR, E, G, H = 32, 64, 48, 4, 16, 24  # hidden, d_ff, recurrent d_ff, experts, parallel gate, router hidden
+
+
+def huginn_block(d, f_r):
+    """|R|: adapter 2d^2 + qkv 3d^2 + out d^2 + gated MLP 3 d f_r + 4 norms."""
+    return 6 * d * d + 3 * d * f_r + 4 * d
+
+
+# Parameters of ONE expert (all experts together for shared_recurrent), as in the README.
+EXPERT_FORMULAS = {
+    "ffn": lambda d, f, f_r, e, g: e * 3 * d * f,
+    "recurrent": lambda d, f, f_r, e, g: e * huginn_block(d, f_r),
+    "shared_recurrent": lambda d, f, f_r, e, g: huginn_block(d, f_r) + 2 * e * d * d,
+    "sandwich": lambda d, f, f_r, e, g: e * (2 * d * f + 6 * f * f + 6 * f),
+    "parallel": lambda d, f, f_r, e, g: e * (3 * d * f + 8 * d * d + 4 * d + g * d + g + 2 * g + 2),
+    "sequential": lambda d, f, f_r, e, g: e * (3 * d * f + 8 * d * d + 5 * d + 1),
+}
+
+
+def router_params(router_type, d, e, h):
+    """Per-layer router parameters (the layerwise routers' shared cell is counted once per model)."""
+    if router_type == "linear":
+        return e * d
+    per_layer = h * d + e * h  # input projection + head
+    if router_type.endswith("_token"):
+        per_layer += _cell(router_type.removesuffix("_token"), h)
+    return per_layer
+
+
+def _cell(kind, h):
+    gates = 3 if kind == "gru" else 1
+    return gates * (2 * h * h + 2 * h)
+
+
+def test_formulas_cover_every_registered_type():
+    assert set(EXPERT_FORMULAS) == set(EXPERT_TYPES)
+
+
+@pytest.mark.parametrize("expert_type", EXPERT_TYPES)
+def test_expert_parameters_match_formula(expert_type):
+    model = tiny_model(
+        expert_type=expert_type,
+        hidden_size=D,
+        intermediate_size=F,
+        recurrent_intermediate_size=FR,
+        num_experts=E,
+        parallel_gate_hidden_size=G,
+    )
+    expected = EXPERT_FORMULAS[expert_type](D, F, FR, E, G)
+    for block in moe_blocks(model):
+        assert sum(p.numel() for p in block.experts.parameters()) == expected
+
+
+@pytest.mark.parametrize("router_type", ROUTER_TYPES)
+def test_router_parameters_match_formula(router_type):
+    model = tiny_model(router_type=router_type, hidden_size=D, num_experts=E, router_hidden_size=H)
+    for block in moe_blocks(model):
+        assert sum(p.numel() for p in block.gate.parameters()) == router_params(router_type, D, E, H)
+    shared = model.model.router_cell
+    if router_type in ("gru", "rnn"):
+        assert sum(p.numel() for p in shared.parameters()) == _cell(router_type, H)
+    else:
+        assert shared is None
+
+
+@pytest.mark.parametrize("expert_type", EXPERT_TYPES)
+def test_total_parameters_add_up(expert_type):
+    """Embedding (tied head) + per layer (attention, 2 norms, router, experts) + final norm: nothing hidden."""
+    layers, vocab = 2, 100
+    model = tiny_model(expert_type=expert_type, hidden_size=D, intermediate_size=F, num_experts=E)
+    f_r = model.config.recurrent_intermediate_size
+    attention = 4 * D * D
+    per_layer = attention + 2 * D + E * D + EXPERT_FORMULAS[expert_type](D, F, f_r, E, 64)
+    expected = vocab * D + layers * per_layer + D
+    assert sum(p.numel() for p in model.parameters()) == expected
+    assert model.lm_head.weight is model.model.embed_tokens.weight
