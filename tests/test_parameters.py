@@ -1,7 +1,6 @@
 """Parameter counts of every expert type and router against the formulas in the README's expert table."""
 
 import pytest
-import torch
 from helpers import EXPERT_TYPES, ROUTER_TYPES, moe_blocks, tiny_model
 
 
