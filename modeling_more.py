@@ -286,8 +286,7 @@ class MoREDispatch:
     def subset(self, index: torch.Tensor) -> "MoREDispatch":
         """The rows `index` (ascending, so still sorted by expert) as a dispatch of their own."""
         expert = self.expert_index[index]
-        counts = torch.bincount(expert, minlength=self.num_experts + 1)[: self.num_experts]
-        offs = torch.cumsum(counts, 0).to(torch.int32)
+        offs = _group_ends(expert, self.num_experts)
         offs[-1] = index.shape[0]
         return replace(
             self,
@@ -299,6 +298,16 @@ class MoREDispatch:
             position=self.position[index],
             cache_index=self.cache_index[index],
         )
+
+
+def _group_ends(expert: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Cumulative row counts per expert (num_experts,) int32 for sorted expert ids in [0, num_experts].
+
+    Counted with scatter_add rather than bincount, which reads the maximum back to the host on GPU.
+    """
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=expert.device)
+    counts.scatter_add_(0, expert, torch.ones_like(expert))
+    return torch.cumsum(counts[:num_experts], 0).to(torch.int32)
 
 
 def build_dispatch(
@@ -330,8 +339,7 @@ def build_dispatch(
     order = torch.argsort(expert * num_tokens + token_index, stable=True)
     expert, token_index = expert[order], token_index[order]
     weights = torch.where(expert < num_experts, weights[order], 0.0)
-    counts = torch.bincount(expert, minlength=num_experts + 1)[:num_experts]
-    offs = torch.cumsum(counts, 0).to(torch.int32)
+    offs = _group_ends(expert, num_experts)
     offs[-1] = expert.shape[0]  # dropped rows ride in the last group
     batch_index = torch.div(token_index, seq_len, rounding_mode="floor")
     cache_index = token_index % seq_len + cache_offset
