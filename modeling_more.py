@@ -1062,12 +1062,16 @@ class MoRESparseMoeBlock(nn.Module):
         first_grad_iteration = 0 if backprop is None else max(0, iterations - backprop)
         grad_enabled = torch.is_grad_enabled()
         logits = None
+        # Fetch every iteration's pool before any iteration writes: an iteration the cached tokens never ran starts
+        # from the earlier iteration's state as it was before this call, not after it cached the new tokens.
+        inherit = cache_offset > 0
+        pools = [None if cache is None else cache.expert_pool(self.layer_idx, i, inherit) for i in range(iterations)]
         for iteration in range(iterations):
             ctx = MoREExpertContext(
                 num_recurrent_steps=settings.num_recurrent_steps,
                 num_backprop_steps=self.config.num_backprop_steps,
                 batch_size=batch,
-                cache_pool=None if cache is None else cache.expert_pool(self.layer_idx, iteration, cache_offset > 0),
+                cache_pool=pools[iteration],
                 output_stats=settings.output_recurrence_stats,
                 exit_threshold=settings.exit_threshold,
                 exit_min_steps=self.config.adaptive_exit_min_steps,
