@@ -267,7 +267,7 @@ class MoREDispatch:
     cache_index: torch.Tensor  # (rows,) index of the token in the cached sequence
     batch_size: int
     num_experts: int
-    dropped: torch.Tensor | int = 0  # () real (token, expert) pairs dropped by the capacity limit
+    dropped: torch.Tensor | None = None  # () real (token, expert) pairs dropped by the capacity limit
 
     @property
     def kept(self) -> torch.Tensor:
@@ -328,7 +328,7 @@ def build_dispatch(
         expert = torch.where(token_mask.repeat_interleave(top_k), expert, num_experts)
     if assignment_mask is not None:
         expert = torch.where(assignment_mask.reshape(-1), expert, num_experts)
-    dropped = 0
+    dropped = expert.new_zeros(())  # a device tensor either way: counting never syncs with the host
     if capacity is not None:
         # Rank of each pair within its expert, in token order (Switch Transformer's cumsum over one-hot).
         one_hot = F.one_hot(expert, num_experts + 1)  # (pairs, experts + 1)
@@ -1103,7 +1103,7 @@ class MoRESparseMoeBlock(nn.Module):
         if self.config.router_entropy_floor > 0:
             entropy = routing_entropy(routing.probs, token_mask)
             out.entropy_loss.append(F.relu(self.config.router_entropy_floor - entropy))
-        out.dropped_tokens.append(torch.as_tensor(dispatch.dropped, device=routing.logits.device))
+        out.dropped_tokens.append(dispatch.dropped)
         if ctx.steps_taken is not None:
             kept = dispatch.kept.float()
             out.recurrent_steps.append((ctx.steps_taken * kept).sum() / kept.sum().clamp_min(1))
