@@ -220,6 +220,10 @@ def segment_causal_attention(q, k, v, segment, position, scaling, cached=None):
         out = F.scaled_dot_product_attention(pq, pk, pv, is_causal=True, scale=scaling)
         return out.transpose(1, 2)[seg, slot]
     ck, cv, cseg, cpos = cached
+    # Only segments that ask queries matter: drop other segments' cached rows before sorting and padding, so a decoding
+    # step costs O(its segments) rather than O(every cached row).
+    asked = torch.isin(cseg, segment)
+    ck, cv, cseg, cpos = ck[asked], cv[asked], cseg[asked], cpos[asked]
     # Keys are cached rows plus new rows, re-sorted by (segment, position); queries are the new rows only.
     key_segment = torch.cat([cseg, segment])
     key_position = torch.cat([cpos, position])
@@ -448,6 +452,11 @@ class MoRERecurrentExperts(MoREExperts):
             ctx.steps_taken = torch.full((state.shape[0],), float(steps), device=state.device)
         changes, deltas = [], []
         for step_idx in range(steps):
+            if step_idx == first_grad_step > 0 and grad_enabled and initial.requires_grad:
+                # Truncated backprop: the steps run without a graph pass the gradient straight through to the initial
+                # state (same value, identity Jacobian), so what `encode` computes before the loop (option D's FFN,
+                # the sandwich expansion) keeps learning when no kept step reads it.
+                state = state + (initial - initial.detach())
             with torch.set_grad_enabled(grad_enabled and step_idx >= first_grad_step):
                 if adaptive:
                     new_state = self._adaptive_step(state, static, ctx, step_idx)

@@ -1,0 +1,1015 @@
+"""Benchmarks of MoRE: one MoE layer, recurrent experts, full-model training, and cached decoding.
+
+    python examples/benchmark_more.py --suite moe-layer                      # one suite, CPU, fp32 and bf16
+    python examples/benchmark_more.py --suite all --repeats 5 --output_dir outputs/benchmark
+    python examples/benchmark_more.py --suite model --model_sizes guide --num_layers 2 --seq_len 128
+    python examples/benchmark_more.py --suite all --device cuda              # bf16 on a GPU (grouped_mm fast path)
+
+Suites:
+    moe-layer  one MoE block (4096 tokens, hidden 512, ffn 2048, 8 experts, top-1 and top-2), forward + backward:
+               MoRE `ffn` experts vs Transformers' `MixtralSparseMoeBlock` (eager and grouped_mm experts) vs a dense
+               SwiGLU FFN of the same active width; torch.profiler share of routing + sort + gather/scatter.
+    recurrent  `recurrent` / `shared_recurrent` experts: cost of r steps, attention inside experts vs plain causal
+               SDPA over the same tokens, training peak memory with truncated backprop at r=16 vs r=2.
+    model      full-model training (forward, backward, AdamW step) tokens/s and peak memory for every expert type
+               next to a same-size `MixtralForCausalLM`.
+    decode     greedy decoding tokens/s with and without the cache at growing context lengths.
+
+Candidates of a measurement are timed side by side, interleaved round by round (each round runs every candidate
+once), so load from other processes hits them alike; tables report the minimum over `--repeats` rounds and the spread
+(max / min). The model suite, whose models need not fit in memory together, times each MoRE model interleaved with
+the same-size Mixtral and reports the ratio of the two. Every suite prints Markdown tables and writes
+`<output_dir>/<suite>.json`. The ratios are measurements of one run, not tests.
+"""
+
+import gc
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch._C._profiler import _EventType
+from torch.profiler import ProfilerActivity, profile
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser, MixtralConfig, MixtralForCausalLM, set_seed
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import modeling_more  # noqa: E402
+from configuration_more import MoREConfig  # noqa: E402
+
+
+logger = logging.getLogger(__name__)
+
+SUITES = ("moe-layer", "recurrent", "model", "decode")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Model sizes: the research guide's base configuration (§3.1) and a tiny one for quick runs.
+MODEL_SIZES = {
+    "guide": dict(
+        vocab_size=32000,
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=8,
+        num_experts=8,
+        num_experts_per_tok=1,
+    ),
+    "tiny": dict(
+        vocab_size=1000,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_experts=4,
+        num_experts_per_tok=1,
+    ),
+}
+
+
+@dataclass
+class BenchmarkArguments:
+    suite: str = field(default="all", metadata={"help": f"One of {SUITES} or 'all'."})
+    device: str = field(default="cpu", metadata={"help": "'cpu' or 'cuda'."})
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Comma-separated dtypes (float32, bfloat16). 'auto': on CPU the moe-layer suite runs float32 and "
+            "bfloat16 and the others float32; on CUDA everything runs bfloat16."
+        },
+    )
+    repeats: int = field(default=5, metadata={"help": "Timed rounds per measurement (after one warm-up round)."})
+    output_dir: str = field(default="outputs/benchmark", metadata={"help": "Where `<suite>.json` files go."})
+    seed: int = field(default=0, metadata={"help": "Seed for weights and inputs."})
+    # moe-layer
+    num_tokens: int = field(default=4096, metadata={"help": "moe-layer: tokens per forward."})
+    hidden_size: int = field(default=512, metadata={"help": "moe-layer / recurrent: model width."})
+    intermediate_size: int = field(default=2048, metadata={"help": "moe-layer / recurrent: expert FFN width."})
+    num_experts: int = field(default=8, metadata={"help": "moe-layer / recurrent: experts per layer."})
+    top_k: str = field(default="1,2", metadata={"help": "moe-layer: comma-separated experts per token."})
+    profile_iterations: int = field(default=3, metadata={"help": "moe-layer: profiled forward + backward passes."})
+    # recurrent
+    recurrent_steps: str = field(default="1,2,4,8,16", metadata={"help": "recurrent: comma-separated depths r."})
+    attention_length: int = field(default=512, metadata={"help": "recurrent: sequence length L."})
+    recurrent_batch_size: int = field(default=2, metadata={"help": "recurrent: sequences per forward."})
+    num_backprop_steps: int = field(default=2, metadata={"help": "recurrent: truncated backprop depth for memory."})
+    # model and decode
+    model_sizes: str = field(
+        default="tiny,guide", metadata={"help": f"model: comma-separated, of {list(MODEL_SIZES)}."}
+    )
+    num_layers: int | None = field(
+        default=None, metadata={"help": "model / decode: override the layer count of the guide size (12)."}
+    )
+    expert_types: str = field(
+        default="all", metadata={"help": "model: comma-separated expert types, or 'all' (the registry)."}
+    )
+    num_recurrent_steps: int = field(default=4, metadata={"help": "model / decode: expert recurrence depth."})
+    seq_len: int = field(default=128, metadata={"help": "model: tokens per training sequence."})
+    batch_size: int = field(default=4, metadata={"help": "model: sequences per training step."})
+    decode_expert_types: str = field(default="ffn,recurrent", metadata={"help": "decode: expert types."})
+    decode_size: str = field(default="guide", metadata={"help": f"decode: model size, one of {list(MODEL_SIZES)}."})
+    contexts: str = field(default="64,256,512", metadata={"help": "decode: comma-separated context lengths."})
+    new_tokens: int = field(default=16, metadata={"help": "decode: greedy tokens generated per measurement."})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(candidates: dict[str, Callable], repeats: int, device: torch.device, desc: str):
+    """Seconds per call of every candidate over `repeats` interleaved rounds, after one warm-up round.
+
+    A candidate that returns a float reports its own elapsed seconds (to leave setup such as a prefill out).
+    """
+    for fn in candidates.values():
+        fn()
+    times = {name: [] for name in candidates}
+    for _ in tqdm(range(repeats), desc=desc, leave=False):
+        for name, fn in candidates.items():
+            synchronize(device)
+            start = time.perf_counter()
+            own = fn()
+            synchronize(device)
+            times[name].append(own if isinstance(own, float) else time.perf_counter() - start)
+    return times
+
+
+def summary(seconds: list[float]) -> dict:
+    median = sorted(seconds)[len(seconds) // 2]
+    return {"min_s": min(seconds), "median_s": median, "spread": max(seconds) / min(seconds)}
+
+
+def peak_memory(fn: Callable, device: torch.device) -> int:
+    """Peak bytes of tensor memory allocated while `fn` runs, above what was live before it.
+
+    CUDA: the caching allocator's peak statistics. CPU has no such statistics: with `profile_memory=True` torch's CPU
+    allocator reports every allocation and free made during profiling to the profiler, with the running total of the
+    bytes it allocated since profiling began still live; the peak is the largest running total. Tensor memory only:
+    neither counts the Python heap, BLAS scratch buffers or what the allocator caches.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - start
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = []  # (time, running total after the event, bytes allocated (+) or freed (-))
+    nodes = list(prof.profiler.kineto_results.experimental_event_tree())
+    while nodes:
+        node = nodes.pop()
+        if node.tag == _EventType.Allocation:
+            events.append((node.start_time_ns, node.extra_fields.total_allocated, node.extra_fields.alloc_size))
+        nodes.extend(node.children)
+    if not events:
+        return 0
+    events.sort()
+    start = events[0][1] - events[0][2]
+    return max(total for _, total, _ in events) - start
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def source_revision() -> str:
+    """The git revision of the code measured (`-dirty` when the working tree has changes), or 'unknown'."""
+    try:
+        return subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def markdown_table(columns: list[str], rows: list[list]) -> str:
+    def cell(value):
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def target(name: str, measured: float, limit: float, at_least: bool) -> dict:
+    holds = measured >= limit if at_least else measured <= limit
+    return {"target": name, "measured": round(measured, 3), "limit": limit, "holds": bool(holds)}
+
+
+def release(device: torch.device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Builders
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def more_block(device, dtype, **config_kwargs) -> tuple[modeling_more.MoRESparseMoeBlock, MoREConfig]:
+    """One MoE block with MoRE's own weight initialisation (taken from a one-layer model)."""
+    config = MoREConfig(vocab_size=8, num_hidden_layers=1, num_attention_heads=8, **config_kwargs)
+    block = modeling_more.MoREModel(config).layers[0].mlp
+    return block.to(device=device, dtype=dtype), config
+
+
+def block_call(block, position_ids, num_recurrent_steps: int = 1):
+    settings = modeling_more.MoREForwardSettings(num_recurrent_steps=num_recurrent_steps, num_moe_iterations=1)
+    return lambda x: block(x, None, position_ids, 0, settings)[0]
+
+
+def train_step_fn(call: Callable, module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable:
+    """Forward + backward of `call(x)` against a fixed output gradient; gradients are reset so none accumulate."""
+
+    def step():
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        call(x).backward(grad)
+
+    return step
+
+
+def causal_lm(kind: str, size: dict, args, device, dtype):
+    """A MoRE model of expert type `kind`, or Transformers' Mixtral (`kind == "mixtral"`) of the same size."""
+    if kind == "mixtral":
+        config = MixtralConfig(
+            **{k: v for k, v in size.items() if k != "num_experts"},
+            num_local_experts=size["num_experts"],
+            num_key_value_heads=size["num_attention_heads"],
+            tie_word_embeddings=True,
+            output_router_logits=True,  # Mixtral adds its load-balancing loss only when asked; MoRE always does
+            router_aux_loss_coef=1e-3,
+            max_position_embeddings=4096,
+        )
+        return MixtralForCausalLM(config).to(device=device, dtype=dtype)
+    config = MoREConfig(
+        **size,
+        expert_type=kind,
+        num_recurrent_steps=args.num_recurrent_steps,
+        recurrent_steps_sampler="fixed",  # same depth every step, so timings compare
+        max_position_embeddings=4096,
+    )
+    return modeling_more.MoREForCausalLM(config).to(device=device, dtype=dtype)
+
+
+def model_size(name: str, args) -> dict:
+    size = dict(MODEL_SIZES[name])
+    if name == "guide" and args.num_layers is not None:
+        size["num_hidden_layers"] = args.num_layers
+    return size
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Suites
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+# Profiler op names by role in the MoE block; matrix products and multiplies are told apart by their shapes.
+ROUTING_OPS = {
+    "aten::_softmax",
+    "aten::_softmax_backward_data",
+    "aten::topk",
+    "aten::logsumexp",
+    "aten::scatter",
+    "aten::scatter_add_",
+    "aten::value_selecting_reduction_backward",
+    "aten::histc",
+}
+SORT_OPS = {
+    "aten::argsort",
+    "aten::sort",
+    "aten::bincount",
+    "aten::cumsum",
+    "aten::repeat_interleave",
+    "aten::one_hot",
+    "aten::searchsorted",
+    "aten::div",
+    "aten::remainder",
+    "aten::where",
+    "aten::arange",
+}
+GATHER_SCATTER_OPS = {
+    "aten::index",
+    "aten::index_select",
+    "aten::index_add_",
+    "aten::index_add",
+    "aten::index_put_",
+    "aten::_index_put_impl_",
+    "aten::gather",
+    "aten::index_copy",
+    "aten::embedding_dense_backward",
+}
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::_grouped_mm", "aten::matmul"}
+
+
+def classify(event, num_experts: int) -> str:
+    name, shapes = event.name, [s for s in event.input_shapes if s]
+    if name in MATMUL_OPS:
+        # The router is the only product with the expert count as a dimension ((tokens, d) x (d, E) and backward).
+        return "routing" if any(num_experts in s for s in shapes) else "expert compute"
+    if name == "aten::mul" and any(len(s) == 2 and s[1] == 1 for s in shapes):
+        return "gather/scatter"  # rows * gate weight (rows, 1): the combine step
+    for category, names in (("routing", ROUTING_OPS), ("sort", SORT_OPS), ("gather/scatter", GATHER_SCATTER_OPS)):
+        if name in names:
+            return category
+    if name.startswith("aten::"):
+        return "expert compute"  # activations, products, splits and sums of the expert FFN
+    return "other"  # autograd engine bookkeeping, gradient accumulation
+
+
+def dispatch_share(step: Callable, device, iterations: int, num_experts: int) -> dict:
+    """Self time of the block's forward + backward by category, from torch.profiler."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    step()
+    with profile(activities=activities, record_shapes=True) as prof:
+        for _ in range(iterations):
+            step()
+        synchronize(device)
+    totals = {"routing": 0.0, "sort": 0.0, "gather/scatter": 0.0, "expert compute": 0.0, "other": 0.0}
+    for event in prof.events():
+        self_time = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        totals[classify(event, num_experts)] += self_time
+    total = sum(totals.values())
+    shares = {k: v / total for k, v in totals.items()}
+    shares["dispatch (routing + sort + gather/scatter)"] = sum(
+        shares[k] for k in ("routing", "sort", "gather/scatter")
+    )
+    return shares
+
+
+def host_sync_check(fn: Callable) -> str:
+    """Run `fn` with CUDA's sync debug mode set to error: any host synchronisation raises."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return "none"
+    except RuntimeError as error:
+        return f"host sync: {str(error).splitlines()[0]}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def forward_backward(fn: Callable):
+    fn().sum().backward()
+
+
+def bench_moe_layer(args, device, dtypes):
+    d, ff, experts, tokens = args.hidden_size, args.intermediate_size, args.num_experts, args.num_tokens
+    rows, records, shares_rows, targets = [], [], [], []
+    for dtype_name, dtype in dtypes.items():
+        for top_k in [int(k) for k in args.top_k.split(",")]:
+            torch.manual_seed(args.seed)
+            block, config = more_block(
+                device,
+                dtype,
+                hidden_size=d,
+                intermediate_size=ff,
+                num_experts=experts,
+                num_experts_per_tok=top_k,
+                norm_topk_prob=True,  # as Mixtral, so both compute the same function
+            )
+            block.train()
+            mixtral = {}
+            for implementation in ("eager", "grouped_mm"):
+                mixtral_config = MixtralConfig(
+                    hidden_size=d,
+                    intermediate_size=ff,
+                    num_local_experts=experts,
+                    num_experts_per_tok=top_k,
+                    experts_implementation=implementation,
+                )
+                mixtral[implementation] = MixtralSparseMoeBlock(mixtral_config).to(device=device, dtype=dtype).train()
+                mixtral[implementation].load_state_dict(
+                    {
+                        "gate.weight": block.gate.weight,
+                        "experts.gate_up_proj": block.experts.gate_up_proj,
+                        "experts.down_proj": block.experts.down_proj,
+                    }
+                )
+            dense = modeling_more.MoREMLP(config, top_k * ff).to(device=device, dtype=dtype).train()
+            x = torch.randn(1, tokens, d, device=device, dtype=dtype, requires_grad=True)
+            grad = torch.randn_like(x)
+            position_ids = torch.arange(tokens, device=device)[None]
+            more_call = block_call(block, position_ids)
+            with torch.no_grad():
+                difference = (more_call(x) - mixtral["eager"](x)).abs().max().item()
+            calls = {
+                "MoRE ffn (grouped_mm)": (more_call, block),
+                "Mixtral block, eager experts (standalone default)": (mixtral["eager"], mixtral["eager"]),
+                "Mixtral block, grouped_mm experts": (mixtral["grouped_mm"], mixtral["grouped_mm"]),
+                f"dense SwiGLU FFN, width {top_k * ff}": (dense, dense),
+            }
+            steps = {name: train_step_fn(call, module, x, grad) for name, (call, module) in calls.items()}
+            times = time_interleaved(steps, args.repeats, device, f"moe-layer {dtype_name} top-{top_k}")
+            flops = 3 * 2 * tokens * top_k * 3 * d * ff  # three d x ff products per active expert; backward = 2x
+            more_time = min(times["MoRE ffn (grouped_mm)"])
+            for name, seconds in times.items():
+                stats = summary(seconds)
+                speedup = min(seconds) / more_time
+                rows.append(
+                    [
+                        dtype_name,
+                        top_k,
+                        name,
+                        1e3 * stats["min_s"],
+                        1e3 * stats["median_s"],
+                        stats["spread"],
+                        flops / stats["min_s"] / 1e12,
+                        speedup,
+                    ]
+                )
+                records.append(
+                    {
+                        "dtype": dtype_name,
+                        "top_k": top_k,
+                        "implementation": name,
+                        **stats,
+                        "active_tflops": flops / stats["min_s"] / 1e12,
+                        "more_speedup_over_it": speedup,
+                    }
+                )
+            shares = dispatch_share(steps["MoRE ffn (grouped_mm)"], device, args.profile_iterations, experts)
+            sync = host_sync_check(partial(more_call, x)) if device.type == "cuda" else "n/a (CPU)"
+            shares_rows.append([dtype_name, top_k] + [100 * v for v in shares.values()] + [sync])
+            records.append(
+                {
+                    "dtype": dtype_name,
+                    "top_k": top_k,
+                    "profile_shares": shares,
+                    "host_syncs": sync,
+                    "max_abs_difference_to_mixtral": difference,
+                }
+            )
+            logger.info(f"{dtype_name} top-{top_k}: max |MoRE - Mixtral| = {difference:.2e}")
+            if dtype == torch.float32:
+                dense_time = min(times[f"dense SwiGLU FFN, width {top_k * ff}"])
+                eager_time = min(times["Mixtral block, eager experts (standalone default)"])
+                if top_k == 1:
+                    targets.append(
+                        target(
+                            f"fp32 top-1: MoRE speed / dense FFN ({ff}) speed >= 0.75",
+                            dense_time / more_time,
+                            0.75,
+                            True,
+                        )
+                    )
+                    targets.append(
+                        target(
+                            "fp32 top-1: MoRE speed / Mixtral block (eager) speed >= 1.5",
+                            eager_time / more_time,
+                            1.5,
+                            True,
+                        )
+                    )
+                elif top_k == 2:
+                    targets.append(
+                        target(
+                            f"fp32 top-2: MoRE speed / dense FFN ({2 * ff}) speed >= 0.9",
+                            dense_time / more_time,
+                            0.9,
+                            True,
+                        )
+                    )
+                targets.append(
+                    target(
+                        f"fp32 top-{top_k}: routing + sort + gather/scatter share of block time <= 10%",
+                        100 * shares["dispatch (routing + sort + gather/scatter)"],
+                        10,
+                        False,
+                    )
+                )
+            del block, mixtral, dense, steps, calls
+            release(device)
+    return {
+        "tables": [
+            (
+                f"MoE layer, forward + backward, {tokens} tokens, hidden {d}, ffn {ff}, {experts} experts",
+                [
+                    "dtype",
+                    "top-k",
+                    "implementation",
+                    "min ms",
+                    "median ms",
+                    "max/min",
+                    "active TFLOP/s",
+                    "MoRE speed-up over it",
+                ],
+                rows,
+            ),
+            (
+                "MoRE block time by category (torch.profiler self time, %)",
+                [
+                    "dtype",
+                    "top-k",
+                    "routing",
+                    "sort",
+                    "gather/scatter",
+                    "expert compute",
+                    "other",
+                    "routing + sort + gather/scatter",
+                    "host syncs in forward",
+                ],
+                shares_rows,
+            ),
+        ],
+        "records": records,
+        "targets": targets,
+    }
+
+
+def bench_recurrent(args, device, dtype):
+    d, experts, batch, length = args.hidden_size, args.num_experts, args.recurrent_batch_size, args.attention_length
+    depths = [int(r) for r in args.recurrent_steps.split(",")]
+    position_ids = torch.arange(length, device=device)[None].expand(batch, -1)
+    x = torch.randn(batch, length, d, device=device, dtype=dtype)
+    common = dict(hidden_size=d, intermediate_size=args.intermediate_size, num_experts=experts, num_experts_per_tok=1)
+    records, targets = [], []
+
+    # 1. Cost of r steps (inference forward of one block).
+    blocks = {}
+    for expert_type in ("recurrent", "shared_recurrent"):
+        torch.manual_seed(args.seed)
+        blocks[expert_type] = more_block(device, dtype, expert_type=expert_type, **common)[0].eval()
+    candidates = {}
+    for expert_type, block in blocks.items():
+        for r in depths:
+            call = block_call(block, position_ids, r)
+            candidates[(expert_type, r)] = lambda call=call: call(x)
+    with torch.no_grad():
+        times = time_interleaved(candidates, args.repeats, device, "recurrent depth")
+    step_rows = []
+    for (expert_type, r), seconds in times.items():
+        one = min(times[(expert_type, 1)]) if 1 in depths else None
+        best = min(seconds)
+        ratio = best / (r * one) if one else float("nan")
+        marginal = (best - one) / (r - 1) / one if one and r > 1 else float("nan")
+        step_rows.append([expert_type, r, 1e3 * best, 1e3 * best / r, summary(seconds)["spread"], ratio, marginal])
+        records.append(
+            {
+                "measurement": "depth",
+                "expert_type": expert_type,
+                "r": r,
+                **summary(seconds),
+                "time_over_r_times_one_step": ratio,
+                "marginal_step_over_one_step": marginal,
+            }
+        )
+        if one and r > 1:
+            targets.append(target(f"{expert_type}: time(r={r}) <= 1.1 x {r} x time(r=1)", ratio, 1.1, False))
+    del blocks, candidates
+    release(device)
+
+    # 2. Attention inside experts (segments of one expert's tokens of one sequence) vs plain causal SDPA.
+    heads, head_dim = 8, d // 8
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    attention_rows = []
+    for routing in ("uniform over experts", "all tokens to one expert"):
+        tokens = batch * length
+        if routing == "uniform over experts":
+            top_k_index = torch.randint(0, experts, (tokens, 1), device=device, generator=generator)
+        else:
+            top_k_index = torch.zeros(tokens, 1, dtype=torch.long, device=device)
+        dispatch = modeling_more.build_dispatch(
+            top_k_index, torch.ones(tokens, 1, device=device, dtype=dtype), None, position_ids, 0, None, experts
+        )
+        q, k, v = (
+            torch.randn(tokens, heads, head_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3)
+        )
+        # The same tokens as (batch, heads, L, head_dim) for plain causal attention over whole sequences.
+        q4, k4, v4 = (t.detach().view(batch, length, heads, -1).transpose(1, 2).requires_grad_() for t in (q, k, v))
+        scale = head_dim**-0.5
+        segment_attention = partial(
+            modeling_more.segment_causal_attention, q, k, v, dispatch.segment, dispatch.cache_index, scale
+        )
+        sdpa = partial(F.scaled_dot_product_attention, q4, k4, v4, is_causal=True, scale=scale)
+        candidates = {
+            "experts forward": segment_attention,
+            "SDPA forward": sdpa,
+            "experts forward + backward": partial(forward_backward, segment_attention),
+            "SDPA forward + backward": partial(forward_backward, sdpa),
+        }
+        times = time_interleaved(candidates, args.repeats, device, f"attention, {routing}")
+        for mode in ("forward", "forward + backward"):
+            ours, plain = min(times[f"experts {mode}"]), min(times[f"SDPA {mode}"])
+            attention_rows.append(
+                [
+                    routing,
+                    mode,
+                    1e3 * ours,
+                    1e3 * plain,
+                    ours / plain,
+                    max(summary(times[f"experts {mode}"])["spread"], summary(times[f"SDPA {mode}"])["spread"]),
+                ]
+            )
+            records.append(
+                {
+                    "measurement": "attention",
+                    "routing": routing,
+                    "mode": mode,
+                    "experts_min_s": ours,
+                    "sdpa_min_s": plain,
+                    "ratio": ours / plain,
+                }
+            )
+            targets.append(
+                target(
+                    f"attention in experts / causal SDPA, L={length}, {routing}, {mode} <= 1.25",
+                    ours / plain,
+                    1.25,
+                    False,
+                )
+            )
+    release(device)
+
+    # 3. Training peak memory: truncated backprop keeps it flat as depth grows; full backprop for contrast.
+    memory_rows = []
+    for expert_type in ("recurrent", "shared_recurrent"):
+        for backprop in (args.num_backprop_steps, None):
+            peaks = {}
+            for r in (2, 16):
+                torch.manual_seed(args.seed)
+                block = more_block(device, dtype, expert_type=expert_type, num_backprop_steps=backprop, **common)[0]
+                block.train()
+                inputs = x.clone().requires_grad_()
+                call = block_call(block, position_ids, r)
+                peaks[r] = peak_memory(partial(forward_backward, partial(call, inputs)), device)
+                del block
+                release(device)
+            label = "all" if backprop is None else str(backprop)
+            ratio = peaks[16] / peaks[2]
+            memory_rows.append([expert_type, label, peaks[2] / 2**20, peaks[16] / 2**20, ratio])
+            records.append(
+                {
+                    "measurement": "training memory",
+                    "expert_type": expert_type,
+                    "backprop_steps": label,
+                    "peak_bytes_r2": peaks[2],
+                    "peak_bytes_r16": peaks[16],
+                    "ratio": ratio,
+                }
+            )
+            if backprop is not None:
+                targets.append(
+                    target(
+                        f"{expert_type}: training peak memory r=16 / r=2, backprop {backprop} <= 1.3",
+                        ratio,
+                        1.3,
+                        False,
+                    )
+                )
+    tokens = batch * length
+    return {
+        "tables": [
+            (
+                f"Recurrent experts: inference forward of one block, {tokens} tokens, hidden {d}, {experts} experts",
+                [
+                    "expert type",
+                    "r",
+                    "min ms",
+                    "ms per step",
+                    "max/min",
+                    "time / (r x time(r=1))",
+                    "marginal step / time(r=1)",
+                ],
+                step_rows,
+            ),
+            (
+                f"Attention inside experts vs causal SDPA, {batch} x L={length} tokens, {heads} heads",
+                ["routing", "pass", "experts min ms", "SDPA min ms", "experts / SDPA", "max/min (worse)"],
+                attention_rows,
+            ),
+            (
+                f"Training peak memory of one block (forward + backward), {tokens} tokens, above the weights",
+                ["expert type", "backprop steps", "r=2 MiB", "r=16 MiB", "r=16 / r=2"],
+                memory_rows,
+            ),
+        ],
+        "records": records,
+        "targets": targets,
+    }
+
+
+def training_step(model, optimizer, ids):
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def trainer(kind: str, size: dict, args, device, dtype, ids):
+    """A fresh model of `kind` in training mode, its AdamW optimizer and a callable running one training step."""
+    torch.manual_seed(args.seed)
+    model = causal_lm(kind, size, args, device, dtype).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    return model, optimizer, partial(training_step, model, optimizer, ids)
+
+
+def training_memory(model, optimizer, step, device) -> tuple[int, int]:
+    """(bytes live between steps: weights and AdamW's moments, peak bytes a step adds: gradients, activations)."""
+    state = [t for group in optimizer.state.values() for t in group.values() if torch.is_tensor(t)]
+    static = sum(t.numel() * t.element_size() for t in [*model.parameters(), *state])
+    return static, peak_memory(step, device)
+
+
+def bench_model(args, device, dtype):
+    kinds = sorted(modeling_more.EXPERT_REGISTRY) if args.expert_types == "all" else args.expert_types.split(",")
+    rows, records = [], []
+    generator = torch.Generator().manual_seed(args.seed)
+    for size_name in args.model_sizes.split(","):
+        size = model_size(size_name, args)
+        ids = torch.randint(3, size["vocab_size"], (args.batch_size, args.seq_len), generator=generator).to(device)
+        tokens = ids.numel()
+        # The models of one size need not fit in memory together (at the guide size sandwich experts alone hold 218M
+        # parameters per layer), so each MoRE model is timed interleaved with the same-size Mixtral, which stays
+        # alive: the ratio to Mixtral compares steps run under the same load.
+        mixtral, mixtral_optimizer, mixtral_step = trainer("mixtral", size, args, device, dtype, ids)
+        label = f"Mixtral ({mixtral.config._experts_implementation} experts)"
+        mixtral_times = []
+        measured = []  # (label, parameters, seconds, seconds / Mixtral's seconds in the same rounds, static, peak)
+        for kind in tqdm(kinds, desc=f"model {size_name}", leave=False):
+            model, optimizer, step = trainer(kind, size, args, device, dtype, ids)
+            times = time_interleaved({kind: step, label: mixtral_step}, args.repeats, device, f"{size_name} {kind}")
+            mixtral_times += times[label]
+            ratio = min(times[kind]) / min(times[label])
+            parameters = sum(p.numel() for p in model.parameters())
+            measured.append((kind, parameters, times[kind], ratio, *training_memory(model, optimizer, step, device)))
+            del model, optimizer, step
+            release(device)
+        parameters = sum(p.numel() for p in mixtral.parameters())
+        memory = training_memory(mixtral, mixtral_optimizer, mixtral_step, device)
+        measured.append((label, parameters, mixtral_times, 1.0, *memory))
+        for name, parameters, seconds, ratio, static, peak in measured:
+            stats = summary(seconds)
+            rows.append(
+                [
+                    size_name,
+                    size["num_hidden_layers"],
+                    name,
+                    parameters / 1e6,
+                    tokens / stats["min_s"],
+                    1e3 * stats["min_s"],
+                    stats["spread"],
+                    ratio,
+                    static / 2**20,
+                    peak / 2**20,
+                    (static + peak) / 2**20,
+                ]
+            )
+            records.append(
+                {
+                    "size": size_name,
+                    **size,
+                    "model": name,
+                    "parameters": parameters,
+                    "tokens_per_step": tokens,
+                    "tokens_per_s": tokens / stats["min_s"],
+                    **stats,
+                    "time_over_mixtral": ratio,
+                    "static_bytes": static,
+                    "step_peak_bytes": peak,
+                }
+            )
+        del mixtral, mixtral_optimizer, mixtral_step, measured
+        release(device)
+    return {
+        "tables": [
+            (
+                f"Full-model training (forward, backward, AdamW), {args.batch_size} x {args.seq_len} tokens per step, "
+                f"{args.num_recurrent_steps} recurrent steps",
+                [
+                    "size",
+                    "layers",
+                    "model",
+                    "params (M)",
+                    "tokens/s",
+                    "min ms/step",
+                    "max/min",
+                    "step time / Mixtral's (same rounds)",
+                    "weights + AdamW MiB",
+                    "step peak MiB (grads, activations)",
+                    "total peak MiB",
+                ],
+                rows,
+            ),
+        ],
+        "records": records,
+        "targets": [],
+    }
+
+
+def timed_decode(decode, model, prompt, new_tokens, device, tokens, key):
+    """Run `decode`, keep its tokens under `key` and report its own seconds (prefill excluded)."""
+    seconds, tokens[key] = decode(model, prompt, new_tokens, device)
+    return seconds
+
+
+def decode_cached(model, prompt, new_tokens, device):
+    """Greedy decoding with the cache; returns the seconds of the decoding steps (prefill excluded) and the tokens."""
+    out = model(input_ids=prompt, use_cache=True)
+    token = out.logits[:, -1:].argmax(-1)
+    generated = [token]
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        out = model(input_ids=token, cache=out.cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        generated.append(token)
+    synchronize(device)
+    return time.perf_counter() - start, torch.cat(generated, dim=1)
+
+
+def decode_uncached(model, prompt, new_tokens, device):
+    """Greedy decoding re-reading the whole context at every step (the first step, the prefill, excluded)."""
+    ids = torch.cat([prompt, model(input_ids=prompt, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        ids = torch.cat([ids, model(input_ids=ids, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    synchronize(device)
+    return time.perf_counter() - start, ids[:, prompt.shape[1] :]
+
+
+def bench_decode(args, device, dtype):
+    size = model_size(args.decode_size, args)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    generator = torch.Generator().manual_seed(args.seed)
+    models = {}
+    for kind in args.decode_expert_types.split(","):
+        torch.manual_seed(args.seed)
+        models[kind] = causal_lm(kind, size, args, device, dtype).eval()
+    rows, records = [], []
+    cached_ms = {}
+    with torch.no_grad():
+        for context in contexts:
+            prompt = torch.randint(3, size["vocab_size"], (1, context), generator=generator).to(device)
+            candidates, tokens = {}, {}
+            for kind, model in models.items():
+                for cached, decode in ((True, decode_cached), (False, decode_uncached)):
+                    candidates[(kind, cached)] = partial(
+                        timed_decode, decode, model, prompt, args.new_tokens, device, tokens, (kind, cached)
+                    )
+            times = time_interleaved(candidates, args.repeats, device, f"decode, context {context}")
+            steps = args.new_tokens - 1
+            for kind in models:
+                with_cache, without = min(times[(kind, True)]), min(times[(kind, False)])
+                cached_ms.setdefault(kind, {})[context] = 1e3 * with_cache / steps
+                same = bool(torch.equal(tokens[(kind, True)], tokens[(kind, False)]))
+                rows.append(
+                    [
+                        kind,
+                        context,
+                        steps / with_cache,
+                        steps / without,
+                        without / with_cache,
+                        1e3 * with_cache / steps,
+                        cached_ms[kind][context] / cached_ms[kind][contexts[0]],
+                        same,
+                    ]
+                )
+                records.append(
+                    {
+                        "expert_type": kind,
+                        "context": context,
+                        "cached_tokens_per_s": steps / with_cache,
+                        "uncached_tokens_per_s": steps / without,
+                        "cached_ms_per_token": 1e3 * with_cache / steps,
+                        "cached_spread": summary(times[(kind, True)])["spread"],
+                        "uncached_spread": summary(times[(kind, False)])["spread"],
+                        "same_tokens": same,
+                    }
+                )
+    del models
+    release(device)
+    return {
+        "tables": [
+            (
+                f"Greedy decoding, batch 1, {args.decode_size} size ({size['num_hidden_layers']} layers), "
+                f"{args.new_tokens - 1} timed tokens after the prefill, {args.num_recurrent_steps} recurrent steps",
+                [
+                    "expert type",
+                    "context",
+                    "cached tok/s",
+                    "no-cache tok/s",
+                    "cache speed-up",
+                    "cached ms/token",
+                    f"cached ms/token vs context {contexts[0]}",
+                    "same greedy tokens",
+                ],
+                rows,
+            ),
+        ],
+        "records": records,
+        "targets": [],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def main():
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    parser = HfArgumentParser(BenchmarkArguments)
+    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        (args,) = parser.parse_json_file(json_file=sys.argv[1])
+    else:
+        (args,) = parser.parse_args_into_dataclasses()
+    suites = SUITES if args.suite == "all" else (args.suite,)
+    if any(s not in SUITES for s in suites):
+        raise ValueError(f"--suite must be one of {SUITES} or 'all', got {args.suite!r}.")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(
+            f"--device cuda was asked, but this torch build ({torch.__version__}) sees no CUDA device "
+            "(torch.cuda.is_available() is False). Run on a GPU machine or use --device cpu."
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be 'cpu' or 'cuda', got {args.device!r}.")
+    if args.dtype == "auto":
+        layer_dtypes = ["float32", "bfloat16"] if device.type == "cpu" else ["bfloat16"]
+        other_dtype = "float32" if device.type == "cpu" else "bfloat16"
+    else:
+        layer_dtypes = args.dtype.split(",")
+        other_dtype = layer_dtypes[0]
+    unknown = [d for d in layer_dtypes if d not in DTYPES]
+    if unknown:
+        raise ValueError(f"--dtype must list names from {list(DTYPES)} (or be 'auto'), got {unknown}.")
+    set_seed(args.seed)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "date": date.today().isoformat(),
+        "device": device_description(device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "revision": source_revision(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "arguments": asdict(args),
+    }
+    logger.info(f"Benchmarking {', '.join(suites)} on {metadata['device']}, revision {metadata['revision']}")
+
+    for suite in suites:
+        logger.info(f"Suite {suite}")
+        if suite == "moe-layer":
+            result = bench_moe_layer(args, device, {name: DTYPES[name] for name in layer_dtypes})
+        elif suite == "recurrent":
+            result = bench_recurrent(args, device, DTYPES[other_dtype])
+        elif suite == "model":
+            result = bench_model(args, device, DTYPES[other_dtype])
+        else:
+            result = bench_decode(args, device, DTYPES[other_dtype])
+        report = [
+            f"## {suite} ({metadata['device']}; torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"revision {metadata['revision']})"
+        ]
+        for title, columns, rows in result["tables"]:
+            report += [f"\n**{title}**\n", markdown_table(columns, rows)]
+        if result["targets"]:
+            rows = [[t["target"], t["measured"], "holds" if t["holds"] else "MISSED"] for t in result["targets"]]
+            report += ["\n**Targets**\n", markdown_table(["target", "measured", "status"], rows)]
+        print("\n".join(report) + "\n", flush=True)
+        path = output_dir / f"{suite.replace('-', '_')}.json"
+        tables = [{"title": t, "columns": c, "rows": r} for t, c, r in result["tables"]]
+        path.write_text(json.dumps({**metadata, "suite": suite, **result, "tables": tables}, indent=2, default=str))
+        logger.info(f"Wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
