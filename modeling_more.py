@@ -481,7 +481,7 @@ class MoRERecurrentExperts(MoREExperts):
         old = state[active]
         new = self.step(old, _take_rows(static, active), ctx.full_dispatch.subset(active), ctx, step_idx)
         ctx.steps_taken = ctx.steps_taken.index_add(0, active, torch.ones_like(active, dtype=torch.float))
-        change = (new - old).float().norm(dim=-1) / old.float().norm(dim=-1).clamp_min(1e-6)  # (active rows,)
+        change = (new - old).float().norm(dim=-1) / new.float().norm(dim=-1).clamp_min(1e-6)  # (active rows,)
         ctx.active_index = active[(change >= ctx.exit_threshold) | (step_idx + 1 < ctx.exit_min_steps)]
         return state.index_copy(0, active, new)
 
@@ -492,9 +492,10 @@ class MoRERecurrentExperts(MoREExperts):
         ctx.stats["state_change"] = torch.stack(changes).detach()  # (steps run,)
         # Share of the final state written by the last step (guide §5.2: final-step contribution).
         ctx.stats["final_step_contribution"] = changes[-1].detach()
-        # Refinement (guide §5.2, option D, computed for every recurrent type): how far the loop moved the state
-        # relative to its start, and whether successive steps move it in the same direction (mean cosine).
-        ctx.stats["refinement_magnitude"] = _relative_change(state.detach(), initial.detach(), kept)
+        # Refinement (guide §5.2, option D, computed for every recurrent type): how far the loop moved the state from
+        # its start (mean norm), and whether successive steps move it in the same direction (mean cosine).
+        moved = (state.detach() - initial.detach()).float().norm(dim=-1)  # (rows,)
+        ctx.stats["refinement_magnitude"] = (moved * weight).sum() / weight.sum().clamp_min(1)
         if len(deltas) > 1:
             pairs = zip(deltas, deltas[1:], strict=False)
             cosines = [F.cosine_similarity(a.float(), b.float(), dim=-1) for a, b in pairs]  # (rows,) each
@@ -515,9 +516,10 @@ def _take_rows(static, index):
 
 
 def _relative_change(new, old, kept):
-    """Mean over kept rows of ||new - old|| / ||old||."""
+    """Mean over kept rows of ||new - old|| / ||new||: the share of the new state written by this step (the guide's
+    final-step contribution; finite from the zero eval state)."""
     num = (new - old).float().norm(dim=-1)
-    den = old.float().norm(dim=-1).clamp_min(1e-6)
+    den = new.float().norm(dim=-1).clamp_min(1e-6)
     ratio = torch.where(kept, num / den, 0.0)
     return ratio.sum() / kept.sum().clamp_min(1)
 

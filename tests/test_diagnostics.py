@@ -142,5 +142,10 @@ def test_refinement_statistics_are_consistent(expert_type):
     for stats in out.recurrence_stats:
         assert -1 <= float(stats["refinement_consistency"]) <= 1
         assert float(stats["refinement_magnitude"]) > 0
+        # Shares of the new state: finite from the zero eval state (the first step writes all of it, unless the
+        # loop starts from the expert's FFN output as option D and the sandwich do).
+        assert torch.isfinite(stats["state_change"]).all()
+        if expert_type in ("recurrent", "shared_recurrent"):
+            assert float(stats["state_change"][0]) == pytest.approx(1.0)
         assert torch.equal(stats["final_step_contribution"], stats["state_change"][-1])
 
