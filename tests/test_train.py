@@ -28,10 +28,13 @@ from train_more import (  # noqa: E402
     PRESETS,
     CurriculumCallback,
     CurriculumStage,
+    DataArguments,
     ModelArguments,
     MoRETrainer,
     build_config,
+    build_datasets,
     fit_batch,
+    load_raw_datasets,
     parse_config_overrides,
     parse_curriculum,
 )
@@ -156,6 +159,37 @@ def test_build_config_continues_from_a_checkpoint_config(tokenizer, tmp_path):
     args = ModelArguments(model_name_or_path=str(tmp_path), preset="base", num_recurrent_steps=5)
     config = build_config(args, tokenizer, 64)
     assert (config.hidden_size, config.expert_type, config.num_recurrent_steps) == (32, "parallel", 5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data sources
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_data_sources_babi_files_and_text_corpus(tokenizer, tmp_path):
+    story = "1 Mary moved to the garden.\n2 Where is Mary? \tgarden\t1\n"
+    for split in ("train", "test"):
+        (tmp_path / f"qa1_single-supporting-fact_{split}.txt").write_text(story, encoding="utf-8")
+    babi = load_raw_datasets(DataArguments(babi_dir=str(tmp_path), tasks="babi1"))
+    assert babi["test"][0] == {
+        "task": "babi1",
+        "prompt": "1 Mary moved to the garden.\n2 Where is Mary?\nAnswer:",
+        "answer": "garden",
+        "text": "1 Mary moved to the garden.\n2 Where is Mary?\nAnswer: garden",
+    }
+    with pytest.raises(ValueError, match="bAbI tasks"):
+        load_raw_datasets(DataArguments(babi_dir=str(tmp_path), tasks="arithmetic"))
+    with pytest.raises(ValueError, match="Unknown tasks"):
+        load_raw_datasets(DataArguments(tasks="babi1,babi99"))
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Mary moved to the garden.\n\nJohn went to the kitchen and then back to the hallway.\n" * 20)
+    data_args = DataArguments(train_file=str(corpus), max_length=16)
+    raw = load_raw_datasets(data_args)
+    assert list(raw) == ["train"] and raw["train"].column_names == ["text"]
+    blocks = build_datasets(data_args, raw, tokenizer)["train"]
+    assert len(blocks) > 1 and {len(ids) for ids in blocks["input_ids"]} == {16}
+    assert blocks["labels"] == blocks["input_ids"] and tokenizer.eos_token_id in sum(blocks["input_ids"], [])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
