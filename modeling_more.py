@@ -394,6 +394,10 @@ class MoREExperts(nn.Module):
         self.num_experts = config.num_experts
         self.hidden_size = config.hidden_size
 
+    def weight_statistics(self) -> dict[str, torch.Tensor]:
+        """Diagnostics of the weights themselves, added to `recurrence_stats` (none by default)."""
+        return {}
+
 
 class MoREFFNExperts(MoREExperts):
     """Standard MoE experts (guide §2.1): a gated FFN per expert, weights stacked as in Transformers' Mixtral."""
@@ -622,7 +626,7 @@ class MoRESharedRecurrentExperts(MoREHuginnExperts):
         return (gram - eye).pow(2).sum(dim=(1, 2)).mean() / self.hidden_size
 
     @torch.no_grad()
-    def projection_statistics(self) -> dict[str, torch.Tensor]:
+    def weight_statistics(self) -> dict[str, torch.Tensor]:
         """Guide §5.2 (shared-block experts): `projection_orthogonality` (the orthogonality penalty's value, 0 =
         orthogonal) and `projection_divergence` (mean over expert pairs of 1 - cosine similarity of their
         flattened W_in and W_out; 0 = identical experts)."""
@@ -1125,8 +1129,7 @@ class MoRESparseMoeBlock(nn.Module):
                 count = kept.new_zeros(tokens).index_add_(0, dispatch.token_index, kept)
                 ctx.stats["steps_per_token"] = steps / count.clamp_min(1)
         if settings.output_recurrence_stats:
-            if isinstance(self.experts, MoRESharedRecurrentExperts):
-                ctx.stats.update(self.experts.projection_statistics())
+            ctx.stats.update(self.experts.weight_statistics())
             out.stats.append(ctx.stats)
         if settings.output_router_logits:
             stats = routing_statistics(routing.logits, self.top_k, token_mask)

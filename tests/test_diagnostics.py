@@ -124,7 +124,7 @@ def test_projection_statistics_known_values():
         eye = torch.eye(experts.hidden_size)
         experts.w_in.copy_(eye.expand_as(experts.w_in))
         experts.w_out.copy_(eye.expand_as(experts.w_out))
-    stats = experts.projection_statistics()
+    stats = experts.weight_statistics()
     assert float(stats["projection_orthogonality"]) == pytest.approx(0.0, abs=1e-6)
     assert float(stats["projection_divergence"]) == pytest.approx(0.0, abs=1e-6)
     with torch.no_grad():
@@ -132,7 +132,7 @@ def test_projection_statistics_known_values():
         experts.w_out[1].neg_()
     pairs = 4 * 3
     expected = (2 * 3 * 2) / pairs  # 6 ordered pairs involve expert 1 out of 12, each with divergence 2
-    assert float(experts.projection_statistics()["projection_divergence"]) == pytest.approx(expected, abs=1e-5)
+    assert float(experts.weight_statistics()["projection_divergence"]) == pytest.approx(expected, abs=1e-5)
 
 
 @pytest.mark.parametrize("expert_type", RECURRENT_EXPERT_TYPES)
