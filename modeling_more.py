@@ -37,6 +37,13 @@ logger = logging.get_logger(__name__)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of `values` (n,) over the entries where `mask` (n,) is True (all when None); 0 when none is."""
+    if mask is None:
+        return values.mean()
+    return torch.where(mask, values, 0.0).sum() / mask.sum().clamp_min(1)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm in fp32; `weight` is (d,) or one row per token (N, d) for grouped experts."""
     dtype = x.dtype
@@ -467,7 +474,7 @@ class MoRERecurrentExperts(MoREExperts):
                 else:
                     new_state = self.step(state, static, dispatch, ctx, step_idx)
             if ctx.output_stats:
-                changes.append(_relative_change(new_state, state, kept))
+                changes.append(masked_mean(_row_change(new_state, state), kept))
                 deltas.append((new_state - state).detach())
             state = new_state
             if adaptive and ctx.active_index.numel() == 0:
@@ -485,26 +492,24 @@ class MoRERecurrentExperts(MoREExperts):
         old = state[active]
         new = self.step(old, _take_rows(static, active), ctx.full_dispatch.subset(active), ctx, step_idx)
         ctx.steps_taken = ctx.steps_taken.index_add(0, active, torch.ones_like(active, dtype=torch.float))
-        change = (new - old).float().norm(dim=-1) / new.float().norm(dim=-1).clamp_min(1e-6)  # (active rows,)
+        change = _row_change(new, old)  # (active rows,)
         ctx.active_index = active[(change >= ctx.exit_threshold) | (step_idx + 1 < ctx.exit_min_steps)]
         return state.index_copy(0, active, new)
 
     def _record_stats(self, ctx, changes, deltas, state, initial, kept):
         """The guide's recurrence diagnostics (§5.2) over routed rows."""
-        weight = kept.float()
-        ctx.stats["steps"] = (ctx.steps_taken * weight).sum() / weight.sum().clamp_min(1)
         ctx.stats["state_change"] = torch.stack(changes).detach()  # (steps run,)
         # Share of the final state written by the last step (guide §5.2: final-step contribution).
         ctx.stats["final_step_contribution"] = changes[-1].detach()
         # Refinement (guide §5.2, option D, computed for every recurrent type): how far the loop moved the state from
         # its start (mean norm), and whether successive steps move it in the same direction (mean cosine).
         moved = (state.detach() - initial.detach()).float().norm(dim=-1)  # (rows,)
-        ctx.stats["refinement_magnitude"] = (moved * weight).sum() / weight.sum().clamp_min(1)
+        ctx.stats["refinement_magnitude"] = masked_mean(moved, kept)
         if len(deltas) > 1:
             pairs = zip(deltas, deltas[1:], strict=False)
             cosines = [F.cosine_similarity(a.float(), b.float(), dim=-1) for a, b in pairs]  # (rows,) each
             consistency = torch.stack(cosines).mean(0)  # (rows,)
-            ctx.stats["refinement_consistency"] = (consistency * weight).sum() / weight.sum().clamp_min(1)
+            ctx.stats["refinement_consistency"] = masked_mean(consistency, kept)
         else:
             ctx.stats["refinement_consistency"] = state.new_zeros((), dtype=torch.float)
 
@@ -519,13 +524,10 @@ def _take_rows(static, index):
     return static[index]
 
 
-def _relative_change(new, old, kept):
-    """Mean over kept rows of ||new - old|| / ||new||: the share of the new state written by this step (the guide's
+def _row_change(new, old):
+    """||new - old|| / ||new|| per row (rows,): the share of the new state written by this step (the guide's
     final-step contribution; finite from the zero eval state)."""
-    num = (new - old).float().norm(dim=-1)
-    den = new.float().norm(dim=-1).clamp_min(1e-6)
-    ratio = torch.where(kept, num / den, 0.0)
-    return ratio.sum() / kept.sum().clamp_min(1)
+    return (new - old).float().norm(dim=-1) / new.float().norm(dim=-1).clamp_min(1e-6)
 
 
 class MoREHuginnExperts(MoRERecurrentExperts):
@@ -756,7 +758,7 @@ class MoREParallelExperts(MoREExperts):
         w2 = self.gate_out[dispatch.group_index]  # (rows, 2, gate_hidden)
         gates = F.softmax(torch.einsum("rh,rkh->rk", hidden, w2) + _grouped_bias(self.gate_out_bias, dispatch), dim=-1)
         if ctx.output_stats:
-            ctx.stats["recurrent_branch_weight"] = (gates[:, 1] * dispatch.kept).sum().detach() / dispatch.kept.sum()
+            ctx.stats["recurrent_branch_weight"] = masked_mean(gates[:, 1].detach(), dispatch.kept)
         return gates[:, :1] * ffn_out + gates[:, 1:] * lstm_out
 
     def _lstm(self, x, dispatch, ctx):
@@ -947,19 +949,12 @@ def load_balancing_loss(probs, top_k_index, token_mask=None):
 def routing_entropy(probs, token_mask=None):
     """Mean per-token entropy (nats) of the routing distribution over real tokens; differentiable."""
     entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)  # (tokens,)
-    if token_mask is None:
-        return entropy.mean()
-    mask = token_mask.to(entropy.dtype)
-    return (entropy * mask).sum() / mask.sum().clamp_min(1)
+    return masked_mean(entropy, token_mask)
 
 
 def router_z_loss(logits, token_mask=None):
     """ST-MoE router z-loss: mean squared log-partition over real tokens."""
-    z = torch.logsumexp(logits, dim=-1).pow(2)
-    if token_mask is None:
-        return z.mean()
-    mask = token_mask.to(z.dtype)
-    return (z * mask).sum() / mask.sum().clamp_min(1)
+    return masked_mean(torch.logsumexp(logits, dim=-1).pow(2), token_mask)
 
 
 def routing_statistics(logits, top_k, token_mask=None) -> dict[str, torch.Tensor]:
@@ -1120,10 +1115,11 @@ class MoRESparseMoeBlock(nn.Module):
             out.entropy_loss.append(F.relu(self.config.router_entropy_floor - entropy))
         out.dropped_tokens.append(dispatch.dropped)
         if ctx.steps_taken is not None:
-            kept = dispatch.kept.float()
-            out.recurrent_steps.append((ctx.steps_taken * kept).sum() / kept.sum().clamp_min(1))
+            out.recurrent_steps.append(masked_mean(ctx.steps_taken, dispatch.kept))
             if settings.output_recurrence_stats:
+                ctx.stats["steps"] = out.recurrent_steps[-1]
                 # Steps per token: the mean over its routed experts (0 for padding and dropped-only tokens).
+                kept = dispatch.kept.float()
                 tokens = routing.logits.shape[0]
                 steps = kept.new_zeros(tokens).index_add_(0, dispatch.token_index, ctx.steps_taken * kept)
                 count = kept.new_zeros(tokens).index_add_(0, dispatch.token_index, kept)
