@@ -5,6 +5,7 @@ Order, smallest piece first: norms, rotary and attention helpers -> grouped kern
 `MoREModel` -> losses -> `MoREForCausalLM` -> Auto registration.
 """
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -405,6 +406,28 @@ class MoREExperts(nn.Module):
         """Diagnostics of the weights themselves, added to `recurrence_stats` (none by default)."""
         return {}
 
+    @classmethod
+    def parameters_per_expert(cls, config: MoREConfig) -> int:
+        """Parameters that belong to one expert (weights shared by all experts, e.g. one engine, excluded).
+
+        Measured by building the module with 1 and 2 experts on the meta device, so a new expert type needs no formula.
+        """
+        counts = []
+        for num_experts in (1, 2):
+            single = copy.copy(config)
+            single.num_experts, single.num_experts_per_tok = num_experts, 1
+            with torch.device("meta"):
+                counts.append(sum(p.numel() for p in cls(single).parameters()))
+        return counts[1] - counts[0]
+
+    @classmethod
+    def multiply_adds_per_token(cls, config: MoREConfig, num_steps: int) -> int:
+        """Multiply-adds of one expert on one routed token at `num_steps` recurrent steps, attention scores excluded.
+
+        Default: every weight of one expert is used once (true of single-pass experts); recurrent experts override it.
+        """
+        return cls.parameters_per_expert(config)
+
 
 class MoREFFNExperts(MoREExperts):
     """Standard MoE experts (guide §2.1): a gated FFN per expert, weights stacked as in Transformers' Mixtral."""
@@ -419,6 +442,10 @@ class MoREFFNExperts(MoREExperts):
     def forward(self, x, dispatch, ctx):
         gate, up = grouped_linear(x, self.gate_up_proj, dispatch.offs).chunk(2, dim=-1)  # (rows, inter) each
         return grouped_linear(self.act_fn(gate) * up, self.down_proj, dispatch.offs)
+
+    @classmethod
+    def multiply_adds_per_token(cls, config, num_steps):
+        return 3 * config.hidden_size * config.intermediate_size
 
 
 class MoRERecurrentExperts(MoREExperts):
@@ -555,6 +582,12 @@ class MoREHuginnExperts(MoRERecurrentExperts):
         self.act_fn = ACT2FN[config.hidden_act]
         self.rotary = MoRERotaryEmbedding(config, self.head_dim)
 
+    @classmethod
+    def multiply_adds_per_token(cls, config, num_steps):
+        d = config.hidden_size
+        # Per step: adapter 2d^2, qkv 3d^2, out d^2, gated MLP 3 d f_r.
+        return num_steps * (6 * d * d + 3 * d * config.recurrent_intermediate_size)
+
     def _group_offs(self, dispatch):
         return dispatch.offs
 
@@ -613,6 +646,10 @@ class MoRESharedRecurrentExperts(MoREHuginnExperts):
         self.w_in = nn.Parameter(torch.empty(self.num_experts, d, d))
         self.w_out = nn.Parameter(torch.empty(self.num_experts, d, d))
         self.projection_dropout = nn.Dropout(config.projection_dropout)
+
+    @classmethod
+    def multiply_adds_per_token(cls, config, num_steps):
+        return 2 * config.hidden_size**2 + super().multiply_adds_per_token(config, num_steps)  # W_in, W_out + engine
 
     def encode(self, x, dispatch):
         return self.projection_dropout(grouped_linear(x, self.w_in, dispatch.offs))
@@ -675,6 +712,11 @@ class MoRESandwichExperts(MoRERecurrentExperts):
         self.gru_hh_bias = nn.Parameter(torch.zeros(experts, 3 * inter))
         self.act_fn = ACT2FN[config.hidden_act]
 
+    @classmethod
+    def multiply_adds_per_token(cls, config, num_steps):
+        d, f = config.hidden_size, config.intermediate_size
+        return 2 * d * f + 3 * f * f + num_steps * 3 * f * f  # expand + contract, GRU input once, GRU state per step
+
     def encode(self, x, dispatch):
         expanded = self.act_fn(grouped_linear(x, self.expand, dispatch.offs))  # (rows, d_ff)
         # The GRU input is the same at every step: project it once.
@@ -714,6 +756,11 @@ class MoRESequentialExperts(MoRERecurrentExperts):
         self.refine_gate = nn.Parameter(torch.empty(experts, d))
         self.refine_gate_bias = nn.Parameter(torch.zeros(experts))
 
+    @classmethod
+    def multiply_adds_per_token(cls, config, num_steps):
+        d = config.hidden_size
+        return 3 * d * config.intermediate_size + num_steps * (8 * d * d + d)  # FFN, then per step LSTM 8d^2 + gate d
+
     def encode(self, x, dispatch):
         return self.ffn(x, dispatch, None)
 
@@ -750,6 +797,11 @@ class MoREParallelExperts(MoREExperts):
         self.gate_in_bias = nn.Parameter(torch.zeros(experts, gate_hidden))
         self.gate_out = nn.Parameter(torch.empty(experts, 2, gate_hidden))
         self.gate_out_bias = nn.Parameter(torch.zeros(experts, 2))
+
+    @classmethod
+    def multiply_adds_per_token(cls, config, num_steps):
+        d, g = config.hidden_size, config.parallel_gate_hidden_size
+        return 3 * d * config.intermediate_size + 8 * d * d + g * d + 2 * g  # FFN, one LSTM step, gate
 
     def forward(self, x, dispatch, ctx):
         ffn_out = self.ffn(x, dispatch, ctx)
@@ -1339,8 +1391,9 @@ class MoRECache(DynamicCache):
 
     def crop(self, max_length: int):
         if any(p.state_h is not None or p.router_hidden is not None for p in self.expert_pools.values()):
-            raise ValueError("A MoRE cache holding recurrent states (parallel experts, token-wise routers) can't be "
-                             "cropped.")
+            raise ValueError(
+                "A MoRE cache holding recurrent states (parallel experts, token-wise routers) can't be cropped."
+            )
         super().crop(max_length)
         length = self.get_seq_length()
         for pool in self.expert_pools.values():
@@ -1398,6 +1451,10 @@ class MoRECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     iteration_stats: tuple | None = None
 
 
+def _numel(module: nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
 class MoREPreTrainedModel(PreTrainedModel):
     config_class = MoREConfig
     config: MoREConfig
@@ -1419,6 +1476,49 @@ class MoREPreTrainedModel(PreTrainedModel):
                 "Pass gradient_checkpointing_kwargs={'use_reentrant': False} (the default)."
             )
         return super()._activation_checkpointing_enable(activation_checkpointing_kwargs, *args, **kwargs)
+
+    def num_parameters(
+        self, only_trainable: bool = False, exclude_embeddings: bool = False, active: bool = False
+    ) -> int:
+        """Parameter count as in Transformers; `active=True` counts what one token uses: every parameter except the
+        `num_experts - num_experts_per_tok` experts it is not routed to in each MoE layer (weights shared by all
+        experts, e.g. the engine of `shared_recurrent`, count as active).
+
+        >>> model.num_parameters(active=True) <= model.num_parameters()
+        True
+        """
+        total = super().num_parameters(only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
+        if not active:
+            return total
+        config = self.config
+        per_expert = get_expert_class(config.expert_type).parameters_per_expert(config)
+        unused = len(self._moe_blocks()) * (config.num_experts - config.num_experts_per_tok) * per_expert
+        return total - unused
+
+    def flops_per_token(self, num_recurrent_steps: int | None = None, num_moe_iterations: int | None = None) -> int:
+        """Forward FLOPs (2 x multiply-adds) per token of every weight matmul at the given depth (config defaults):
+        attention projections, routers, the active experts (`multiply_adds_per_token` of the expert class), shared
+        expert, dense MLPs and the LM head. Attention scores are excluded; a training step costs about 3x this.
+        """
+        config = self.config
+        steps = config.num_recurrent_steps if num_recurrent_steps is None else num_recurrent_steps
+        iterations = config.num_moe_iterations if num_moe_iterations is None else num_moe_iterations
+        expert = get_expert_class(config.expert_type).multiply_adds_per_token(config, steps)
+        base = getattr(self, self.base_model_prefix, self)
+        router_cell = _numel(base.router_cell)  # the layerwise routers' shared cell runs once per layer
+        madds = _numel(getattr(self, "lm_head", None))
+        for layer in base.layers:
+            madds += _numel(layer.self_attn)
+            block = layer.mlp
+            if isinstance(block, MoRESparseMoeBlock):
+                shared = _numel(block.shared_expert) + _numel(getattr(block, "shared_expert_gate", None))
+                madds += iterations * (_numel(block.gate) + router_cell + config.num_experts_per_tok * expert + shared)
+            else:
+                madds += _numel(block)
+        return 2 * madds
+
+    def _moe_blocks(self) -> list["MoRESparseMoeBlock"]:
+        return [module for module in self.modules() if isinstance(module, MoRESparseMoeBlock)]
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -1591,8 +1691,9 @@ class MoREModel(MoREPreTrainedModel):
             cache = MoRECache(config=config)
         if cache is not None and not isinstance(cache, MoRECache):
             if cache.get_seq_length() > 0:
-                raise ValueError("MoRE needs a `MoRECache` (it also caches expert state); got a non-empty "
-                                 f"{type(cache).__name__}.")
+                raise ValueError(
+                    f"MoRE needs a `MoRECache` (it also caches expert state); got a non-empty {type(cache).__name__}."
+                )
             cache = MoRECache(config=config)
         past_length = cache.get_seq_length() if cache is not None else 0
         self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length)

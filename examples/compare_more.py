@@ -1,31 +1,49 @@
-"""The main job of MoRE: train every expert type, a Synthesis II variant and the recurrent routers on the embedded
-reasoning data at matched parameter counts, evaluate each, and print the research guide's comparison table (§5.3).
+"""The main job of MoRE: do recurrent experts beat plain FFN experts on reasoning, at equal active parameters and at
+equal compute, and does thinking longer at inference help?
 
-    python examples/compare_more.py                                   # default preset: real learning, < 15 min, 2 CPUs
-    python examples/compare_more.py --preset smoke                    # every variant, a few steps (used by tests)
-    python examples/compare_more.py --match_parameters total          # match total instead of active parameters
-    python examples/compare_more.py --variants ffn,recurrent --max_steps 1000
-    python examples/compare_more.py compare_args.json                 # the same arguments from a JSON file
+    python examples/compare_more.py                           # default preset: 3 seeds, <= 15 min on 2 CPU cores
+    python examples/compare_more.py --preset smoke            # every registered variant, 2 seeds, < 1 min (tests)
+    python examples/compare_more.py --preset full             # every registered variant, the default protocol
+    accelerate launch examples/compare_more.py --preset guide --corpus_name wikitext  # GPU: the guide's protocol
+    python examples/compare_more.py --variants ffn,recurrent --seeds 5
+    python examples/compare_more.py compare_args.json         # the same arguments from a JSON file
 
-Every variant gets the same data, tokenizer, seed, optimizer and number of steps. Its width (`intermediate_size`, or
-`recurrent_intermediate_size` for Huginn-block experts) is chosen so that its active parameters per token (or its
-total parameters) match the `ffn` baseline. Writes to `--output_dir`: `comparison.json`, `comparison.md`, plots, and
-one directory per variant with the trained model, its tokenizer, model card and `evaluate_more.py` outputs.
+Protocol. Every variant is trained on the same examples (depth-controlled tasks of `more_data.py`: pointer chasing,
+difficulty = hops; digit addition, difficulty = digits) with difficulties 1..K, once per seed (the seed sets the
+initialisation and the data order), for the same number of optimizer steps, and scored on the same test examples of
+difficulties 1..2K. Widths are chosen so that active parameters per token match the `ffn` baseline; a deeper
+`ffn_compute_matched` model matches the FLOPs per token of `recurrent` at its mean training depth instead. Recurrent
+variants train with a random depth and are scored at every inference depth of the sweep. Every accuracy is a mean
+over seeds x examples with a 95 % bootstrap interval, and every variant is compared with `ffn` by a paired bootstrap
+(`more_stats.py`); a difference whose interval contains 0 reads as no difference.
+
+Writes to `--output_dir` (default `outputs/compare-<preset>`): `comparison.json`, `comparison.md`, plots, and one
+directory per variant with the seed-0 model, its tokenizer, model card and diagnostics.
 """
 
 import dataclasses
 import json
 import logging
+import multiprocessing
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 import matplotlib
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, HfArgumentParser, PrinterCallback, TrainingArguments, set_seed
+from transformers import (
+    AutoModelForCausalLM,
+    HfArgumentParser,
+    PrinterCallback,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
 
 
 matplotlib.use("Agg")
@@ -35,110 +53,202 @@ import matplotlib.pyplot as plt  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from more_stats import bootstrap_accuracy, paired_difference  # noqa: E402
+
 import modeling_more  # noqa: E402
 from configuration_more import MoREConfig  # noqa: E402
-from evaluate_more import EvaluationArguments, count_parameters, evaluate_model, write_outputs  # noqa: E402
+from evaluate_more import architecture_checks, perplexity_and_diagnostics, write_outputs  # noqa: E402
 from model_card_more import markdown_table, save_model_card  # noqa: E402
-from more_eval import majority_baseline  # noqa: E402
-from train_more import (  # noqa: E402
-    DataArguments,
-    ModelArguments,
-    MoRETrainer,
-    build_config,
-    build_datasets,
-    build_tokenizer,
-    collate,
-    data_summary,
-    load_raw_datasets,
+from more_data import (  # noqa: E402
+    IGNORE_INDEX,
+    build_depth_dataset,
+    chunk_corpus,
+    load_text_corpus,
+    tokenize_qa,
+    train_word_level_tokenizer,
 )
+from train_more import MoRETrainer, collate  # noqa: E402
 
 
 logger = logging.getLogger(__name__)
 
 BASELINE = "ffn"
+COMPUTE_MATCHED = "ffn_compute_matched"
+DEPTH_KNOBS = {"num_recurrent_steps": "r", "num_moe_iterations": "T"}
 
 
 @dataclass(frozen=True)
 class Preset:
-    """One comparison budget, in the arguments of the scripts it drives: a `train_more.py` model preset and
-    `--config_overrides`, `train_more.DataArguments` fields, `TrainingArguments` fields and `EvaluationArguments`."""
+    """One protocol: the baseline model, the depth of recurrent variants, the data split by difficulty, the optimiser
+    budget, the seeds and the inference-depth sweeps."""
 
-    model_preset: str
-    config_overrides: str
-    data: dict
-    training: dict
-    evaluation: dict
+    model: dict  # MoREConfig fields of the `ffn` baseline (every variant starts from them)
+    recurrence: dict  # MoREConfig fields added to variants whose experts iterate (training depth, inference default)
+    tasks: tuple[str, ...]
+    train_difficulties: tuple[int, ...]
+    test_difficulties: tuple[int, ...]
+    num_train_examples: int
+    num_test_per_difficulty: int
+    training: dict  # TrainingArguments fields
+    seeds: int
+    recurrent_depths: tuple[int, ...]
+    moe_iterations: tuple[int, ...]
+    variants: tuple[str, ...] | None  # None: every registered variant
+    max_length: int = 128
+    corpus: bool = False  # pretrain on a text corpus first (--corpus_name / --corpus_file), then the tasks
 
+
+TINY_MODEL = dict(
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    recurrent_num_heads=4,
+    num_experts=1,
+    num_experts_per_tok=1,
+    router_hidden_size=32,
+)
+RANDOM_DEPTH = dict(
+    recurrent_steps_sampler="uniform", train_recurrent_steps_min=1, train_recurrent_steps_max=4, num_recurrent_steps=4
+)
+DEFAULT_VARIANTS = (
+    "ffn",
+    COMPUTE_MATCHED,
+    "recurrent",
+    "shared_recurrent",
+    "sequential",
+    "ffn_synthesis2",
+    "ffn_gru_router",
+)
 
 PRESETS = {
-    # Every variant end to end in about a minute on 2 CPU cores; the numbers mean nothing.
+    # Every registered variant end to end with 2 seeds in under a minute; the numbers mean nothing.
     "smoke": Preset(
-        model_preset="tiny",
-        config_overrides="hidden_size=32,intermediate_size=128,router_hidden_size=16",
-        data=dict(
-            tasks="babi1,babi2,arithmetic",
-            num_train_examples=96,
-            num_validation_examples=0,
-            num_test_examples=6,
-            tokenizer_vocab_size=300,
-            max_length=160,
-        ),
-        training=dict(max_steps=3, per_device_train_batch_size=8),
-        evaluation=dict(recurrent_steps_sweep="1,2", moe_iterations_sweep="1,2", sweep_examples=6),
+        model={**TINY_MODEL, "hidden_size": 32, "intermediate_size": 64, "num_experts": 2, "router_hidden_size": 16},
+        recurrence=dict(RANDOM_DEPTH, train_recurrent_steps_max=2, num_recurrent_steps=2),
+        tasks=("pointer", "addition"),
+        train_difficulties=(1,),
+        test_difficulties=(1, 2),
+        num_train_examples=64,
+        num_test_per_difficulty=8,
+        training=dict(max_steps=2, per_device_train_batch_size=8, learning_rate=3e-3),
+        seeds=2,
+        recurrent_depths=(1, 2),
+        moe_iterations=(1, 2),
+        variants=None,
+        max_length=48,
     ),
-    # Real learning in under 15 minutes on 2 CPU cores: the tiny model with the guide's d_ff = 4 d_model (so a
-    # Huginn-block expert fits the FFN expert's active size), 280 steps of 32 examples of bAbI single and two
-    # supporting facts, induction and arithmetic; 40 test stories per task.
+    # The main job on 2 CPU cores in <= 15 minutes: 7 variants x 3 seeds as parallel single-thread processes.
     "default": Preset(
-        model_preset="tiny",
-        config_overrides="intermediate_size=256",
-        data=dict(
-            tasks="babi1,babi2,babi16,arithmetic",
-            num_train_examples=8960,
-            num_validation_examples=0,
-            num_test_examples=160,
-            tokenizer_vocab_size=400,
-            max_length=192,
-        ),
-        training=dict(max_steps=280, per_device_train_batch_size=32),
-        evaluation=dict(recurrent_steps_sweep="1,2,4,8", moe_iterations_sweep="1,2", sweep_examples=80),
+        model=TINY_MODEL,
+        recurrence=RANDOM_DEPTH,
+        tasks=("pointer", "addition"),
+        train_difficulties=(1, 2),
+        test_difficulties=(1, 2, 3, 4),
+        num_train_examples=40000,
+        num_test_per_difficulty=200,
+        training=dict(max_steps=1200, per_device_train_batch_size=32, learning_rate=3e-3),
+        seeds=3,
+        recurrent_depths=(1, 2, 4, 8, 16, 32),
+        moe_iterations=(1, 2, 4, 8),
+        variants=DEFAULT_VARIANTS,
     ),
 }
-# Optimisation shared by every preset: AdamW, cosine schedule with a short warm-up.
-TRAINING_DEFAULTS = dict(learning_rate=3e-3, lr_scheduler_type="cosine", weight_decay=0.01)
+# `full`: every registered variant under the default protocol.
+PRESETS["full"] = dataclasses.replace(PRESETS["default"], variants=None)
+# `guide`: the research guide's protocol for a GPU (§3-4): the base model, corpus pretraining, then the tasks.
+PRESETS["guide"] = Preset(
+    model=dict(num_experts=8, num_experts_per_tok=1),  # every other field: MoREConfig's guide defaults
+    recurrence=dict(
+        recurrent_steps_sampler="poisson_lognormal",
+        train_recurrent_steps_min=1,
+        train_recurrent_steps_max=8,
+        num_recurrent_steps=4,
+        num_backprop_steps=4,
+    ),
+    tasks=("pointer", "addition"),
+    train_difficulties=(1, 2, 3, 4),
+    test_difficulties=(1, 2, 3, 4, 5, 6, 7, 8),
+    num_train_examples=200000,
+    num_test_per_difficulty=500,
+    training=dict(max_steps=20000, per_device_train_batch_size=64, learning_rate=6e-4, bf16=True),
+    seeds=3,
+    recurrent_depths=(1, 2, 4, 8, 16, 32, 64),
+    moe_iterations=(1, 2, 4, 8),
+    variants=None,
+    max_length=512,
+    corpus=True,
+)
+# Optimisation shared by every preset: AdamW, cosine schedule, 5 % warm-up.
+TRAINING_DEFAULTS = dict(lr_scheduler_type="cosine", weight_decay=0.01)
+WARMUP_FRACTION = 0.05
 
 
 def comparison_variants() -> dict[str, dict]:
-    """`train_more.ModelArguments` fields of each compared model: every registered expert type with the linear
-    router (the `ffn` baseline first), Synthesis II on the baseline, and the recurrent routers with FFN and recurrent
+    """MoREConfig overrides of every compared model: every registered expert type with the linear router (`ffn`
+    first), the compute-matched deeper `ffn`, Synthesis II on `ffn`, and the RMoE router with FFN and recurrent
     experts."""
     names = sorted(modeling_more.EXPERT_REGISTRY, key=lambda name: name != BASELINE)
     variants = {name: {"expert_type": name} for name in names}
-    variants["ffn_synthesis2"] = {"expert_type": "ffn", "num_moe_iterations": 2}
+    variants[COMPUTE_MATCHED] = {"expert_type": "ffn"}  # depth set by `compute_matched_config`
+    variants["ffn_synthesis2"] = {
+        "expert_type": "ffn",
+        "num_moe_iterations": 2,
+        "train_moe_iterations_min": 1,
+        "train_moe_iterations_max": 3,
+    }
     variants["ffn_gru_router"] = {"expert_type": "ffn", "router_type": "gru"}
-    variants["ffn_gru_token_router"] = {"expert_type": "ffn", "router_type": "gru_token"}
     variants["recurrent_gru_router"] = {"expert_type": "recurrent", "router_type": "gru"}
     return variants
 
 
 @dataclass
 class CompareArguments:
-    preset: str = field(default="default", metadata={"help": f"Budget and data: one of {list(PRESETS)}."})
-    output_dir: str = field(default="outputs/compare", metadata={"help": "Where every output goes."})
-    variants: str | None = field(
-        default=None, metadata={"help": f"Comma-separated subset of {list(comparison_variants())} (default: all)."}
+    preset: str = field(default="default", metadata={"help": f"Protocol and budget: one of {list(PRESETS)}."})
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where every output goes (outputs/compare-<preset>)."}
     )
+    variants: str | None = field(
+        default=None, metadata={"help": "Comma-separated subset of the variants (default: the preset's)."}
+    )
+    seeds: int | None = field(default=None, metadata={"help": "Training seeds per variant (default: the preset's)."})
+    max_steps: int | None = field(default=None, metadata={"help": "Override the preset's optimizer steps."})
     match_parameters: str = field(
         default="active",
         metadata={"help": "Match each variant's 'active' parameters per token or its 'total' parameters to ffn's."},
     )
-    max_steps: int | None = field(default=None, metadata={"help": "Override the preset's optimizer steps."})
-    seed: int = field(default=0, metadata={"help": "Seed of data, initialisation and training (same for all)."})
+    num_workers: int = field(
+        default=2, metadata={"help": "Parallel single-thread training processes (CPU); 1 trains in this process."}
+    )
+    dataset_seed: int = field(default=0, metadata={"help": "Seed of the generated train and test examples."})
+    expert_modules: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated Python modules to import first (they register extra expert types)."},
+    )
+    corpus_name: str | None = field(
+        default=None, metadata={"help": "guide preset: a Hub text corpus to pretrain on first (e.g. wikitext)."}
+    )
+    corpus_config_name: str | None = field(default=None, metadata={"help": "Its configuration (wikitext-103-raw-v1)."})
+    corpus_file: str | None = field(default=None, metadata={"help": "guide preset: a local .txt corpus instead."})
+    corpus_steps: int = field(default=10000, metadata={"help": "guide preset: optimizer steps of corpus pretraining."})
+    dry_run: bool = field(
+        default=False, metadata={"help": "Run the preset's pipeline with 2 steps and a few examples (for tests)."}
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Configs at matched size
+# Configs at matched size and matched compute
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def is_recurrent(config: MoREConfig) -> bool:
+    """Experts that iterate a latent state (their depth is `num_recurrent_steps`)."""
+    return issubclass(modeling_more.get_expert_class(config.expert_type), modeling_more.MoRERecurrentExperts)
+
+
+def iterates_layers(config: MoREConfig) -> bool:
+    """Synthesis II: the MoE block itself is iterated (its depth is `num_moe_iterations`)."""
+    return config.num_moe_iterations > 1 or config.train_moe_iterations_max is not None
 
 
 def size_knob(expert_type: str) -> str:
@@ -149,9 +259,42 @@ def size_knob(expert_type: str) -> str:
     return "intermediate_size"
 
 
-def parameter_counts(config: MoREConfig) -> dict[str, int]:
+def meta_model(config: MoREConfig):
     with torch.device("meta"):
-        return count_parameters(AutoModelForCausalLM.from_config(config))
+        return AutoModelForCausalLM.from_config(config)
+
+
+def parameter_counts(config: MoREConfig) -> dict[str, int]:
+    model = meta_model(config)
+    return {"total": model.num_parameters(), "active": model.num_parameters(active=True)}
+
+
+def mean_training_depth(config: MoREConfig) -> tuple[float, float]:
+    """Expected (recurrent steps, MoE iterations) of a training batch under the config's samplers."""
+    steps = float(config.num_recurrent_steps)
+    if is_recurrent(config) and config.recurrent_steps_sampler != "fixed":
+        # Both samplers centre on the range's mean (the log-normal Poisson rate is clipped to the range).
+        steps = (config.train_recurrent_steps_min + config.train_recurrent_steps_max) / 2
+    iterations = float(config.num_moe_iterations)
+    if config.train_moe_iterations_min is not None:
+        iterations = (config.train_moe_iterations_min + config.train_moe_iterations_max) / 2
+    return steps, iterations
+
+
+def training_flops_per_token(config: MoREConfig) -> float:
+    """Forward + backward FLOPs per token (3x the forward) at the mean training depth, interpolated between depths."""
+    model = meta_model(config)
+    steps, iterations = mean_training_depth(config)
+
+    def forward(s: float, t: float) -> float:
+        # FLOPs are affine in each depth, so the value at a fractional mean is the interpolation of its neighbours.
+        low_s, low_t = max(1, int(s)), max(1, int(t))
+        base = model.flops_per_token(num_recurrent_steps=low_s, num_moe_iterations=low_t)
+        slope_s = model.flops_per_token(num_recurrent_steps=low_s + 1, num_moe_iterations=low_t) - base
+        slope_t = model.flops_per_token(num_recurrent_steps=low_s, num_moe_iterations=low_t + 1) - base
+        return base + (s - low_s) * slope_s + (t - low_t) * slope_t
+
+    return 3 * forward(steps, iterations)
 
 
 def matched_config(config: MoREConfig, target: int, which: str) -> MoREConfig:
@@ -177,197 +320,677 @@ def matched_config(config: MoREConfig, target: int, which: str) -> MoREConfig:
     return resized(min((low, max(low - 1, 1)), key=lambda width: abs(count(width) - target)))
 
 
-def variant_config(preset: Preset, overrides: dict, tokenizer, max_length: int) -> MoREConfig:
-    """The config `train_more.py --preset <model_preset> --config_overrides ... --<overrides>` would build."""
-    model_args = ModelArguments(preset=preset.model_preset, config_overrides=preset.config_overrides, **overrides)
-    return build_config(model_args, tokenizer, max_position_embeddings=max_length)
+def compute_matched_config(config: MoREConfig, target_flops: float) -> MoREConfig:
+    """The `ffn` config with as many layers (same width) as bring its training FLOPs per token closest to the
+    target's: the deeper-FFN answer to "is it the compute or the recurrence?"."""
+    fields = config.to_dict()
+    candidates = [
+        MoREConfig(**{**fields, "num_hidden_layers": layers}) for layers in range(1, 8 * config.num_hidden_layers + 1)
+    ]
+    return min(candidates, key=lambda candidate: abs(training_flops_per_token(candidate) - target_flops))
 
 
-def train_variant(config: MoREConfig, train_dataset, training_args: TrainingArguments, tokenizer):
-    """A freshly initialised model trained with `train_more.MoRETrainer`; returns it and the training log."""
-    set_seed(training_args.seed)
-    model = AutoModelForCausalLM.from_config(config)
+def build_variant_configs(preset: Preset, names: list[str], tokenizer, match: str) -> dict[str, MoREConfig]:
+    """Every requested variant's config: the preset's baseline model plus the variant's overrides (and the preset's
+    recurrence fields for iterating experts), sized to the `ffn` baseline."""
+    base = {
+        **preset.model,
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "max_position_embeddings": preset.max_length,
+    }
+    overrides = comparison_variants()
+
+    def raw(name: str) -> MoREConfig:
+        config = MoREConfig(**base, **overrides[name])
+        if is_recurrent(config):
+            config = MoREConfig(**{**config.to_dict(), **preset.recurrence})
+        return config
+
+    target = parameter_counts(raw(BASELINE))[match]
+    configs = {}
+    for name in names:
+        config = raw(name)
+        if name == COMPUTE_MATCHED:
+            reference = matched_config(raw("recurrent"), target, match)
+            config = compute_matched_config(config, training_flops_per_token(reference))
+        elif name != BASELINE:
+            config = matched_config(config, target, match)
+        configs[name] = config
+    return configs
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CompareData:
+    """Everything a training job needs, built once in the main process: the tokenized train split, the test split
+    (with its task and difficulty per example) and, for the guide preset, corpus blocks to pretrain on."""
+
+    tokenizer_dir: str
+    train: object  # datasets.Dataset of input_ids / attention_mask / labels
+    test: object
+    test_tasks: list[str]
+    test_difficulties: list[int]
+    corpus_train: object | None = None
+    corpus_validation: object | None = None
+
+
+def build_data(preset: Preset, args: CompareArguments, output_dir: Path) -> CompareData:
+    raw = build_depth_dataset(
+        list(preset.tasks),
+        list(preset.train_difficulties),
+        list(preset.test_difficulties),
+        num_train=preset.num_train_examples,
+        num_test_per_difficulty=preset.num_test_per_difficulty,
+        seed=args.dataset_seed,
+    )
+    texts = [*raw["train"]["text"], *raw["test"]["text"]]
+    corpus = None
+    if preset.corpus:
+        corpus = load_corpus(args)
+        texts += list(corpus["train"]["text"])
+    tokenizer = train_word_level_tokenizer(texts, model_max_length=preset.max_length)
+    tokenizer_dir = output_dir / "tokenizer"
+    tokenizer.save_pretrained(tokenizer_dir)
+    tokenized = tokenize_qa(raw, tokenizer, preset.max_length, answer_only_loss=True)
+    data = CompareData(
+        tokenizer_dir=str(tokenizer_dir),
+        train=tokenized["train"],
+        test=tokenized["test"],
+        test_tasks=list(raw["test"]["task"]),
+        test_difficulties=list(raw["test"]["difficulty"]),
+    )
+    if corpus is not None:
+        data.corpus_train = chunk_corpus(corpus["train"], tokenizer, preset.max_length)
+        if "validation" in corpus:
+            data.corpus_validation = chunk_corpus(corpus["validation"], tokenizer, preset.max_length)
+    return data
+
+
+def load_corpus(args: CompareArguments):
+    """The guide preset's pretraining corpus: a Hub dataset by name (train and validation) or a local text file."""
+    from datasets import DatasetDict
+
+    if args.corpus_name is not None:
+        return DatasetDict(
+            {
+                split: load_text_corpus(args.corpus_name, args.corpus_config_name, split=split)
+                for split in ("train", "validation")
+            }
+        )
+    if args.corpus_file is not None:
+        return DatasetDict({"train": load_text_corpus(args.corpus_file)})
+    raise ValueError("--preset guide pretrains on a corpus: pass --corpus_name (e.g. wikitext) or --corpus_file")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One training run: a variant x a seed
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    variant: str
+    seed: int
+    config: dict
+    output_dir: str
+    save_model: bool  # seed 0 keeps its model, tokenizer, model card and diagnostics
+    training: dict
+    corpus_steps: int
+    recurrent_depths: tuple[int, ...]
+    moe_iterations: tuple[int, ...]
+
+
+class _ProgressCallback(TrainerCallback):
+    """Sends each finished optimizer step to the main process's progress bar."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.queue is not None:
+            self.queue.put(1)
+
+
+def _training_arguments(job: Job, output_dir: Path, max_steps: int) -> TrainingArguments:
+    training = {
+        **TRAINING_DEFAULTS,
+        "warmup_steps": max(1, round(WARMUP_FRACTION * max_steps)),
+        **job.training,
+        "max_steps": max_steps,
+    }
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        seed=job.seed,
+        logging_steps=max(1, max_steps // 20),
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+        **training,
+    )
+
+
+def _train(model, dataset, training_args: TrainingArguments, tokenizer, queue) -> list[dict]:
     trainer = MoRETrainer(
         model=model,
         args=training_args,
-        train_dataset=train_dataset,
+        train_dataset=dataset,
         processing_class=tokenizer,
         data_collator=collate,
+        callbacks=[_ProgressCallback(queue)],
     )
-    # The variants progress bar shows progress; the log history (plotted) keeps the losses instead of printing them.
-    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(PrinterCallback)  # the main process shows one progress bar for every job
     trainer.train()
-    return model, [entry for entry in trainer.state.log_history if "loss" in entry]
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+@torch.no_grad()
+def score_answers(model, test, batch_size: int = 256, **depth) -> np.ndarray:
+    """Greedy exact match of every test example, 0/1: the answer and eos are the argmax at every answer position.
+
+    With teacher forcing on the reference answer, all answer tokens are argmax exactly when greedy decoding produces
+    the answer and then stops, so this equals greedy `generate` exact match in one forward pass per batch.
+    """
+    model.eval()
+    hits = []
+    device = next(model.parameters()).device
+    for start in range(0, len(test), batch_size):
+        batch = collate([test[i] for i in range(start, min(start + batch_size, len(test)))])
+        batch = {name: tensor.to(device) for name, tensor in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **depth).logits
+        labels = batch["labels"][:, 1:]
+        correct = (logits[:, :-1].argmax(-1) == labels) | (labels == IGNORE_INDEX)  # (batch, seq - 1)
+        hits.append(correct.all(dim=1).cpu().numpy())
+    return np.concatenate(hits).astype(np.int8)
+
+
+def depth_sweeps(config: MoREConfig, job: Job) -> dict[str, tuple[int, ...]]:
+    """Inference depths a variant is scored at: expert steps for iterating experts, MoE iterations for Synthesis II."""
+    sweeps = {}
+    if is_recurrent(config):
+        sweeps["num_recurrent_steps"] = job.recurrent_depths
+    if iterates_layers(config):
+        sweeps["num_moe_iterations"] = job.moe_iterations
+    return sweeps
+
+
+def run_job(job: Job, data: CompareData, queue=None) -> dict:
+    """Trains one variant with one seed and scores it on the whole test split at its default depth and every depth
+    of its sweeps. Runs in a worker process (one thread) or in the main process."""
+    if torch.get_num_threads() > 1 and not torch.cuda.is_available():
+        torch.set_num_threads(1)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(data.tokenizer_dir)
+    config = MoREConfig(**job.config)
+    output_dir = Path(job.output_dir)
+    set_seed(job.seed)
+    model = AutoModelForCausalLM.from_config(config)
+    start = time.perf_counter()
+    logs = []
+    if data.corpus_train is not None:  # guide preset: language-model pretraining first
+        args = _training_arguments(job, output_dir / f"pretrain-seed{job.seed}", job.corpus_steps)
+        logs += _train(model, data.corpus_train, args, tokenizer, queue)
+    args = _training_arguments(job, output_dir / f"trainer-seed{job.seed}", job.training["max_steps"])
+    logs += _train(model, data.train, args, tokenizer, queue)
+    train_seconds = time.perf_counter() - start
+    scores = {"default": score_answers(model, data.test).tolist()}
+    for knob, depths in depth_sweeps(config, job).items():
+        scores[knob] = {str(depth): score_answers(model, data.test, **{knob: depth}).tolist() for depth in depths}
+    result = {
+        "variant": job.variant,
+        "seed": job.seed,
+        "train_seconds": train_seconds,
+        "scores": scores,
+        "training_log": logs,
+    }
+    if job.save_model:
+        result["diagnostics"] = save_variant(model, tokenizer, data, scores, output_dir)
+    return result
+
+
+def save_variant(model, tokenizer, data: CompareData, scores: dict, output_dir: Path) -> dict:
+    """The seed-0 model with its tokenizer, and an `evaluate_more`-style report of it (accuracy per task x
+    difficulty, depth sweeps, routing and recurrence diagnostics of guide §5.1-5.2, with their plots)."""
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    config = model.config
+    batches = [
+        collate([data.test[i] for i in range(s, min(s + 64, len(data.test)))])
+        for s in range(0, min(len(data.test), 256), 64)
+    ]
+    diagnostics = perplexity_and_diagnostics(model, batches)
+    checks = architecture_checks(diagnostics["routing"], diagnostics["recurrence"], config.num_experts)
+    utilization = diagnostics["expert_utilization"]
+    passed = utilization["checks_passed"] + sum(check["healthy"] for check in checks.values())
+
+    def by_cell(hits: list[int]) -> dict[str, float]:
+        hits = np.asarray(hits)
+        accuracy = {}
+        cells = list(zip(data.test_tasks, data.test_difficulties, strict=True))
+        for task, difficulty in sorted(set(cells)):
+            index = [i for i, cell in enumerate(cells) if cell == (task, difficulty)]
+            accuracy[f"{task}-{difficulty}"] = float(hits[index].mean())
+        accuracy["mean"] = float(hits.mean())
+        return accuracy
+
+    report = {
+        "config": {name: getattr(config, name) for name in CARD_CONFIG_FIELDS},
+        "parameters": {"total": model.num_parameters(), "active": model.num_parameters(active=True)},
+        "perplexity": diagnostics["perplexity"],
+        "perplexity_on": "answers",
+        "exact_match": by_cell(scores["default"]),
+        "multihop_accuracy": None,
+        "arithmetic_accuracy": None,
+        "tokens_per_second": None,
+        "peak_memory_mb": None,
+        "depth_sweep": {
+            knob: {int(d): by_cell(h) for d, h in sweep.items()} for knob, sweep in scores.items() if knob != "default"
+        },
+        "routing": diagnostics["routing"],
+        "expert_utilization": utilization,
+        "recurrence": diagnostics["recurrence"],
+        "architecture_checks": checks,
+        "health_score": 100.0 * passed / (utilization["num_checks"] + len(checks)),
+    }
+    write_outputs(report, output_dir)
+    return report
+
+
+CARD_CONFIG_FIELDS = (
+    "expert_type",
+    "router_type",
+    "num_experts",
+    "num_experts_per_tok",
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "recurrent_intermediate_size",
+    "num_recurrent_steps",
+    "num_moe_iterations",
+)
+
+
+def write_card(variant_dir: Path, name: str, result: dict, preset: Preset, run: dict) -> None:
+    """The model card of the variant's seed-0 checkpoint, from its report."""
+    report = result["diagnostics"]
+    if report is None:
+        return
+    training_data = (
+        f"Depth-controlled synthetic tasks of the MoRE repository (`examples/more_data.py`): "
+        f"{', '.join(preset.tasks)}, "
+        f"trained on difficulties {list(preset.train_difficulties)} ({preset.num_train_examples:,} examples), tested "
+        f"on {list(preset.test_difficulties)} ({preset.num_test_per_difficulty} examples each); {run['max_steps']} "
+        f"steps of {run['batch_size']} examples, seed 0 of {len(run['seeds'])}; `examples/compare_more.py --preset "
+        f"{run['preset']}` (variant `{name}`). The comparison over all seeds, with confidence intervals, is in "
+        "`comparison.md` next to this directory."
+    )
+    save_model_card(variant_dir, report, repo_id=f"more-{name}", training_data=training_data)
+
+
+def _worker_init(modules: list[str]) -> None:
+    torch.set_num_threads(1)
+    os.environ["TQDM_DISABLE"] = "1"  # the main process shows the only progress bar
+    for name in modules:
+        __import__(name)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Comparison table and plots
+# Statistics over seeds and examples
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def relative_change(value: float | None, baseline: float | None) -> float | None:
-    """(value - baseline) / baseline in percent, as the guide's §5.3 improvement columns; None without a base."""
-    if value is None or not baseline:
-        return None
-    return 100.0 * (value - baseline) / baseline
+def _hit_matrix(runs: list[dict], select) -> np.ndarray:
+    """(seeds, examples) 0/1 matrix of one variant, in seed order, from each run's scores picked by `select`."""
+    return np.array([select(run["scores"]) for run in sorted(runs, key=lambda run: run["seed"])], dtype=np.int8)
 
 
-def comparison_rows(results: dict[str, dict]) -> list[list]:
-    base = results.get(BASELINE)
+def _cells(data: CompareData, preset: Preset) -> dict[tuple[str, int], np.ndarray]:
+    """Test example indices of every task x difficulty."""
+    tasks, difficulties = np.array(data.test_tasks), np.array(data.test_difficulties)
+    return {
+        (task, difficulty): np.flatnonzero((tasks == task) & (difficulties == difficulty))
+        for task in preset.tasks
+        for difficulty in preset.test_difficulties
+    }
+
+
+def summarise(runs: dict[str, list[dict]], data: CompareData, preset: Preset) -> dict[str, dict]:
+    """Per variant: accuracy with 95 % CI per task x difficulty, in- and out-of-distribution means, the paired
+    difference to `ffn`, and the depth curves."""
+    cells = _cells(data, preset)
+    trained = set(preset.train_difficulties)
+    groups = {
+        "in_distribution": lambda difficulty: difficulty in trained,
+        "out_of_distribution": lambda difficulty: difficulty not in trained,
+    }
+
+    def index_of(task: str, keep) -> np.ndarray:
+        return np.concatenate(
+            [index for (t, d), index in cells.items() if t == task and keep(d)] or [np.array([], int)]
+        )
+
+    def estimates(hits: np.ndarray, base: np.ndarray | None) -> dict:
+        out = {}
+        for task in preset.tasks:
+            entry = {str(d): bootstrap_accuracy(hits[:, cells[(task, d)]]).to_dict() for d in preset.test_difficulties}
+            for group, keep in groups.items():
+                index = index_of(task, keep)
+                if len(index):
+                    entry[group] = bootstrap_accuracy(hits[:, index]).to_dict()
+            if base is not None:
+                entry["vs_ffn"] = {
+                    str(d): paired_difference(hits[:, cells[(task, d)]], base[:, cells[(task, d)]]).to_dict()
+                    for d in preset.test_difficulties
+                }
+                for group, keep in groups.items():
+                    index = index_of(task, keep)
+                    if len(index):
+                        entry["vs_ffn"][group] = paired_difference(hits[:, index], base[:, index]).to_dict()
+            out[task] = entry
+        return out
+
+    base = _hit_matrix(runs[BASELINE], lambda s: s["default"]) if BASELINE in runs else None
+    summary = {}
+    for name, variant_runs in runs.items():
+        hits = _hit_matrix(variant_runs, lambda s: s["default"])
+        paired = base if (base is not None and name != BASELINE and base.shape == hits.shape) else None
+        curves = {}
+        for knob in DEPTH_KNOBS:
+            if knob in variant_runs[0]["scores"]:
+                curves[knob] = {
+                    depth: estimates(_hit_matrix(variant_runs, lambda s, k=knob, d=depth: s[k][d]), None)
+                    for depth in variant_runs[0]["scores"][knob]
+                }
+        summary[name] = {"accuracy": estimates(hits, paired), "depth_curves": curves}
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tables and plots
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _ci(entry: dict | None) -> str:
+    if entry is None:
+        return "–"
+    low, high = entry["ci95"]
+    return f"{entry['mean']:.3f} [{low:.2f}, {high:.2f}]"
+
+
+def _delta(entry: dict | None) -> str:
+    """A paired difference to ffn: marked when its interval excludes 0, else read as no difference."""
+    if entry is None:
+        return "–"
+    low, high = entry["ci95"]
+    text = f"{entry['mean']:+.3f} [{low:+.2f}, {high:+.2f}]"
+    if not entry["significant"]:
+        return f"{text} no difference"
+    return f"**{text} {'better' if entry['mean'] > 0 else 'worse'}**"
+
+
+def variant_rows(results: dict, preset: Preset) -> tuple[list[str], list[list]]:
+    headers = ["variant", "active params", "total params", "FLOPs/token (inference)", "training FLOPs", "train s"]
     rows = []
     for name, result in results.items():
-        config, params = result["config"], result["parameters"]
-        utilization = result["expert_utilization"]
         rows.append(
             [
                 name,
-                config["expert_type"],
-                config["router_type"],
-                config["num_moe_iterations"],
-                params["total"],
-                params["active"],
-                params["active"] / base["parameters"]["active"] if base else None,
-                result["perplexity"],
-                result["exact_match"]["mean"],
-                result["multihop_accuracy"],
-                result["arithmetic_accuracy"],
-                result["tokens_per_second"],
-                result["peak_memory_mb"],
-                utilization["load_cv"],
-                utilization["effective_experts"],
-                result["health_score"],
-                relative_change(result["perplexity"], base and base["perplexity"]),
-                relative_change(result["exact_match"]["mean"], base and base["exact_match"]["mean"]),
-                relative_change(result["arithmetic_accuracy"], base and base["arithmetic_accuracy"]),
-                result["train_seconds"],
+                result["active_params"],
+                result["total_params"],
+                result["flops_per_token"],
+                f"{result['training_flops']:.2e}",
+                round(float(np.mean(result["train_seconds"])), 1),
             ]
         )
-    return rows
-
-
-COMPARISON_HEADERS = [
-    "variant",
-    "experts",
-    "router",
-    "T",
-    "total params",
-    "active params",
-    "active / ffn",
-    "perplexity",
-    "mean acc",
-    "multi-hop acc",
-    "arithmetic acc",
-    "tokens/s",
-    "peak MB",
-    "load CV",
-    "eff. experts",
-    "health",
-    "Δ ppl %",
-    "Δ mean acc %",
-    "Δ arith acc %",
-    "train s",
-]
-
-
-def task_rows(results: dict[str, dict], majority: dict[str, float]) -> tuple[list[str], list[list]]:
-    tasks = [task for task in majority if task != "mean"]
-    rows = [["majority baseline", *[majority[task] for task in tasks], majority["mean"]]]
-    rows += [
-        [name, *[r["exact_match"][task] for task in tasks], r["exact_match"]["mean"]] for name, r in results.items()
-    ]
-    return ["variant", *tasks, "mean"], rows
-
-
-def depth_rows(results: dict[str, dict]) -> tuple[list[str], list[list]]:
-    """Mean exact match of every variant at every swept depth (– where a knob does not apply)."""
-    columns = sorted(
-        {(knob, depth) for r in results.values() for knob, sweep in r["depth_sweep"].items() for depth in sweep}
-    )
-    headers = ["variant"] + [f"{'r' if knob == 'num_recurrent_steps' else 'T'}={depth}" for knob, depth in columns]
-    rows = [
-        [name] + [r["depth_sweep"].get(knob, {}).get(depth, {}).get("mean") for knob, depth in columns]
-        for name, r in results.items()
-    ]
     return headers, rows
 
 
-def render_comparison(results: dict[str, dict], majority: dict[str, float], run: dict) -> str:
-    task_headers, task_table_rows = task_rows(results, majority)
-    depth_headers, depth_table_rows = depth_rows(results)
-    return (
-        "\n\n".join(
+def accuracy_rows(results: dict, preset: Preset, task: str) -> tuple[list[str], list[list]]:
+    headers = ["variant", "in-distribution", "Δ vs ffn", "out-of-distribution", "Δ vs ffn"]
+    headers += [f"difficulty {d}" for d in preset.test_difficulties]
+    rows = []
+    for name, result in results.items():
+        entry = result["accuracy"][task]
+        versus = entry.get("vs_ffn", {})
+        rows.append(
             [
-                "# MoRE comparison",
-                f"Preset `{run['preset']}`, parameters matched on **{run['match_parameters']}** counts, perplexity "
-                f"on the test {next(iter(results.values()))['perplexity_on']}, "
-                f"{run['max_steps']} steps x {run['batch_size']} examples per variant, seed {run['seed']}, "
-                f"wall time {run['wall_seconds'] / 60:.1f} min on {run['device']}.",
-                markdown_table(COMPARISON_HEADERS, comparison_rows(results)),
-                "## Exact match by task (greedy, test split)",
-                markdown_table(task_headers, task_table_rows),
-                "## Test-time compute: mean exact match by inference depth (r = expert steps, T = MoE iterations)",
-                markdown_table(depth_headers, depth_table_rows),
+                name,
+                _ci(entry.get("in_distribution")),
+                _delta(versus.get("in_distribution")) if versus else "(baseline)" if name == BASELINE else "–",
+                _ci(entry.get("out_of_distribution")),
+                _delta(versus.get("out_of_distribution")) if versus else "–",
+                *[_ci(entry[str(d)]) for d in preset.test_difficulties],
             ]
         )
-        + "\n"
-    )
+    return headers, rows
 
 
-def plot_accuracy(results: dict[str, dict], majority: dict[str, float], path: Path) -> None:
-    names = list(results)
-    metrics = {
-        "mean": [results[n]["exact_match"]["mean"] for n in names],
-        "multi-hop": [results[n]["multihop_accuracy"] or 0.0 for n in names],
-        "arithmetic": [results[n]["arithmetic_accuracy"] or 0.0 for n in names],
-    }
-    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * len(names), 4))
-    x = np.arange(len(names))
-    for offset, (label, values) in zip((-0.27, 0, 0.27), metrics.items(), strict=True):
-        ax.bar(x + offset, values, width=0.26, label=label)
-    ax.axhline(majority["mean"], color="k", ls="--", lw=1, label="majority baseline (mean)")
-    ax.set_xticks(x, names, rotation=30, ha="right")
-    ax.set(ylabel="exact match", title="accuracy by variant", ylim=(0, 1))
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def depth_rows(results: dict, preset: Preset, task: str) -> tuple[list[str], list[list]]:
+    """Accuracy at every inference depth, per variant x difficulty (mean [95 % CI])."""
+    depths = sorted({(knob, int(d)) for r in results.values() for knob, c in r["depth_curves"].items() for d in c})
+    headers = ["variant", "difficulty"] + [f"{DEPTH_KNOBS[knob]}={depth}" for knob, depth in depths]
+    rows = []
+    for name, result in results.items():
+        curves = result["depth_curves"]
+        if not curves:
+            continue
+        for difficulty in preset.test_difficulties:
+            cells = []
+            for knob, depth in depths:
+                curve = curves.get(knob, {}).get(str(depth))
+                cells.append(_ci(curve[task][str(difficulty)]) if curve else "–")
+            rows.append([name, difficulty, *cells])
+    return headers, rows
 
 
-def plot_depth(results: dict[str, dict], path: Path) -> None:
-    knobs = ["num_recurrent_steps", "num_moe_iterations"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, knob in zip(axes, knobs, strict=True):
+def render_comparison(results: dict, preset: Preset, run: dict) -> str:
+    parts = [
+        "# MoRE comparison",
+        f"Preset `{run['preset']}`: {len(run['seeds'])} seeds per variant ({run['seeds']}), "
+        f"{run['max_steps']} optimizer steps x {run['batch_size']} examples for every variant (equal steps = equal "
+        f"data), parameters matched on **{run['match_parameters']}** counts to `ffn` "
+        f"(`{COMPUTE_MATCHED}`: training FLOPs per token matched to `recurrent` instead); trained on difficulties "
+        f"{list(preset.train_difficulties)}, tested on {list(preset.test_difficulties)} with "
+        f"{preset.num_test_per_difficulty} examples each (the same for every variant); wall time "
+        f"{run['wall_seconds'] / 60:.1f} min on {run['device']}.",
+        "Accuracy: greedy exact match, mean over seeds x examples [95 % bootstrap CI]. Δ vs ffn: paired bootstrap "
+        "over the same seeds and examples; **bold** where its 95 % CI excludes 0, else no difference.",
+        markdown_table(*variant_rows(results, preset)),
+    ]
+    for task in preset.tasks:
+        parts += [f"## {task}", markdown_table(*accuracy_rows(results, preset, task))]
+        headers, rows = depth_rows(results, preset, task)
+        if rows:
+            parts += [f"### {task}: accuracy by inference depth (r = expert steps, T = MoE iterations)"]
+            parts += [markdown_table(headers, rows)]
+    return "\n\n".join(parts) + "\n"
+
+
+def _legend_outside(ax) -> None:
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+
+
+def plot_accuracy_by_difficulty(results: dict, preset: Preset, path: Path) -> None:
+    """Accuracy (95 % CI) against difficulty, one panel per task; the trained difficulties are shaded."""
+    fig, axes = plt.subplots(1, len(preset.tasks), figsize=(5 * len(preset.tasks) + 2.5, 4), squeeze=False)
+    for ax, task in zip(axes[0], preset.tasks, strict=True):
+        ax.axvspan(min(preset.train_difficulties) - 0.5, max(preset.train_difficulties) + 0.5, color="0.92")
         for index, (name, result) in enumerate(results.items()):
-            sweep = result["depth_sweep"].get(knob)
-            if sweep:
-                depths = sorted(sweep, key=int)
-                means = [sweep[d]["mean"] for d in depths]
-                # One colour per variant in both panels, whichever variants a panel shows.
-                ax.plot([int(d) for d in depths], means, "-o", ms=3, color=f"C{index % 10}", label=name)
-        ax.set(xlabel=knob, ylabel="mean exact match", title=f"test-time compute: {knob}")
-        ax.set_xscale("log", base=2)
-        ax.legend(fontsize=6)
+            entries = [result["accuracy"][task][str(d)] for d in preset.test_difficulties]
+            means = np.array([e["mean"] for e in entries])
+            errors = np.array([[e["mean"] - e["ci95"][0], e["ci95"][1] - e["mean"]] for e in entries]).T
+            offset = (index - len(results) / 2) * 0.04
+            x = np.array(preset.test_difficulties) + offset
+            ax.errorbar(x, means, yerr=errors, fmt="-o", ms=3, capsize=2, color=f"C{index % 10}", label=name)
+        ax.set(xlabel="difficulty (shaded: trained)", ylabel="exact match", title=task, ylim=(0, 1.02))
+        ax.set_xticks(preset.test_difficulties)
+    _legend_outside(axes[0][-1])
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def plot_training(training_logs: dict[str, list[dict]], path: Path) -> None:
-    """Language-model loss and expert-load CV of every variant along training (`MoRETrainer` logs)."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric in zip(axes, ("lm_loss", "load_cv"), strict=True):
-        for name, logs in training_logs.items():
-            ax.plot([entry["step"] for entry in logs], [entry[metric] for entry in logs], label=name)
-        ax.set(xlabel="step", ylabel=metric, title=f"training {metric}")
-        ax.legend(fontsize=6)
-    axes[0].set_yscale("log")
+def plot_depth_curves(results: dict, preset: Preset, path: Path) -> None:
+    """Accuracy against inference depth with 95 % CI bands: a row per iterating variant, a column per task, a line per
+    difficulty (dashed: harder than trained)."""
+    panels = [(name, knob) for name, r in results.items() for knob in r["depth_curves"]]
+    if not panels:
+        return
+    fig, axes = plt.subplots(
+        len(panels), len(preset.tasks), figsize=(4.5 * len(preset.tasks) + 2.5, 3 * len(panels)), squeeze=False
+    )
+    trained = set(preset.train_difficulties)
+    for row, (name, knob) in enumerate(panels):
+        curve = results[name]["depth_curves"][knob]
+        depths = sorted(curve, key=int)
+        for column, task in enumerate(preset.tasks):
+            ax = axes[row][column]
+            for index, difficulty in enumerate(preset.test_difficulties):
+                entries = [curve[d][task][str(difficulty)] for d in depths]
+                x = [int(d) for d in depths]
+                means = [e["mean"] for e in entries]
+                style = "-" if difficulty in trained else "--"
+                ax.plot(x, means, style, marker="o", ms=3, color=f"C{index}", label=f"difficulty {difficulty}")
+                ax.fill_between(
+                    x, [e["ci95"][0] for e in entries], [e["ci95"][1] for e in entries], color=f"C{index}", alpha=0.15
+                )
+            ax.set_xscale("log", base=2)
+            ax.set_xticks([int(d) for d in depths], [str(d) for d in depths])
+            ax.set(
+                ylim=(0, 1.02),
+                xlabel=f"{knob} ({DEPTH_KNOBS[knob]}) at inference",
+                ylabel="exact match",
+                title=f"{name}: {task}",
+            )
+    _legend_outside(axes[0][-1])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_accuracy_vs_flops(results: dict, preset: Preset, path: Path) -> None:
+    """In- and out-of-distribution accuracy (95 % CI) against the total training FLOPs of each variant."""
+    groups = ("in_distribution", "out_of_distribution")
+    fig, axes = plt.subplots(1, len(preset.tasks), figsize=(5 * len(preset.tasks) + 2.5, 4), squeeze=False)
+    for ax, task in zip(axes[0], preset.tasks, strict=True):
+        for index, (name, result) in enumerate(results.items()):
+            for group, marker in zip(groups, ("o", "s"), strict=True):
+                entry = result["accuracy"][task].get(group)
+                if entry is None:
+                    continue
+                error = [[entry["mean"] - entry["ci95"][0]], [entry["ci95"][1] - entry["mean"]]]
+                label = name if group == groups[0] else None
+                ax.errorbar(
+                    result["training_flops"],
+                    entry["mean"],
+                    yerr=error,
+                    fmt=marker,
+                    color=f"C{index % 10}",
+                    capsize=2,
+                    label=label,
+                    mfc="white" if group == groups[1] else None,
+                )
+        ax.set_xscale("log")
+        ax.set(
+            xlabel="training FLOPs (circles: trained difficulties, squares: harder)",
+            ylabel="exact match",
+            title=task,
+            ylim=(0, 1.02),
+        )
+    _legend_outside(axes[0][-1])
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_training(runs: dict[str, list[dict]], path: Path) -> None:
+    """Language-model loss along training of every variant (mean over seeds)."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for index, (name, variant_runs) in enumerate(runs.items()):
+        steps = [entry["step"] for entry in variant_runs[0]["training_log"]]
+        losses = np.mean([[entry["lm_loss"] for entry in run["training_log"]] for run in variant_runs], axis=0)
+        ax.plot(steps, losses, color=f"C{index % 10}", label=name)
+    ax.set(xlabel="step", ylabel="answer loss (mean over seeds)", title="training", yscale="log")
+    _legend_outside(ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def resolve_variants(args: CompareArguments, preset: Preset) -> list[str]:
+    known = comparison_variants()
+    if args.variants is not None:
+        names = [name.strip() for name in args.variants.split(",") if name.strip()]
+    else:
+        names = list(preset.variants or known)
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise ValueError(f"Unknown variants {unknown}; valid variants: {list(known)}")
+    if COMPUTE_MATCHED in names and "recurrent" not in modeling_more.EXPERT_REGISTRY:
+        raise ValueError(f"{COMPUTE_MATCHED} matches the compute of `recurrent`, which is not registered")
+    return names
+
+
+def run_jobs(jobs: list[Job], data: CompareData, num_workers: int, modules: list[str]) -> list[dict]:
+    """Every job, in parallel single-thread worker processes (or here with one worker), with one progress bar over
+    all optimizer steps."""
+    total = sum(job.training["max_steps"] + (job.corpus_steps if data.corpus_train is not None else 0) for job in jobs)
+    progress = tqdm(total=total, desc="training (all variants x seeds)", unit="step", smoothing=0.05)
+    if num_workers <= 1:
+        results = []
+        for job in jobs:
+            progress.set_postfix_str(f"{job.variant} seed {job.seed}")
+            results.append(run_job(job, data, _InlineProgress(progress)))
+        progress.close()
+        return results
+    context = multiprocessing.get_context("spawn")
+    manager = context.Manager()
+    queue = manager.Queue()
+    # Longest jobs first, so the last minutes do not wait on one slow variant.
+    order = sorted(range(len(jobs)), key=lambda i: -jobs[i].config.get("_cost", 0))
+    with context.Pool(num_workers, initializer=_worker_init, initargs=(modules,), maxtasksperchild=None) as pool:
+        pending = {i: pool.apply_async(run_job, (jobs[i], data, queue)) for i in order}
+        results = {}
+        while pending:
+            while not queue.empty():
+                progress.update(queue.get())
+            for i in [i for i, handle in pending.items() if handle.ready()]:
+                results[i] = pending.pop(i).get()  # re-raises a worker's exception here
+                progress.set_postfix_str(f"done {jobs[i].variant} seed {jobs[i].seed}")
+            time.sleep(0.2)
+    while not queue.empty():
+        progress.update(queue.get())
+    progress.close()
+    manager.shutdown()
+    return [results[i] for i in range(len(jobs))]
+
+
+class _InlineProgress:
+    """The queue interface of `_ProgressCallback` for jobs run in the main process."""
+
+    def __init__(self, progress):
+        self.progress = progress
+
+    def put(self, steps: int) -> None:
+        self.progress.update(steps)
 
 
 def main():
     logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.INFO)
+    datasets.disable_progress_bars()  # one progress bar: training over all variants x seeds
     parser = HfArgumentParser(CompareArguments)
     if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         (args,) = parser.parse_json_file(json_file=sys.argv[1])
@@ -377,92 +1000,125 @@ def main():
         raise ValueError(f"Unknown preset {args.preset!r}; valid presets: {list(PRESETS)}")
     if args.match_parameters not in ("active", "total"):
         raise ValueError(f"--match_parameters must be 'active' or 'total', got {args.match_parameters!r}")
-    variants = comparison_variants()
-    if args.variants is not None:
-        unknown = sorted(set(args.variants.split(",")) - set(variants))
-        if unknown:
-            raise ValueError(f"Unknown variants {unknown}; valid variants: {list(variants)}")
-        variants = {name: variants[name] for name in args.variants.split(",")}
+    modules = [name.strip() for name in (args.expert_modules or "").split(",") if name.strip()]
+    for name in modules:
+        __import__(name)
     preset = PRESETS[args.preset]
-    training = {**TRAINING_DEFAULTS, **preset.training}
+    if args.dry_run:
+        preset = dry_run_preset(preset)
+    training = {**preset.training}
     if args.max_steps is not None:
         training["max_steps"] = args.max_steps
-    output_dir = Path(args.output_dir)
+    num_seeds = args.seeds or preset.seeds
+    names = resolve_variants(args, preset)
+    output_dir = Path(args.output_dir or f"outputs/compare-{args.preset}")
     output_dir.mkdir(parents=True, exist_ok=True)
+    # No profiler markers on the console (torch prints USDT notices when the ITT/USDT hooks are probed).
+    os.environ.setdefault("TORCH_DISABLE_USDT", "1")
     start = time.perf_counter()
-    set_seed(args.seed)
 
-    # One data set, tokenizer and test split for every variant, built as train_more.py builds them.
-    data_args = DataArguments(**preset.data, dataset_seed=args.seed)
-    raw_datasets = load_raw_datasets(data_args)
-    tokenizer = build_tokenizer(ModelArguments(), data_args, raw_datasets)
-    train_dataset = build_datasets(data_args, raw_datasets, tokenizer)["train"]
-    majority = majority_baseline(raw_datasets["train"], raw_datasets["test"])
-    eval_args = EvaluationArguments(**preset.evaluation)
-    baseline_config = variant_config(preset, comparison_variants()[BASELINE], tokenizer, data_args.max_length)
-    target = parameter_counts(baseline_config)[args.match_parameters]
-    logger.info(f"Comparing {len(variants)} variants at {target:,} {args.match_parameters} parameters (as {BASELINE})")
+    # 1. One tokenizer, training set and test set for every variant and seed.
+    data = build_data(preset, args, output_dir)
+    tokenizer_dir = data.tokenizer_dir
+    from transformers import AutoTokenizer
 
-    results, training_logs = {}, {}
-    progress = tqdm(variants.items(), desc="variants", total=len(variants))
-    for name, overrides in progress:
-        progress.set_postfix_str(name)
-        config = variant_config(preset, overrides, tokenizer, data_args.max_length)
-        config = matched_config(config, target, args.match_parameters)
-        variant_dir = output_dir / name
-        training_args = TrainingArguments(
-            output_dir=str(variant_dir / "trainer"),
-            seed=args.seed,
-            warmup_steps=max(1, training["max_steps"] // 20),
-            logging_steps=max(1, training["max_steps"] // 20),
-            save_strategy="no",
-            report_to=[],
-            disable_tqdm=True,
-            use_cpu=not torch.cuda.is_available(),
-            **training,
-        )
-        train_start = time.perf_counter()
-        model, training_logs[name] = train_variant(config, train_dataset, training_args, tokenizer)
-        train_seconds = time.perf_counter() - train_start
-        result = evaluate_model(model, tokenizer, raw_datasets["test"], eval_args, data_args)
-        result.update(
-            majority_baseline=majority,
-            train_seconds=train_seconds,
-            eval_seconds=time.perf_counter() - train_start - train_seconds,
-        )
-        results[name] = result
-        model.save_pretrained(variant_dir)
-        tokenizer.save_pretrained(variant_dir)
-        write_outputs(result, variant_dir)
-        training_data = (
-            f"{data_summary(data_args, raw_datasets)} {training['max_steps']} steps of "
-            f"{training['per_device_train_batch_size']} examples, AdamW (lr {training['learning_rate']}, cosine), "
-            f"seed {args.seed}; `examples/compare_more.py --preset {args.preset}`."
-        )
-        save_model_card(variant_dir, result, repo_id=f"more-{name}", training_data=training_data)
-        logger.info(
-            f"{name}: {result['parameters']['active']:,} active / {result['parameters']['total']:,} total "
-            f"parameters, perplexity {result['perplexity']:.3f}, mean exact match {result['exact_match']['mean']:.3f}"
-        )
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
 
+    # 2. Configs at matched active parameters (and the compute-matched deeper ffn).
+    configs = build_variant_configs(preset, names, tokenizer, args.match_parameters)
+    logger.info(
+        "Variants: %s", ", ".join(f"{n} ({parameter_counts(c)['active']:,} active)" for n, c in configs.items())
+    )
+
+    # 3. Train and score every variant x seed.
+    corpus_steps = min(args.corpus_steps, 2) if args.dry_run else args.corpus_steps
+    jobs = [
+        Job(
+            variant=name,
+            seed=seed,
+            config={**config.to_dict(), "_cost": training_flops_per_token(config)},
+            output_dir=str(output_dir / name),
+            save_model=seed == 0,
+            training=training,
+            corpus_steps=corpus_steps,
+            recurrent_depths=preset.recurrent_depths,
+            moe_iterations=preset.moe_iterations,
+        )
+        for name, config in configs.items()
+        for seed in range(num_seeds)
+    ]
+    for job in jobs:
+        job.config.pop("_cost") if args.num_workers <= 1 else None
+    outcomes = run_jobs(jobs, data, args.num_workers, modules)
+    runs = {name: [o for o in outcomes if o["variant"] == name] for name in configs}
+
+    # 4. Statistics, tables, plots, model cards.
+    results = summarise(runs, data, preset)
+    tokens_per_step = (
+        float(np.mean([sum(row) for row in data.train["attention_mask"]])) * training["per_device_train_batch_size"]
+    )
+    for name, config in configs.items():
+        model = meta_model(config)
+        results[name].update(
+            config=config.to_diff_dict(),
+            active_params=model.num_parameters(active=True),
+            total_params=model.num_parameters(),
+            flops_per_token=model.flops_per_token(),
+            training_flops_per_token=training_flops_per_token(config),
+            training_flops=training_flops_per_token(config) * tokens_per_step * training["max_steps"],
+            train_seconds=[run["train_seconds"] for run in sorted(runs[name], key=lambda r: r["seed"])],
+            diagnostics=next((run["diagnostics"] for run in runs[name] if "diagnostics" in run), None),
+        )
     run = {
         **dataclasses.asdict(args),
+        "seeds": list(range(num_seeds)),
         "max_steps": training["max_steps"],
         "batch_size": training["per_device_train_batch_size"],
         "preset_settings": dataclasses.asdict(preset),
         "device": torch.cuda.get_device_name()
         if torch.cuda.is_available()
-        else f"CPU, {torch.get_num_threads()} threads",
+        else f"CPU, {args.num_workers} single-thread workers",
         "wall_seconds": time.perf_counter() - start,
     }
-    comparison = {"run": run, "majority_baseline": majority, "results": results, "training_logs": training_logs}
+    training_logs = {name: [run["training_log"] for run in variant_runs] for name, variant_runs in runs.items()}
+    comparison = {"run": run, "results": results, "training_logs": training_logs}
     (output_dir / "comparison.json").write_text(json.dumps(comparison, indent=2))
-    report = render_comparison(results, majority, run)
+    report = render_comparison(results, preset, run)
     (output_dir / "comparison.md").write_text(report)
-    plot_accuracy(results, majority, output_dir / "accuracy.png")
-    plot_depth(results, output_dir / "depth.png")
-    plot_training(training_logs, output_dir / "training.png")
-    logger.info(f"Comparison ({run['wall_seconds'] / 60:.1f} min):\n{report}")
+    plot_accuracy_by_difficulty(results, preset, output_dir / "accuracy.png")
+    plot_depth_curves(results, preset, output_dir / "depth.png")
+    plot_accuracy_vs_flops(results, preset, output_dir / "accuracy_vs_flops.png")
+    plot_training(runs, output_dir / "training.png")
+    for name in configs:
+        write_card(output_dir / name, name, results[name], preset, run)
+    print(report)
+    logger.info(
+        "Done in %.1f min. Results: %s, %s; plots: %s",
+        run["wall_seconds"] / 60,
+        output_dir / "comparison.json",
+        output_dir / "comparison.md",
+        ", ".join(str(output_dir / p) for p in ("accuracy.png", "depth.png", "accuracy_vs_flops.png", "training.png")),
+    )
+
+
+def dry_run_preset(preset: Preset) -> Preset:
+    """The preset's pipeline at a few steps and examples (tests exercise the GPU presets this way on CPU)."""
+    return dataclasses.replace(
+        preset,
+        model={
+            **preset.model,
+            **{k: v for k, v in TINY_MODEL.items() if k not in ("num_experts", "num_experts_per_tok")},
+            "hidden_size": 32,
+            "intermediate_size": 64,
+        },
+        num_train_examples=32,
+        num_test_per_difficulty=2,
+        training={**preset.training, "max_steps": 2, "per_device_train_batch_size": 4, "bf16": False},
+        seeds=1,
+        recurrent_depths=preset.recurrent_depths[:2],
+        moe_iterations=preset.moe_iterations[:2],
+        max_length=64,
+    )
 
 
 if __name__ == "__main__":

@@ -413,7 +413,8 @@ def write_outputs(results: dict, output_dir: str | Path, name: str = "eval_resul
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / f"{name}.json").write_text(json.dumps(results, indent=2))
     (output_dir / f"{name}.md").write_text(render_report(results))
-    plot_depth_sweep(results["depth_sweep"], output_dir / "accuracy_vs_depth.png")
+    if results["depth_sweep"]:
+        plot_depth_sweep(results["depth_sweep"], output_dir / "accuracy_vs_depth.png")
     plot_expert_load(results["routing"], output_dir / "expert_load.png")
     plot_routing_entropy(
         results["routing"],

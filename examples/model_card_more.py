@@ -78,6 +78,8 @@ def task_table(results: dict) -> str:
 
 def depth_table(results: dict) -> str:
     """Mean and per-task exact match at each depth of each swept knob."""
+    if not results["depth_sweep"]:
+        return "No depth knob applies to this model (no recurrent experts, one MoE iteration)."
     rows = []
     for name, by_depth in results["depth_sweep"].items():
         for depth, accuracy in by_depth.items():

@@ -492,6 +492,136 @@ def get_task_generator(name: str) -> TaskGenerator:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Depth-controlled synthetic tasks: the difficulty is a number of sequential computation steps
+# ---------------------------------------------------------------------------------------------------------------------
+
+DifficultyGenerator = Callable[[random.Random, int], Example]
+
+POINTER_VARIABLES = tuple("abcdefghijklmnopqrstuvwxyz")
+POINTER_VALUES = tuple("0123456789")
+POINTER_CHAINS = 4  # chains per prompt: guessing among chain starts scores 1 / POINTER_CHAINS at every difficulty
+
+
+def generate_pointer_chase(rng: random.Random, hops: int, num_chains: int = POINTER_CHAINS) -> Example:
+    """Multi-hop variable binding: `a = 7 ; b = a ; c = b ; ... ? c`, answered by following `hops` assignments.
+
+    The prompt holds `num_chains` chains of exactly `hops` statements each, with distinct variables and distinct
+    values, shuffled together; the question asks for the last variable of one chain. Every chain has the same length
+    and its own value, so neither the prompt length nor a guess among the chain values (1 / num_chains) tells the
+    answer without following the pointers.
+    """
+    if hops < 1:
+        raise ValueError(f"hops must be >= 1, got {hops}")
+    if not 1 <= num_chains <= len(POINTER_VALUES) or num_chains * hops > len(POINTER_VARIABLES):
+        raise ValueError(
+            f"num_chains={num_chains} chains of hops={hops} need num_chains <= {len(POINTER_VALUES)} values and "
+            f"num_chains * hops <= {len(POINTER_VARIABLES)} variables"
+        )
+    variables = rng.sample(POINTER_VARIABLES, num_chains * hops)
+    values = rng.sample(POINTER_VALUES, num_chains)
+    statements, ends = [], []
+    for chain, value in enumerate(values):
+        names = variables[chain * hops : (chain + 1) * hops]
+        statements.append(f"{names[0]} = {value}")
+        statements += [f"{name} = {previous}" for previous, name in zip(names, names[1:], strict=False)]
+        ends.append((names[-1], value))
+    rng.shuffle(statements)
+    query, answer = rng.choice(ends)
+    # The prompt ends with the queried variable itself: the first lookup starts where the answer is predicted.
+    return {"task": "pointer", "prompt": f"{' ; '.join(statements)} ; ? {query}", "answer": answer}
+
+
+def generate_digit_addition(rng: random.Random, digits: int) -> Example:
+    """Addition of two `digits`-digit numbers, one token per digit and every number least significant digit first
+    (`"3 2 1 + 5 4 + ="` is 123 + 45), so each answer digit depends on the aligned operand digits and one carry.
+
+    The answer has `digits + 1` digits (a leading zero when there is no final carry): its length tells nothing.
+    """
+    if digits < 1:
+        raise ValueError(f"digits must be >= 1, got {digits}")
+    low = 0 if digits == 1 else 10 ** (digits - 1)
+    a, b = rng.randint(low, 10**digits - 1), rng.randint(low, 10**digits - 1)
+
+    def reversed_digits(number: int, width: int) -> str:
+        return " ".join(str(number).zfill(width)[::-1])
+
+    prompt = f"{reversed_digits(a, digits)} + {reversed_digits(b, digits)} ="
+    return {"task": "addition", "prompt": prompt, "answer": reversed_digits(a + b, digits + 1)}
+
+
+DEPTH_TASK_GENERATORS: dict[str, DifficultyGenerator] = {
+    "pointer": generate_pointer_chase,
+    "addition": generate_digit_addition,
+}
+
+
+def get_depth_task_generator(name: str) -> DifficultyGenerator:
+    """The generator registered as `name` in `DEPTH_TASK_GENERATORS`; a `ValueError` lists valid names otherwise."""
+    if name not in DEPTH_TASK_GENERATORS:
+        raise ValueError(f"Unknown depth task {name!r}; valid names: {', '.join(DEPTH_TASK_GENERATORS)}")
+    return DEPTH_TASK_GENERATORS[name]
+
+
+DEPTH_COLUMNS = ("task", "difficulty", "prompt", "answer", "text")
+DEPTH_FEATURES = Features({**{c: Value("string") for c in DEPTH_COLUMNS}, "difficulty": Value("int32")})
+
+
+def build_depth_dataset(
+    tasks: list[str],
+    train_difficulties: list[int],
+    test_difficulties: list[int],
+    num_train: int,
+    num_test_per_difficulty: int,
+    seed: int = 0,
+) -> DatasetDict:
+    """Train and test splits of depth-controlled tasks, split by difficulty (train on 1..K, test on 1..2K).
+
+    Training examples cycle through tasks x `train_difficulties` (balanced); the test split holds exactly
+    `num_test_per_difficulty` examples of every task x test difficulty. No prompt appears twice in the whole
+    `DatasetDict`. The test split is drawn first from its own seeded stream, so it depends only on `seed`, the tasks
+    and the test difficulties: every variant and every training seed is scored on the same examples.
+
+    Returns:
+        A `DatasetDict` with `train` and `test` splits and the columns `task`, `difficulty`, `prompt`, `answer`,
+        `text`.
+    """
+    if not tasks or not train_difficulties or not test_difficulties:
+        raise ValueError("tasks, train_difficulties and test_difficulties must each name at least one entry")
+    generators = {task: get_depth_task_generator(task) for task in tasks}
+    seen: set[str] = set()
+
+    def draw(split: str, cells: list[tuple[str, int]], size: int) -> Dataset:
+        rng = random.Random(f"more-depth/{seed}/{split}")
+        examples = []
+        for index in range(size):
+            task, difficulty = cells[index % len(cells)]
+            example = _draw_unseen(task, lambda r, t=task, d=difficulty: generators[t](r, d), rng, seen)
+            examples.append({**_with_text(example), "difficulty": difficulty})
+        return Dataset.from_dict({c: [e[c] for e in examples] for c in DEPTH_COLUMNS}, features=DEPTH_FEATURES)
+
+    test_cells = [(task, difficulty) for task in tasks for difficulty in test_difficulties]
+    train_cells = [(task, difficulty) for task in tasks for difficulty in train_difficulties]
+    test = draw("test", test_cells, num_test_per_difficulty * len(test_cells))
+    return DatasetDict({"train": draw("train", train_cells, num_train), "test": test})
+
+
+def train_word_level_tokenizer(texts: Iterable[str], model_max_length: int = 512) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer (`tokenizers.models.WordLevel`) over the whitespace-separated words of `texts`.
+
+    For synthetic tasks whose words are symbols (variables, digits, `=`, `;`): one token per symbol, no subword
+    pieces to learn. Special tokens and ids as `train_bpe_tokenizer` (pad 0, bos 1, eos 2, unk 3); words are added in
+    sorted order, so the vocabulary does not depend on the order of `texts`. Decoding joins words with spaces.
+    """
+    words = sorted({word for text in texts for word in text.split()})
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS.values())}
+    vocab.update({word: len(vocab) + index for index, word in enumerate(w for w in words if w not in vocab)})
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
+    return PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=model_max_length, **SPECIAL_TOKENS)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Datasets of reasoning tasks
 # ---------------------------------------------------------------------------------------------------------------------
 

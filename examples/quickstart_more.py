@@ -1,8 +1,8 @@
 """Build a tiny MoRE model, train it a few steps on the embedded reasoning data, save it and generate.
 
-    python examples/quickstart_more.py                      # defaults below
-    python examples/quickstart_more.py --expert_type sandwich --max_steps 50
-    python examples/quickstart_more.py args.json            # the same arguments from a JSON file
+python examples/quickstart_more.py                      # defaults below
+python examples/quickstart_more.py --expert_type sandwich --max_steps 50
+python examples/quickstart_more.py args.json            # the same arguments from a JSON file
 """
 
 import logging
