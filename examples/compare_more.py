@@ -84,9 +84,7 @@ class Preset:
 
     model: dict  # MoREConfig fields of the `ffn` baseline (every variant starts from them)
     recurrence: dict  # MoREConfig fields added to variants whose experts iterate (training depth, inference default)
-    tasks: tuple[str, ...]
-    train_difficulties: tuple[int, ...]
-    test_difficulties: tuple[int, ...]
+    tasks: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]  # task -> (training difficulties, test difficulties)
     num_train_examples: int
     num_test_per_difficulty: int
     training: dict  # TrainingArguments fields
@@ -97,6 +95,17 @@ class Preset:
     max_length: int = 128
     corpus: bool = False  # pretrain on a text corpus first (--corpus_name / --corpus_file), then the tasks
 
+    def trained(self, task: str) -> tuple[int, ...]:
+        return self.tasks[task][0]
+
+    def tested(self, task: str) -> tuple[int, ...]:
+        return self.tasks[task][1]
+
+    def describe_splits(self) -> str:
+        return "; ".join(
+            f"{task}: trained on {list(train)}, tested on {list(test)}" for task, (train, test) in self.tasks.items()
+        )
+
 
 TINY_MODEL = dict(
     hidden_size=64,
@@ -104,12 +113,12 @@ TINY_MODEL = dict(
     num_hidden_layers=2,
     num_attention_heads=4,
     recurrent_num_heads=4,
-    num_experts=1,
+    num_experts=4,
     num_experts_per_tok=1,
     router_hidden_size=32,
 )
 RANDOM_DEPTH = dict(
-    recurrent_steps_sampler="uniform", train_recurrent_steps_min=1, train_recurrent_steps_max=4, num_recurrent_steps=4
+    recurrent_steps_sampler="uniform", train_recurrent_steps_min=1, train_recurrent_steps_max=3, num_recurrent_steps=3
 )
 DEFAULT_VARIANTS = (
     "ffn",
@@ -126,9 +135,7 @@ PRESETS = {
     "smoke": Preset(
         model={**TINY_MODEL, "hidden_size": 32, "intermediate_size": 64, "num_experts": 2, "router_hidden_size": 16},
         recurrence=dict(RANDOM_DEPTH, train_recurrent_steps_max=2, num_recurrent_steps=2),
-        tasks=("pointer", "addition"),
-        train_difficulties=(1,),
-        test_difficulties=(1, 2),
+        tasks={"pointer": ((1,), (1, 2)), "addition": ((2,), (2, 3))},
         num_train_examples=64,
         num_test_per_difficulty=8,
         training=dict(max_steps=2, per_device_train_batch_size=8, learning_rate=3e-3),
@@ -142,12 +149,12 @@ PRESETS = {
     "default": Preset(
         model=TINY_MODEL,
         recurrence=RANDOM_DEPTH,
-        tasks=("pointer", "addition"),
-        train_difficulties=(1, 2),
-        test_difficulties=(1, 2, 3, 4),
+        # Addition of 1-3 digit numbers in training, up to 6 in test. 1 digit is trained but not tested: its 100
+        # prompts are too few for a disjoint test split of 200.
+        tasks={"addition": ((1, 2, 3), (2, 3, 4, 5, 6))},
         num_train_examples=40000,
         num_test_per_difficulty=200,
-        training=dict(max_steps=1200, per_device_train_batch_size=32, learning_rate=3e-3),
+        training=dict(max_steps=1500, per_device_train_batch_size=32, learning_rate=3e-3),
         seeds=3,
         recurrent_depths=(1, 2, 4, 8, 16, 32),
         moe_iterations=(1, 2, 4, 8),
@@ -166,9 +173,7 @@ PRESETS["guide"] = Preset(
         num_recurrent_steps=4,
         num_backprop_steps=4,
     ),
-    tasks=("pointer", "addition"),
-    train_difficulties=(1, 2, 3, 4),
-    test_difficulties=(1, 2, 3, 4, 5, 6, 7, 8),
+    tasks={"pointer": ((1, 2, 3), (1, 2, 3, 4, 5, 6)), "addition": ((2, 3, 4, 5), (2, 3, 4, 5, 6, 7, 8, 9, 10))},
     num_train_examples=200000,
     num_test_per_difficulty=500,
     training=dict(max_steps=20000, per_device_train_batch_size=64, learning_rate=6e-4, bf16=True),
@@ -383,9 +388,7 @@ class CompareData:
 
 def build_data(preset: Preset, args: CompareArguments, output_dir: Path) -> CompareData:
     raw = build_depth_dataset(
-        list(preset.tasks),
-        list(preset.train_difficulties),
-        list(preset.test_difficulties),
+        {task: (list(train), list(test)) for task, (train, test) in preset.tasks.items()},
         num_train=preset.num_train_examples,
         num_test_per_difficulty=preset.num_test_per_difficulty,
         seed=args.dataset_seed,
@@ -496,19 +499,22 @@ def score_answers(model, test, batch_size: int = 256, **depth) -> np.ndarray:
     """Greedy exact match of every test example, 0/1: the answer and eos are the argmax at every answer position.
 
     With teacher forcing on the reference answer, all answer tokens are argmax exactly when greedy decoding produces
-    the answer and then stops, so this equals greedy `generate` exact match in one forward pass per batch.
+    the answer and then stops, so this equals greedy `generate` exact match in one forward pass per batch. Examples
+    run in order of length, so a batch pads little.
     """
     model.eval()
-    hits = []
     device = next(model.parameters()).device
+    order = np.argsort([sum(mask) for mask in test["attention_mask"]], kind="stable")
+    hits = np.zeros(len(test), dtype=np.int8)
     for start in range(0, len(test), batch_size):
-        batch = collate([test[i] for i in range(start, min(start + batch_size, len(test)))])
+        index = order[start : start + batch_size]
+        batch = collate([test[int(i)] for i in index])
         batch = {name: tensor.to(device) for name, tensor in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **depth).logits
         labels = batch["labels"][:, 1:]
         correct = (logits[:, :-1].argmax(-1) == labels) | (labels == IGNORE_INDEX)  # (batch, seq - 1)
-        hits.append(correct.all(dim=1).cpu().numpy())
-    return np.concatenate(hits).astype(np.int8)
+        hits[index] = correct.all(dim=1).cpu().numpy()
+    return hits
 
 
 def depth_sweeps(config: MoREConfig, job: Job) -> dict[str, tuple[int, ...]]:
@@ -625,9 +631,8 @@ def write_card(variant_dir: Path, name: str, result: dict, preset: Preset, run: 
         return
     training_data = (
         f"Depth-controlled synthetic tasks of the MoRE repository (`examples/more_data.py`): "
-        f"{', '.join(preset.tasks)}, "
-        f"trained on difficulties {list(preset.train_difficulties)} ({preset.num_train_examples:,} examples), tested "
-        f"on {list(preset.test_difficulties)} ({preset.num_test_per_difficulty} examples each); {run['max_steps']} "
+        f"{preset.describe_splits()} ({preset.num_train_examples:,} training examples, "
+        f"{preset.num_test_per_difficulty} test examples per difficulty); {run['max_steps']} "
         f"steps of {run['batch_size']} examples, seed 0 of {len(run['seeds'])}; `examples/compare_more.py --preset "
         f"{run['preset']}` (variant `{name}`). The comparison over all seeds, with confidence intervals, is in "
         "`comparison.md` next to this directory."
@@ -658,7 +663,7 @@ def _cells(data: CompareData, preset: Preset) -> dict[tuple[str, int], np.ndarra
     return {
         (task, difficulty): np.flatnonzero((tasks == task) & (difficulties == difficulty))
         for task in preset.tasks
-        for difficulty in preset.test_difficulties
+        for difficulty in preset.tested(task)
     }
 
 
@@ -666,21 +671,20 @@ def summarise(runs: dict[str, list[dict]], data: CompareData, preset: Preset) ->
     """Per variant: accuracy with 95 % CI per task x difficulty, in- and out-of-distribution means, the paired
     difference to `ffn`, and the depth curves."""
     cells = _cells(data, preset)
-    trained = set(preset.train_difficulties)
     groups = {
-        "in_distribution": lambda difficulty: difficulty in trained,
-        "out_of_distribution": lambda difficulty: difficulty not in trained,
+        "in_distribution": lambda task, difficulty: difficulty in preset.trained(task),
+        "out_of_distribution": lambda task, difficulty: difficulty not in preset.trained(task),
     }
 
     def index_of(task: str, keep) -> np.ndarray:
         return np.concatenate(
-            [index for (t, d), index in cells.items() if t == task and keep(d)] or [np.array([], int)]
+            [index for (t, d), index in cells.items() if t == task and keep(t, d)] or [np.array([], int)]
         )
 
     def estimates(hits: np.ndarray, base: np.ndarray | None) -> dict:
         out = {}
         for task in preset.tasks:
-            entry = {str(d): bootstrap_accuracy(hits[:, cells[(task, d)]]).to_dict() for d in preset.test_difficulties}
+            entry = {str(d): bootstrap_accuracy(hits[:, cells[(task, d)]]).to_dict() for d in preset.tested(task)}
             for group, keep in groups.items():
                 index = index_of(task, keep)
                 if len(index):
@@ -688,7 +692,7 @@ def summarise(runs: dict[str, list[dict]], data: CompareData, preset: Preset) ->
             if base is not None:
                 entry["vs_ffn"] = {
                     str(d): paired_difference(hits[:, cells[(task, d)]], base[:, cells[(task, d)]]).to_dict()
-                    for d in preset.test_difficulties
+                    for d in preset.tested(task)
                 }
                 for group, keep in groups.items():
                     index = index_of(task, keep)
@@ -755,7 +759,7 @@ def variant_rows(results: dict, preset: Preset) -> tuple[list[str], list[list]]:
 
 def accuracy_rows(results: dict, preset: Preset, task: str) -> tuple[list[str], list[list]]:
     headers = ["variant", "in-distribution", "Δ vs ffn", "out-of-distribution", "Δ vs ffn"]
-    headers += [f"difficulty {d}" for d in preset.test_difficulties]
+    headers += [f"difficulty {d}" for d in preset.tested(task)]
     rows = []
     for name, result in results.items():
         entry = result["accuracy"][task]
@@ -767,7 +771,7 @@ def accuracy_rows(results: dict, preset: Preset, task: str) -> tuple[list[str], 
                 _delta(versus.get("in_distribution")) if versus else "(baseline)" if name == BASELINE else "–",
                 _ci(entry.get("out_of_distribution")),
                 _delta(versus.get("out_of_distribution")) if versus else "–",
-                *[_ci(entry[str(d)]) for d in preset.test_difficulties],
+                *[_ci(entry[str(d)]) for d in preset.tested(task)],
             ]
         )
     return headers, rows
@@ -782,7 +786,7 @@ def depth_rows(results: dict, preset: Preset, task: str) -> tuple[list[str], lis
         curves = result["depth_curves"]
         if not curves:
             continue
-        for difficulty in preset.test_difficulties:
+        for difficulty in preset.tested(task):
             cells = []
             for knob, depth in depths:
                 curve = curves.get(knob, {}).get(str(depth))
@@ -797,8 +801,8 @@ def render_comparison(results: dict, preset: Preset, run: dict) -> str:
         f"Preset `{run['preset']}`: {len(run['seeds'])} seeds per variant ({run['seeds']}), "
         f"{run['max_steps']} optimizer steps x {run['batch_size']} examples for every variant (equal steps = equal "
         f"data), parameters matched on **{run['match_parameters']}** counts to `ffn` "
-        f"(`{COMPUTE_MATCHED}`: training FLOPs per token matched to `recurrent` instead); trained on difficulties "
-        f"{list(preset.train_difficulties)}, tested on {list(preset.test_difficulties)} with "
+        f"(`{COMPUTE_MATCHED}`: training FLOPs per token matched to `recurrent` instead); "
+        f"{preset.describe_splits()}, with "
         f"{preset.num_test_per_difficulty} examples each (the same for every variant); wall time "
         f"{run['wall_seconds'] / 60:.1f} min on {run['device']}.",
         "Accuracy: greedy exact match, mean over seeds x examples [95 % bootstrap CI]. Δ vs ffn: paired bootstrap "
@@ -822,16 +826,16 @@ def plot_accuracy_by_difficulty(results: dict, preset: Preset, path: Path) -> No
     """Accuracy (95 % CI) against difficulty, one panel per task; the trained difficulties are shaded."""
     fig, axes = plt.subplots(1, len(preset.tasks), figsize=(5 * len(preset.tasks) + 2.5, 4), squeeze=False)
     for ax, task in zip(axes[0], preset.tasks, strict=True):
-        ax.axvspan(min(preset.train_difficulties) - 0.5, max(preset.train_difficulties) + 0.5, color="0.92")
+        ax.axvspan(min(preset.trained(task)) - 0.5, max(preset.trained(task)) + 0.5, color="0.92")
         for index, (name, result) in enumerate(results.items()):
-            entries = [result["accuracy"][task][str(d)] for d in preset.test_difficulties]
+            entries = [result["accuracy"][task][str(d)] for d in preset.tested(task)]
             means = np.array([e["mean"] for e in entries])
             errors = np.array([[e["mean"] - e["ci95"][0], e["ci95"][1] - e["mean"]] for e in entries]).T
             offset = (index - len(results) / 2) * 0.04
-            x = np.array(preset.test_difficulties) + offset
+            x = np.array(preset.tested(task)) + offset
             ax.errorbar(x, means, yerr=errors, fmt="-o", ms=3, capsize=2, color=f"C{index % 10}", label=name)
         ax.set(xlabel="difficulty (shaded: trained)", ylabel="exact match", title=task, ylim=(0, 1.02))
-        ax.set_xticks(preset.test_difficulties)
+        ax.set_xticks(preset.tested(task))
     _legend_outside(axes[0][-1])
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -847,17 +851,16 @@ def plot_depth_curves(results: dict, preset: Preset, path: Path) -> None:
     fig, axes = plt.subplots(
         len(panels), len(preset.tasks), figsize=(4.5 * len(preset.tasks) + 2.5, 3 * len(panels)), squeeze=False
     )
-    trained = set(preset.train_difficulties)
     for row, (name, knob) in enumerate(panels):
         curve = results[name]["depth_curves"][knob]
         depths = sorted(curve, key=int)
         for column, task in enumerate(preset.tasks):
             ax = axes[row][column]
-            for index, difficulty in enumerate(preset.test_difficulties):
+            for index, difficulty in enumerate(preset.tested(task)):
                 entries = [curve[d][task][str(difficulty)] for d in depths]
                 x = [int(d) for d in depths]
                 means = [e["mean"] for e in entries]
-                style = "-" if difficulty in trained else "--"
+                style = "-" if difficulty in preset.trained(task) else "--"
                 ax.plot(x, means, style, marker="o", ms=3, color=f"C{index}", label=f"difficulty {difficulty}")
                 ax.fill_between(
                     x, [e["ci95"][0] for e in entries], [e["ci95"][1] for e in entries], color=f"C{index}", alpha=0.15
@@ -1013,8 +1016,6 @@ def main():
     names = resolve_variants(args, preset)
     output_dir = Path(args.output_dir or f"outputs/compare-{args.preset}")
     output_dir.mkdir(parents=True, exist_ok=True)
-    # No profiler markers on the console (torch prints USDT notices when the ITT/USDT hooks are probed).
-    os.environ.setdefault("TORCH_DISABLE_USDT", "1")
     start = time.perf_counter()
 
     # 1. One tokenizer, training set and test set for every variant and seed.

@@ -378,32 +378,47 @@ def plot_depth_sweep(sweeps: dict[str, dict[int, dict]], path: Path, label: str 
 
 
 def plot_expert_load(routing: list[dict], path: Path) -> None:
-    """Share of assignments per expert for every MoE layer x iteration (balanced = 1/E everywhere)."""
-    load = np.array([row["load"] for row in routing])
-    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * load.shape[1], 1 + 0.4 * load.shape[0]))
-    image = ax.imshow(load, cmap="viridis", vmin=0, aspect="auto")
-    ax.set_yticks(range(len(routing)), [f"layer {r['layer']} it {r['iteration']}" for r in routing])
-    ax.set(xlabel="expert", title=f"expert load (balanced = {1 / load.shape[1]:.3f})")
+    """Share of assignments per expert for every MoE layer x iteration (balanced = 1/E everywhere), every cell
+    labelled with its share."""
+    load = np.array([row["load"] for row in routing])  # (layers x iterations, experts)
+    rows, experts = load.shape
+    fig, ax = plt.subplots(figsize=(3.5 + 0.7 * experts, 1.6 + 0.45 * rows))
+    image = ax.imshow(load, cmap="viridis", vmin=0, vmax=max(float(load.max()), 1e-9), aspect="auto")
+    for (row, expert), share in np.ndenumerate(load):
+        ax.text(
+            expert,
+            row,
+            f"{share:.2f}",
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="white" if share < 0.6 * load.max() else "black",
+        )
+    ax.set_xticks(range(experts), [str(e) for e in range(experts)])
+    ax.set_yticks(range(rows), [f"layer {r['layer']}, iteration {r['iteration'] + 1}" for r in routing])
+    ax.set(xlabel="expert", title=f"expert load (balanced = {1 / experts:.3f})")
     fig.colorbar(image, ax=ax, label="share of assignments")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
 def plot_routing_entropy(routing: list[dict], num_experts: int, healthy: tuple[float, float], path: Path) -> None:
-    """Routing entropy per iteration, one line per MoE layer, against the guide's healthy band and the uniform-routing
-    maximum log(E)."""
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    """Routing entropy per iteration (numbered from 1), one line per MoE layer, against the guide's healthy band and
+    the uniform-routing maximum log(E); entropy lies in [0, log E], so the band is drawn inside it."""
+    maximum = math.log(num_experts)
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
     for layer in sorted({row["layer"] for row in routing}):
         rows = [row for row in routing if row["layer"] == layer]
         ax.plot([r["iteration"] + 1 for r in rows], [r["router_entropy"] for r in rows], "-o", label=f"layer {layer}")
-    ax.axhspan(*healthy, color="green", alpha=0.1, label="healthy (guide §5.1)")
-    ax.axhline(math.log(num_experts), color="gray", ls="--", label="uniform")
+    ax.axhspan(
+        min(healthy[0], maximum), min(healthy[1], maximum), color="green", alpha=0.1, label="healthy (guide §5.1)"
+    )
+    ax.axhline(maximum, color="gray", ls="--", label="uniform = log E")
     ax.set_xticks(sorted({row["iteration"] + 1 for row in routing}))
+    ax.set_ylim(0, max(maximum, 1e-3) * 1.05)
     ax.set(xlabel="MoE iteration", ylabel="router entropy (nats)", title="routing entropy per iteration")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

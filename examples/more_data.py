@@ -567,42 +567,58 @@ DEPTH_FEATURES = Features({**{c: Value("string") for c in DEPTH_COLUMNS}, "diffi
 
 
 def build_depth_dataset(
-    tasks: list[str],
-    train_difficulties: list[int],
-    test_difficulties: list[int],
+    difficulties: dict[str, tuple[list[int], list[int]]],
     num_train: int,
     num_test_per_difficulty: int,
     seed: int = 0,
 ) -> DatasetDict:
-    """Train and test splits of depth-controlled tasks, split by difficulty (train on 1..K, test on 1..2K).
+    """Train and test splits of depth-controlled tasks, split by difficulty (e.g. train on 1..K, test on 1..2K).
 
-    Training examples cycle through tasks x `train_difficulties` (balanced); the test split holds exactly
-    `num_test_per_difficulty` examples of every task x test difficulty. No prompt appears twice in the whole
-    `DatasetDict`. The test split is drawn first from its own seeded stream, so it depends only on `seed`, the tasks
-    and the test difficulties: every variant and every training seed is scored on the same examples.
+    Args:
+        difficulties: task name -> (training difficulties, test difficulties).
+        num_train: Training examples; they cycle through every task x training difficulty (balanced).
+        num_test_per_difficulty: Test examples of every task x test difficulty (distinct prompts).
+        seed: Seed of both splits.
+
+    No training prompt is a test prompt (a training prompt may repeat where a difficulty has few distinct prompts).
+    The test split is drawn first from its own seeded stream, so it depends only on `seed` and the test cells: every
+    variant and every training seed is scored on the same examples.
 
     Returns:
         A `DatasetDict` with `train` and `test` splits and the columns `task`, `difficulty`, `prompt`, `answer`,
         `text`.
     """
-    if not tasks or not train_difficulties or not test_difficulties:
-        raise ValueError("tasks, train_difficulties and test_difficulties must each name at least one entry")
-    generators = {task: get_depth_task_generator(task) for task in tasks}
-    seen: set[str] = set()
+    if not difficulties or any(not train or not test for train, test in difficulties.values()):
+        raise ValueError(f"every task needs training and test difficulties, got {difficulties}")
+    generators = {task: get_depth_task_generator(task) for task in difficulties}
+    test_prompts: set[str] = set()
 
     def draw(split: str, cells: list[tuple[str, int]], size: int) -> Dataset:
         rng = random.Random(f"more-depth/{seed}/{split}")
         examples = []
         for index in range(size):
             task, difficulty = cells[index % len(cells)]
-            example = _draw_unseen(task, lambda r, t=task, d=difficulty: generators[t](r, d), rng, seen)
+            generate = lambda r, t=task, d=difficulty: generators[t](r, d)  # noqa: E731
+            if split == "test":
+                example = _draw_unseen(task, generate, rng, test_prompts)
+            else:
+                example = _draw_outside(task, generate, rng, test_prompts)
             examples.append({**_with_text(example), "difficulty": difficulty})
         return Dataset.from_dict({c: [e[c] for e in examples] for c in DEPTH_COLUMNS}, features=DEPTH_FEATURES)
 
-    test_cells = [(task, difficulty) for task in tasks for difficulty in test_difficulties]
-    train_cells = [(task, difficulty) for task in tasks for difficulty in train_difficulties]
+    test_cells = [(task, d) for task, (_, test) in difficulties.items() for d in test]
+    train_cells = [(task, d) for task, (train, _) in difficulties.items() for d in train]
     test = draw("test", test_cells, num_test_per_difficulty * len(test_cells))
     return DatasetDict({"train": draw("train", train_cells, num_train), "test": test})
+
+
+def _draw_outside(task: str, generate: TaskGenerator, rng: random.Random, excluded: set[str]) -> Example:
+    """Draws from `generate` until its prompt is not in `excluded` (repeats among the draws are allowed)."""
+    for _ in range(_MAX_ATTEMPTS):
+        example = generate(rng)
+        if example["prompt"] not in excluded:
+            return example
+    raise ValueError(f"Task {task!r} only draws prompts of the test split; it has too few distinct prompts")
 
 
 def train_word_level_tokenizer(texts: Iterable[str], model_max_length: int = 512) -> PreTrainedTokenizerFast:
@@ -617,8 +633,14 @@ def train_word_level_tokenizer(texts: Iterable[str], model_max_length: int = 512
     vocab.update({word: len(vocab) + index for index, word in enumerate(w for w in words if w not in vocab)})
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
-    return PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=model_max_length, **SPECIAL_TOKENS)
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
+    # No clean-up of "spaces before punctuation": `? c` must decode as written.
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False,
+        **SPECIAL_TOKENS,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
