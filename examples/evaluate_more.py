@@ -14,7 +14,6 @@ The data arguments are those of `train_more.py` (`--tasks`, `--num_test_examples
 split the model never saw, and perplexity covers the tokens the model was trained on (the answers by default).
 """
 
-import copy
 import json
 import logging
 import math
@@ -101,23 +100,9 @@ class EvaluationArguments:
 
 
 def count_parameters(model) -> dict[str, int]:
-    """Total parameters and those a token uses (active): all but the experts it is not routed to.
-
-    The per-expert share of an expert module is measured by building it with E and with 1 experts on the meta device,
-    so weights shared by all experts (the engine of `shared_recurrent`) count as active.
-    """
-    config = model.config
-    total = sum(p.numel() for p in model.parameters())
-    expert_class = modeling_more.get_expert_class(config.expert_type)
-    single = copy.deepcopy(config)
-    single.num_experts, single.num_experts_per_tok = 1, 1
-    with torch.device("meta"):
-        all_experts = sum(p.numel() for p in expert_class(config).parameters())
-        one_expert = sum(p.numel() for p in expert_class(single).parameters())
-    per_expert = (all_experts - one_expert) // max(config.num_experts - 1, 1)
-    moe_layers = config.num_hidden_layers - len(config.mlp_only_layers)
-    inactive = moe_layers * (config.num_experts - config.num_experts_per_tok) * per_expert
-    return {"total": total, "active": total - inactive}
+    """Total parameters and those a token uses (active): all but the experts it is not routed to
+    (`MoREPreTrainedModel.num_parameters(active=True)`)."""
+    return {"total": model.num_parameters(), "active": model.num_parameters(active=True)}
 
 
 def _forward_inputs(batch: dict) -> dict:

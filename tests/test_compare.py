@@ -106,7 +106,9 @@ def test_smoke_preset_every_variant_two_seeds_with_intervals(tmp_path, monkeypat
             for difficulty in tested:
                 _check_estimate(entry[str(difficulty)], 2, preset.num_test_per_difficulty)
             _check_estimate(entry["in_distribution"], 2, preset.num_test_per_difficulty * len(trained))
-            _check_estimate(entry["out_of_distribution"], 2, preset.num_test_per_difficulty * (len(tested) - len(trained)))
+            _check_estimate(
+                entry["out_of_distribution"], 2, preset.num_test_per_difficulty * (len(tested) - len(trained))
+            )
             if name != "ffn":
                 for key in [*map(str, tested), "in_distribution", "out_of_distribution"]:
                     versus = entry["vs_ffn"][key]
@@ -142,7 +144,12 @@ def test_guide_preset_dry_run_pretrains_on_a_local_corpus(tmp_path, monkeypatch)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"line {i} of a tiny corpus about pointers and sums" for i in range(200)))
     output_dir, comparison = _run(
-        tmp_path, monkeypatch, "--preset=guide", "--dry_run", f"--corpus_file={corpus}", "--variants=ffn,recurrent",
+        tmp_path,
+        monkeypatch,
+        "--preset=guide",
+        "--dry_run",
+        f"--corpus_file={corpus}",
+        "--variants=ffn,recurrent",
         "--num_workers=1",
     )
     assert comparison["run"]["preset"] == "guide" and comparison["run"]["dry_run"]

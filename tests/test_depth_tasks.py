@@ -119,7 +119,12 @@ def test_a_difficulty_with_too_few_prompts_fails_loudly():
 def test_word_level_tokenizer_round_trips_one_token_per_word(tmp_path):
     texts = _dataset()["train"]["text"]
     tokenizer = more_data.train_word_level_tokenizer(texts)
-    assert [tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id] == [0, 1, 2, 3]
+    assert [tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id] == [
+        0,
+        1,
+        2,
+        3,
+    ]
     words = sorted({word for text in texts for word in text.split()})
     assert len(tokenizer) == 4 + len(words)
     for text in texts[:50]:

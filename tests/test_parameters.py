@@ -80,3 +80,77 @@ def test_total_parameters_add_up(expert_type):
     expected = vocab * D + layers * per_layer + D
     assert sum(p.numel() for p in model.parameters()) == expected
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+# Multiply-adds of ONE expert on one routed token at r steps, as in the README's compute column.
+EXPERT_MADDS = {
+    "ffn": lambda d, f, f_r, g, r: 3 * d * f,
+    "recurrent": lambda d, f, f_r, g, r: r * (6 * d * d + 3 * d * f_r),
+    "shared_recurrent": lambda d, f, f_r, g, r: 2 * d * d + r * (6 * d * d + 3 * d * f_r),
+    "sandwich": lambda d, f, f_r, g, r: 2 * d * f + 3 * f * f + r * 3 * f * f,
+    "parallel": lambda d, f, f_r, g, r: 3 * d * f + 8 * d * d + g * d + 2 * g,
+    "sequential": lambda d, f, f_r, g, r: 3 * d * f + r * (8 * d * d + d),
+}
+
+
+def test_compute_formulas_cover_every_registered_type():
+    assert set(EXPERT_MADDS) == set(EXPERT_TYPES)
+
+
+@pytest.mark.parametrize("expert_type", EXPERT_TYPES)
+def test_active_parameters_leave_out_the_unrouted_experts(expert_type):
+    top_k = 2
+    model = tiny_model(
+        expert_type=expert_type,
+        hidden_size=D,
+        intermediate_size=F,
+        recurrent_intermediate_size=FR,
+        num_experts=E,
+        num_experts_per_tok=top_k,
+        parallel_gate_hidden_size=G,
+    )
+    per_expert = EXPERT_FORMULAS[expert_type](D, F, FR, 1, G)
+    if expert_type == "shared_recurrent":  # the engine is shared: only the projections belong to one expert
+        per_expert = 2 * D * D
+    layers = len(moe_blocks(model))
+    assert model.num_parameters() == sum(p.numel() for p in model.parameters())
+    assert model.num_parameters(active=True) == model.num_parameters() - layers * (E - top_k) * per_expert
+
+
+@pytest.mark.parametrize("expert_type", EXPERT_TYPES)
+@pytest.mark.parametrize("steps", [1, 3])
+def test_flops_per_token_follow_the_readme_formulas(expert_type, steps):
+    vocab, layers, top_k, iterations = 100, 2, 2, 2
+    model = tiny_model(
+        expert_type=expert_type,
+        hidden_size=D,
+        intermediate_size=F,
+        recurrent_intermediate_size=FR,
+        num_experts=E,
+        num_experts_per_tok=top_k,
+        parallel_gate_hidden_size=G,
+    )
+    attention, router = 4 * D * D, E * D
+    expert = EXPERT_MADDS[expert_type](D, F, FR, G, steps)
+    expected = 2 * (vocab * D + layers * (attention + iterations * (router + top_k * expert)))
+    assert model.flops_per_token(num_recurrent_steps=steps, num_moe_iterations=iterations) == expected
+    # The config's depth is the default.
+    config = model.config
+    assert model.flops_per_token() == model.flops_per_token(config.num_recurrent_steps, config.num_moe_iterations)
+
+
+def test_flops_count_dense_layers_shared_experts_and_the_layerwise_router_cell():
+    model = tiny_model(
+        hidden_size=D,
+        intermediate_size=F,
+        num_experts=E,
+        router_type="gru",
+        router_hidden_size=H,
+        shared_expert_intermediate_size=F,
+        mlp_only_layers=[0],
+    )
+    dense, attention = 3 * D * F, 4 * D * D
+    router = H * D + E * H + _cell("gru", H)  # input projection + head, then the shared cell once per layer
+    shared = 3 * D * F + D  # shared expert and its gate
+    expected = 2 * (100 * D + 2 * attention + dense + router + 3 * D * F + shared)
+    assert model.flops_per_token() == expected
