@@ -962,8 +962,9 @@ def run_jobs(jobs: list[Job], data: CompareData, num_workers: int, modules: list
     context = multiprocessing.get_context("spawn")
     manager = context.Manager()
     queue = manager.Queue()
-    # Longest jobs first, so the last minutes do not wait on one slow variant.
-    order = sorted(range(len(jobs)), key=lambda i: -jobs[i].config.get("_cost", 0))
+    # Costliest jobs first (training FLOPs per token), so the last minutes do not wait on one slow variant.
+    costs = [training_flops_per_token(MoREConfig(**job.config)) for job in jobs]
+    order = sorted(range(len(jobs)), key=lambda i: -costs[i])
     with context.Pool(num_workers, initializer=_worker_init, initargs=(modules,), maxtasksperchild=None) as pool:
         pending = {i: pool.apply_async(run_job, (jobs[i], data, queue)) for i in order}
         results = {}
@@ -1037,7 +1038,7 @@ def main():
         Job(
             variant=name,
             seed=seed,
-            config={**config.to_dict(), "_cost": training_flops_per_token(config)},
+            config=config.to_dict(),
             output_dir=str(output_dir / name),
             save_model=seed == 0,
             training=training,
@@ -1048,8 +1049,6 @@ def main():
         for name, config in configs.items()
         for seed in range(num_seeds)
     ]
-    for job in jobs:
-        job.config.pop("_cost") if args.num_workers <= 1 else None
     outcomes = run_jobs(jobs, data, args.num_workers, modules)
     runs = {name: [o for o in outcomes if o["variant"] == name] for name in configs}
 
