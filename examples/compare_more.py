@@ -236,6 +236,9 @@ class CompareArguments:
     corpus_config_name: str | None = field(default=None, metadata={"help": "Its configuration (wikitext-103-raw-v1)."})
     corpus_file: str | None = field(default=None, metadata={"help": "guide preset: a local .txt corpus instead."})
     corpus_steps: int = field(default=10000, metadata={"help": "guide preset: optimizer steps of corpus pretraining."})
+    resume: bool = field(
+        default=False, metadata={"help": "Load the results of jobs (variant x seed) that finished in an earlier run."}
+    )
     dry_run: bool = field(
         default=False, metadata={"help": "Run the preset's pipeline with 2 steps and a few examples (for tests)."}
     )
@@ -557,9 +560,21 @@ def run_job(job: Job, data: CompareData, queue=None) -> dict:
         "scores": scores,
         "training_log": logs,
     }
-    if job.save_model:
-        result["diagnostics"] = save_variant(model, tokenizer, data, scores, output_dir)
+    if is_main_process():
+        if job.save_model:
+            result["diagnostics"] = save_variant(model, tokenizer, data, scores, output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        Path(job_result_path(job)).write_text(json.dumps(result))
     return result
+
+
+def job_result_path(job: Job) -> str:
+    return str(Path(job.output_dir) / f"result-seed{job.seed}.json")
+
+
+def is_main_process() -> bool:
+    """Rank 0 under `accelerate launch` / torchrun (every rank trains; one writes)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def save_variant(model, tokenizer, data: CompareData, scores: dict, output_dir: Path) -> dict:
@@ -1049,8 +1064,22 @@ def main():
         for name, config in configs.items()
         for seed in range(num_seeds)
     ]
-    outcomes = run_jobs(jobs, data, args.num_workers, modules)
+    # A finished job leaves its result file; `--resume` loads it instead of training again (the guide preset is long).
+    done = {
+        i: json.loads(Path(job_result_path(job)).read_text())
+        for i, job in enumerate(jobs)
+        if args.resume and Path(job_result_path(job)).exists()
+    }
+    todo = [job for i, job in enumerate(jobs) if i not in done]
+    if done:
+        logger.info("Resuming: %d of %d jobs already finished", len(done), len(jobs))
+    # On GPUs (and under `accelerate launch`) jobs run one after another in this process, on its device(s).
+    num_workers = 1 if torch.cuda.is_available() or "LOCAL_RANK" in os.environ else args.num_workers
+    fresh = iter(run_jobs(todo, data, num_workers, modules))
+    outcomes = [done[i] if i in done else next(fresh) for i in range(len(jobs))]
     runs = {name: [o for o in outcomes if o["variant"] == name] for name in configs}
+    if not is_main_process():
+        return
 
     # 4. Statistics, tables, plots, model cards.
     results = summarise(runs, data, preset)

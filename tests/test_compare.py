@@ -167,3 +167,16 @@ def test_unknown_variant_preset_and_match_mode_are_refused(tmp_path, monkeypatch
         _run(tmp_path, monkeypatch, "--preset=huge")
     with pytest.raises(ValueError, match="corpus"):
         _run(tmp_path, monkeypatch, "--preset=guide", "--dry_run", "--variants=ffn", "--num_workers=1")
+
+
+def test_resume_loads_finished_jobs_instead_of_training(tmp_path, monkeypatch):
+    output_dir, first = _run(tmp_path, monkeypatch, "--variants=ffn,recurrent", "--seeds=1")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished job was trained again")
+
+    monkeypatch.setattr(compare_more, "run_jobs", lambda jobs, *args: [] if not jobs else refuse())
+    _, second = _run(tmp_path, monkeypatch, "--variants=ffn,recurrent", "--seeds=1", "--resume")
+    for name in ("ffn", "recurrent"):
+        assert second["results"][name]["accuracy"] == first["results"][name]["accuracy"]
+        assert second["results"][name]["depth_curves"] == first["results"][name]["depth_curves"]
