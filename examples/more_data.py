@@ -5,6 +5,10 @@ Everything here runs without the Hugging Face Hub and is seeded and deterministi
 - **Reasoning tasks** (`TASK_GENERATORS`, `build_reasoning_dataset`): bAbI-style stories (tasks 1, 2, 3, 7, 14, 15,
   16 and 19 of Weston et al., 2015, in the numbered story/question shape of the bAbI v1.2 files), the research guide's
   2-4 digit arithmetic and word problems, and simple linear equations. Answers are correct by construction.
+- **Depth-controlled tasks** (`DEPTH_TASK_GENERATORS`, `build_depth_dataset`): pointer chasing (difficulty = hops)
+  and digit addition (difficulty = digits), split by difficulty, with a word-level tokenizer
+  (`train_word_level_tokenizer`); the main job (`compare_more.py`) uses them. Their prompts end where the answer
+  starts (no `Answer:` cue), so the first computation step happens where the answer is predicted.
 - **Original bAbI files** (`parse_babi_file`, `load_babi_dir`): the `qaN_*_train.txt` / `qaN_*_test.txt` files of
   bAbI v1.2, turned into the same prompt/answer examples.
 - **Text corpora** (`load_text_corpus`, `chunk_corpus`): a Hub dataset such as WikiText-103 or local `.txt` files,
