@@ -75,6 +75,8 @@ logger = logging.getLogger(__name__)
 BASELINE = "ffn"
 COMPUTE_MATCHED = "ffn_compute_matched"
 DEPTH_KNOBS = {"num_recurrent_steps": "r", "num_moe_iterations": "T"}
+LEARNING_CURVE_POINTS = 6  # in-distribution accuracy this many times along training
+PLOTS = ("accuracy.png", "depth.png", "accuracy_vs_flops.png", "learning_curves.png", "training.png")
 
 
 @dataclass(frozen=True)
@@ -385,6 +387,7 @@ class CompareData:
     test: object
     test_tasks: list[str]
     test_difficulties: list[int]
+    in_distribution: list[int]  # test example indices of trained difficulties (the learning curves)
     corpus_train: object | None = None
     corpus_validation: object | None = None
 
@@ -411,6 +414,11 @@ def build_data(preset: Preset, args: CompareArguments, output_dir: Path) -> Comp
         test=tokenized["test"],
         test_tasks=list(raw["test"]["task"]),
         test_difficulties=list(raw["test"]["difficulty"]),
+        in_distribution=[
+            i
+            for i, (task, difficulty) in enumerate(zip(raw["test"]["task"], raw["test"]["difficulty"], strict=True))
+            if difficulty in preset.trained(task)
+        ],
     )
     if corpus is not None:
         data.corpus_train = chunk_corpus(corpus["train"], tokenizer, preset.max_length)
@@ -464,6 +472,30 @@ class _ProgressCallback(TrainerCallback):
             self.queue.put(1)
 
 
+class _LearningCurve(TrainerCallback):
+    """Scores the in-distribution test examples at the default depth `points` times along training, and keeps the
+    training time spent so far without these evaluations: accuracy against steps, FLOPs and seconds, so variants can
+    be compared at equal time or compute as well as at equal steps."""
+
+    def __init__(self, test, points: int):
+        self.test, self.points = test, points
+        self.curve: list[dict] = []
+        self.eval_seconds = 0.0
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        every = max(1, state.max_steps // self.points)
+        if state.global_step % every and state.global_step != state.max_steps:
+            return
+        start = time.perf_counter()
+        accuracy = float(score_answers(model, self.test).mean())
+        model.train()
+        self.curve.append(
+            {"step": state.global_step, "seconds": start - self.start - self.eval_seconds, "accuracy": accuracy}
+        )
+        self.eval_seconds += time.perf_counter() - start
+
+
 def _training_arguments(job: Job, output_dir: Path, max_steps: int) -> TrainingArguments:
     training = {
         **TRAINING_DEFAULTS,
@@ -483,14 +515,14 @@ def _training_arguments(job: Job, output_dir: Path, max_steps: int) -> TrainingA
     )
 
 
-def _train(model, dataset, training_args: TrainingArguments, tokenizer, queue) -> list[dict]:
+def _train(model, dataset, training_args: TrainingArguments, tokenizer, queue, curve=None) -> list[dict]:
     trainer = MoRETrainer(
         model=model,
         args=training_args,
         train_dataset=dataset,
         processing_class=tokenizer,
         data_collator=collate,
-        callbacks=[_ProgressCallback(queue)],
+        callbacks=[_ProgressCallback(queue)] + ([curve] if curve is not None else []),
     )
     trainer.remove_callback(PrinterCallback)  # the main process shows one progress bar for every job
     trainer.train()
@@ -548,8 +580,9 @@ def run_job(job: Job, data: CompareData, queue=None) -> dict:
         args = _training_arguments(job, output_dir / f"pretrain-seed{job.seed}", job.corpus_steps)
         logs += _train(model, data.corpus_train, args, tokenizer, queue)
     args = _training_arguments(job, output_dir / f"trainer-seed{job.seed}", job.training["max_steps"])
-    logs += _train(model, data.train, args, tokenizer, queue)
-    train_seconds = time.perf_counter() - start
+    curve = _LearningCurve(data.test.select(data.in_distribution), LEARNING_CURVE_POINTS)
+    logs += _train(model, data.train, args, tokenizer, queue, curve)
+    train_seconds = time.perf_counter() - start - curve.eval_seconds
     scores = {"default": score_answers(model, data.test).tolist()}
     for knob, depths in depth_sweeps(config, job).items():
         scores[knob] = {str(depth): score_answers(model, data.test, **{knob: depth}).tolist() for depth in depths}
@@ -559,6 +592,7 @@ def run_job(job: Job, data: CompareData, queue=None) -> dict:
         "train_seconds": train_seconds,
         "scores": scores,
         "training_log": logs,
+        "learning_curve": curve.curve,
     }
     if is_main_process():
         if job.save_model:
@@ -929,6 +963,28 @@ def plot_accuracy_vs_flops(results: dict, preset: Preset, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_learning_curves(runs: dict[str, list[dict]], results: dict, path: Path) -> None:
+    """In-distribution accuracy along training (mean over seeds) against training FLOPs and against training seconds:
+    where the equal-steps ranking differs from an equal-compute or equal-time one, the curves show it."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for index, (name, variant_runs) in enumerate(runs.items()):
+        curves = [run["learning_curve"] for run in variant_runs]
+        steps = np.array([point["step"] for point in curves[0]])
+        accuracy = np.mean([[point["accuracy"] for point in curve] for curve in curves], axis=0)
+        seconds = np.mean([[point["seconds"] for point in curve] for curve in curves], axis=0)
+        flops = results[name]["training_flops"] * steps / steps[-1]
+        for ax, x in zip(axes, (flops, seconds), strict=True):
+            ax.plot(x, accuracy, "-o", ms=3, color=f"C{index % 10}", label=name)
+    axes[0].set(xlabel="training FLOPs", ylabel="exact match, trained difficulties", xscale="log", ylim=(0, 1.02))
+    axes[1].set(xlabel="training seconds (one CPU thread)", ylabel="exact match, trained difficulties", ylim=(0, 1.02))
+    axes[0].set_title("accuracy vs compute")
+    axes[1].set_title("accuracy vs time")
+    _legend_outside(axes[1])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_training(runs: dict[str, list[dict]], path: Path) -> None:
     """Language-model loss along training of every variant (mean over seeds)."""
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -1096,6 +1152,7 @@ def main():
             training_flops_per_token=training_flops_per_token(config),
             training_flops=training_flops_per_token(config) * tokens_per_step * training["max_steps"],
             train_seconds=[run["train_seconds"] for run in sorted(runs[name], key=lambda r: r["seed"])],
+            learning_curves=[run["learning_curve"] for run in sorted(runs[name], key=lambda r: r["seed"])],
             diagnostics=next((run["diagnostics"] for run in runs[name] if "diagnostics" in run), None),
         )
     run = {
@@ -1118,6 +1175,7 @@ def main():
     plot_depth_curves(results, preset, output_dir / "depth.png")
     plot_accuracy_vs_flops(results, preset, output_dir / "accuracy_vs_flops.png")
     plot_training(runs, output_dir / "training.png")
+    plot_learning_curves(runs, results, output_dir / "learning_curves.png")
     for name in configs:
         write_card(output_dir / name, name, results[name], preset, run)
     print(report)
@@ -1126,7 +1184,7 @@ def main():
         run["wall_seconds"] / 60,
         output_dir / "comparison.json",
         output_dir / "comparison.md",
-        ", ".join(str(output_dir / p) for p in ("accuracy.png", "depth.png", "accuracy_vs_flops.png", "training.png")),
+        ", ".join(str(output_dir / p) for p in PLOTS),
     )
 
 

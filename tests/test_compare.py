@@ -101,6 +101,15 @@ def test_smoke_preset_every_variant_two_seeds_with_intervals(tmp_path, monkeypat
         for key in ("flops_per_token", "active_params", "total_params", "training_flops"):
             assert result[key] > 0, (name, key)
         assert len(result["train_seconds"]) == 2
+        # Learning curves: in-distribution accuracy at increasing steps and training seconds, per seed.
+        for curve in result["learning_curves"]:
+            assert [point["step"] for point in curve] == [1, 2]
+            assert 0 < curve[0]["seconds"] < curve[1]["seconds"]
+            assert all(0 <= point["accuracy"] <= 1 for point in curve)
+        # The last point scores the final weights: it is the seed's in-distribution accuracy (tasks of equal size).
+        for seed, curve in enumerate(result["learning_curves"]):
+            per_task = [result["accuracy"][task]["in_distribution"]["per_seed"][seed] for task in preset.tasks]
+            assert curve[-1]["accuracy"] == pytest.approx(np.mean(per_task))
         for task, (trained, tested) in preset.tasks.items():
             entry = result["accuracy"][task]
             for difficulty in tested:
@@ -126,7 +135,7 @@ def test_smoke_preset_every_variant_two_seeds_with_intervals(tmp_path, monkeypat
     for name in results:
         for file in ("model.safetensors", "config.json", "tokenizer.json", "README.md", "eval_results.json"):
             assert (output_dir / name / file).exists(), (name, file)
-    for plot in ("accuracy.png", "depth.png", "accuracy_vs_flops.png", "training.png"):
+    for plot in compare_more.PLOTS:
         assert (output_dir / plot).read_bytes()[:4] == b"\x89PNG"
     report = (output_dir / "comparison.md").read_text()
     assert "95 % bootstrap CI" in report and "no difference" in report and "r=2" in report
