@@ -975,7 +975,7 @@ def plot_learning_curves(runs: dict[str, list[dict]], results: dict, path: Path)
         flops = results[name]["training_flops"] * steps / steps[-1]
         for ax, x in zip(axes, (flops, seconds), strict=True):
             ax.plot(x, accuracy, "-o", ms=3, color=f"C{index % 10}", label=name)
-    axes[0].set(xlabel="training FLOPs", ylabel="exact match, trained difficulties", xscale="log", ylim=(0, 1.02))
+    axes[0].set(xlabel="training FLOPs", ylabel="exact match, trained difficulties", ylim=(0, 1.02))
     axes[1].set(xlabel="training seconds (one CPU thread)", ylabel="exact match, trained difficulties", ylim=(0, 1.02))
     axes[0].set_title("accuracy vs compute")
     axes[1].set_title("accuracy vs time")
