@@ -17,7 +17,11 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import DynamicCache
 from transformers.distributed.expert_parallel import ExpertParallelLayer, MoEParamShard, apply_expert_parallelism
-from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES, _use_local_dtensor_params
+from transformers.distributed.parallel_utils import (
+    ALL_PARALLEL_STYLES,
+    _use_local_dtensor_params,
+    replace_layer_number_by_wildcard,
+)
 from transformers.distributed.tensor_parallel import TensorParallelLayer
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
@@ -519,6 +523,8 @@ class MoRERecurrentExperts(MoREExperts):
         """One step for the rows still iterating only; rows whose relative latent change falls below the threshold
         (after `exit_min_steps`) leave the active set and keep their state."""
         active = ctx.active_index
+        if active.numel() == 0:  # no kept row at all (e.g. all padding): nothing runs, the loop stops after this step
+            return state
         old = state[active]
         new = self.step(old, _take_rows(static, active), ctx.full_dispatch.subset(active), ctx, step_idx)
         ctx.steps_taken = ctx.steps_taken.index_add(0, active, torch.ones_like(active, dtype=torch.float))
@@ -1303,6 +1309,8 @@ class MoREExpertPool:
     def commit(self, dispatch: MoREDispatch):
         """Append the kept rows of this call with the keys/values staged at every step."""
         steps = len(self._staged)
+        if steps == 0:  # no step ran (no kept row under adaptive exit): nothing to cache
+            return
         keys = torch.stack([self._staged[i][0] for i in range(steps)], dim=1)  # (rows, steps, heads, head_dim)
         values = torch.stack([self._staged[i][1] for i in range(steps)], dim=1)
         self._staged = {}
@@ -1612,12 +1620,16 @@ class MoREPreTrainedModel(PreTrainedModel):
         return super()._activation_checkpointing_enable(activation_checkpointing_kwargs, *args, **kwargs)
 
     def init_parallel_plans(self):
-        """Transformers' plans (the config's `base_model_tp_plan`) plus the expert type's own `tp_plan` / `ep_plan`."""
+        """Transformers' plans (the config's `base_model_tp_plan`) plus the expert type's own `tp_plan` / `ep_plan`,
+        keeping the rules that name something in this model (dense layers and the shared expert are optional)."""
         super().init_parallel_plans()
         if self.base_model is self:
             experts = get_expert_class(self.config.expert_type)
-            self._tp_plan.update(plan_under("layers.*.mlp.experts", experts.tp_plan))
-            self._ep_plan.update(plan_under("layers.*.mlp.experts", experts.ep_plan))
+            names = {replace_layer_number_by_wildcard(n) for n, _ in (*self.named_modules(), *self.named_parameters())}
+            for plan, own in ((self._tp_plan, experts.tp_plan), (self._ep_plan, experts.ep_plan)):
+                plan.update(plan_under("layers.*.mlp.experts", own))
+                for name in plan.keys() - names:
+                    del plan[name]
 
     def _resolve_parallel_plans(self, distributed_config):
         """Check that the config splits over the requested groups before Transformers builds the plans."""

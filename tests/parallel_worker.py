@@ -4,8 +4,8 @@
 
 ROOT holds `cases.json` (checkpoint names), the checkpoints and `inputs.pt`. For every checkpoint and mode (`tp`:
 `tp_plan="auto"`, `ep`: `DistributedConfig(tp_size=2, ep_size=2)`) this rank loads the model sharded, runs a forward
-without and with gradients, a backward, greedy generation, saves the model, and writes what it saw to
-`ROOT/<name>-<mode>-rank<r>.pt`; the test compares it with one process.
+without gradients (also with recurrence statistics and adaptive exit) and with them, a backward, greedy generation,
+saves the model, and writes what it saw to `ROOT/<name>-<mode>-rank<r>.pt`; the test compares it with one process.
 """
 
 import json
@@ -33,6 +33,8 @@ def run_case(root, name, mode, inputs):
     model = AutoModelForCausalLM.from_pretrained(os.path.join(root, name), **MODES[mode]).eval()
     with torch.no_grad():
         logits = model(**inputs).logits
+        stats = model(**inputs, output_recurrence_stats=True).recurrence_stats
+        adaptive = model(**inputs, output_recurrence_stats=True, adaptive_exit_threshold=0.3, num_recurrent_steps=6)
     out = model(**inputs, labels=inputs["input_ids"])
     out.loss.backward()
     # Gradients gathered to full tensors, and each parameter's local shard size (what this rank stores).
@@ -44,6 +46,11 @@ def run_case(root, name, mode, inputs):
     rank = torch.distributed.get_rank()
     result = {
         "logits": logits,
+        "stats": stats,
+        "adaptive_logits": adaptive.logits,
+        "adaptive_steps": [
+            layer["steps_per_token"] for layer in adaptive.recurrence_stats if "steps_per_token" in layer
+        ],
         "train_logits": out.logits.detach(),
         "loss": out.loss.detach(),
         "grads": grads,
