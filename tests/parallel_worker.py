@@ -5,7 +5,8 @@
 ROOT holds `cases.json` (checkpoint names), the checkpoints and `inputs.pt`. For every checkpoint and mode (`tp`:
 `tp_plan="auto"`, `ep`: `DistributedConfig(tp_size=2, ep_size=2)`) this rank loads the model sharded, runs a forward
 without gradients (also with recurrence statistics and adaptive exit) and with them, a backward, greedy generation,
-saves the model, and writes what it saw to `ROOT/<name>-<mode>-rank<r>.pt`; the test compares it with one process.
+saves the model, trains it a few steps, and writes what it saw to `ROOT/<name>-<mode>-rank<r>.pt`; the test compares
+it with one process.
 """
 
 import json
@@ -29,6 +30,21 @@ def local(tensor):
     return tensor.to_local() if isinstance(tensor, torch.distributed.tensor.DTensor) else tensor
 
 
+def train_losses(model, inputs, steps=3):
+    """Losses of a few AdamW steps in training mode (depth drawn per step from the seeded global generator)."""
+    model.train()
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
+    losses = []
+    for _ in range(steps):
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def run_case(root, name, mode, inputs):
     model = AutoModelForCausalLM.from_pretrained(os.path.join(root, name), **MODES[mode]).eval()
     with torch.no_grad():
@@ -43,6 +59,8 @@ def run_case(root, name, mode, inputs):
     with torch.no_grad():
         generated = model.generate(**inputs, max_new_tokens=4, do_sample=False, num_recurrent_steps=3)
     model.save_pretrained(os.path.join(root, f"{name}-{mode}-saved"))
+    model.zero_grad()
+    losses = train_losses(model, inputs)
     rank = torch.distributed.get_rank()
     result = {
         "logits": logits,
@@ -56,6 +74,7 @@ def run_case(root, name, mode, inputs):
         "grads": grads,
         "local_numel": local_numel,
         "generated": generated,
+        "train_losses": losses,
     }
     torch.save(result, os.path.join(root, f"{name}-{mode}-rank{rank}.pt"))
 
