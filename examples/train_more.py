@@ -8,7 +8,7 @@ text corpus, logging the research guide's MoE health metrics and optionally foll
         --tokenizer_name_or_path gpt2 --max_length 512 --curriculum "0:128:1,10000:256:2,20000:512:4,30000:512:8" \\
         --output_dir outputs/base --bf16 --activation_checkpointing
     accelerate launch --config_file examples/configs/accelerate_multi_gpu.yaml examples/train_more.py ...
-    torchrun --nproc_per_node 2 examples/train_more.py --tp_size 2 --ep_size 2 ...   # tensor / expert parallel
+    torchrun --nproc_per_node 2 examples/train_more.py --tp_size 2 --ep_size 2 ...   # tensor / expert parallel, GPUs
     python examples/train_more.py train_args.json          # the same arguments from a JSON file
 
 The output directory holds the model (with `configuration_more.py` / `modeling_more.py` for `trust_remote_code`), its
@@ -188,6 +188,14 @@ def load_model(model_args: ModelArguments, config: MoREConfig, training_args: Tr
         if path is not None:
             return AutoModelForCausalLM.from_pretrained(path, config=config)
         return AutoModelForCausalLM.from_config(config)
+    if training_args.use_cpu or not torch.cuda.is_available():
+        # Trainer hands accelerate a ParallelismConfig for a TP/EP model, which accelerate 1.15 refuses on CPU ranks
+        # (DistributedType.MULTI_CPU); with that check bypassed the run matches one process (README).
+        raise ValueError(
+            "--tp_size / --ep_size train with the Trainer on GPUs only: accelerate refuses its ParallelismConfig on "
+            "CPU ranks. On CPU, `torchrun --nproc_per_node 2 examples/parallel_more.py train --mode tp|ep` trains "
+            "the sharded model with a plain AdamW loop."
+        )
     distributed_config = DistributedConfig(tp_size=model_args.tp_size, ep_size=model_args.ep_size)
     if path is None:
         path = str(Path(training_args.output_dir) / "initial_model")

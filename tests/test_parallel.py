@@ -159,3 +159,14 @@ def test_plans_name_only_what_the_model_has():
         "model.layers.*.mlp.experts.w_out": "grouped_gemm",
         "model.layers.*.mlp.experts": "more_ep_experts",
     }
+
+
+def test_train_script_refuses_tensor_parallel_trainer_runs_on_cpu(tmp_path):
+    """accelerate refuses the Trainer's ParallelismConfig on CPU ranks: train_more.py says so, naming the CPU path."""
+    sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
+    from train_more import ModelArguments, TrainingArguments, load_model
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    with pytest.raises(ValueError, match=r"GPUs only.*parallel_more.py train"):
+        load_model(ModelArguments(tp_size=2), tiny_model().config, args)
+    assert load_model(ModelArguments(), tiny_model().config, args).config.num_experts == 4
