@@ -713,7 +713,7 @@ class MoRESandwichExperts(MoRERecurrentExperts):
     ep_plan = dict.fromkeys(
         ("expand", "contract", "gru_w_ih", "gru_w_hh", "gru_ih_bias", "gru_hh_bias"), "grouped_gemm"
     )
-    ep_plan[""] = "more_ep_experts"
+    ep_plan |= {"": "more_ep_experts"}
 
     def __init__(self, config: MoREConfig):
         super().__init__(config)
@@ -759,7 +759,7 @@ class MoRESequentialExperts(MoRERecurrentExperts):
     ep_plan = plan_under("ffn", dict.fromkeys(("gate_up_proj", "down_proj"), "grouped_gemm")) | dict.fromkeys(
         ("lstm_w_ih", "lstm_w_hh", "lstm_bias", "refine_gate", "refine_gate_bias"), "grouped_gemm"
     )
-    ep_plan[""] = "more_ep_experts"
+    ep_plan |= {"": "more_ep_experts"}
 
     def __init__(self, config: MoREConfig):
         super().__init__(config)
@@ -800,7 +800,7 @@ class MoREParallelExperts(MoREExperts):
     ep_plan = plan_under("ffn", dict.fromkeys(("gate_up_proj", "down_proj"), "grouped_gemm")) | dict.fromkeys(
         ("lstm_w_ih", "lstm_w_hh", "lstm_bias", "gate_in", "gate_in_bias", "gate_out", "gate_out_bias"), "grouped_gemm"
     )
-    ep_plan[""] = "more_ep_experts"
+    ep_plan |= {"": "more_ep_experts"}
 
     def __init__(self, config: MoREConfig):
         super().__init__(config)
@@ -1460,6 +1460,7 @@ def local_dispatch(dispatch: MoREDispatch, first_expert: int, num_local: int):
 
     Returns the dispatch and the rows' indices (local rows,). A rank none of whose experts got a row runs one dropped
     row instead, so that every rank's graph reaches the shared input and runs the same collectives in backward.
+    Reading the local row count is one host sync per call.
     """
     shifted = dispatch.expert_index - first_expert  # (rows,)
     index = ((shifted >= 0) & (shifted < num_local)).nonzero().squeeze(1)  # (local rows,)
