@@ -22,10 +22,15 @@ import modeling_more  # noqa: F401  (registers MoRE with the Auto classes)
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TESTS_DIR)
 MODES = ("tp", "ep")
-# Every expert type, top-2 with a shared expert and a dense layer; plus a model whose router sends every token to
-# experts 0 and 1, so under EP rank 1 has no rows (its graph and collectives must still match rank 0's). No latent
+# Every expert type, top-2 with a shared expert and a dense layer; plus a model whose router gives every expert the
+# same logit, so top-2 sends every token to the same two experts and under EP one rank has no rows (its graph and
+# collectives must still match the other rank's). No latent
 # noise: under EP each rank draws it for its own rows, so training steps would differ from one process.
-CASES = {name: {"expert_type": name} for name in EXPERT_TYPES} | {"one_rank": {"expert_type": "recurrent"}}
+# One more with a token-wise router (a router cache) over two Synthesis II iterations.
+CASES = {name: {"expert_type": name} for name in EXPERT_TYPES} | {
+    "one_rank": {"expert_type": "recurrent"},
+    "token_router_iterated": {"expert_type": "parallel", "router_type": "gru_token", "num_moe_iterations": 2},
+}
 
 
 def _free_port() -> int:
@@ -46,7 +51,7 @@ def _build(root):
         )
         if name == "one_rank":
             for layer in model.model.layers[1:]:
-                torch.nn.init.zeros_(layer.mlp.gate.weight)  # equal logits: top-2 picks experts 0 and 1
+                torch.nn.init.zeros_(layer.mlp.gate.weight)
         model.save_pretrained(os.path.join(root, name))
     ids = random_ids(2, 8)
     mask = torch.ones_like(ids)
@@ -109,6 +114,15 @@ def test_sharded_model_matches_one_process(runs, name, mode):
             steps = [layer["steps_per_token"] for layer in adaptive.recurrence_stats if "steps_per_token" in layer]
             for got_steps, want in zip(got["adaptive_steps"], steps, strict=True):
                 torch.testing.assert_close(got_steps, want)
+
+
+def test_one_rank_case_leaves_an_expert_parallel_rank_without_rows(runs):
+    model, inputs = _reference(runs, "one_rank")[:2]
+    with torch.no_grad():
+        router_logits = model(**inputs, output_router_logits=True).router_logits
+    for logits in router_logits:
+        owners = torch.topk(logits, 2).indices // (model.config.num_experts // 2)  # (tokens, 2) EP rank of each expert
+        assert owners.unique().numel() == 1
 
 
 @pytest.mark.parametrize("mode", MODES)
