@@ -96,6 +96,21 @@ class MoREConfig(PreTrainedConfig):
         "router_z_loss_weight": "router_z_loss_coef",
         "num_local_experts": "num_experts",
     }
+    # Tensor parallelism of the backbone (`from_pretrained(..., tp_plan="auto")`): attention heads, dense MLP layers
+    # and the shared expert split over the TP group. Each expert type adds how its own stacked weights shard (its
+    # `tp_plan` / `ep_plan` in modeling_more.py); the embeddings are sharded by vocabulary by Transformers.
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+        "layers.*.mlp.shared_expert.gate_proj": "colwise",
+        "layers.*.mlp.shared_expert.up_proj": "colwise",
+        "layers.*.mlp.shared_expert.down_proj": "rowwise",
+    }
 
     # Backbone (guide §3.1)
     vocab_size: int = 32000

@@ -5,6 +5,7 @@ Order, smallest piece first: norms, rotary and attention helpers -> grouped kern
 `MoREModel` -> losses -> `MoREForCausalLM` -> Auto registration.
 """
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable
@@ -16,6 +17,13 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import DynamicCache
+from transformers.distributed.expert_parallel import ExpertParallelLayer, MoEParamShard, apply_expert_parallelism
+from transformers.distributed.parallel_utils import (
+    ALL_PARALLEL_STYLES,
+    _use_local_dtensor_params,
+    replace_layer_number_by_wildcard,
+)
+from transformers.distributed.tensor_parallel import TensorParallelLayer
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -23,6 +31,10 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import can_return_tuple, logging
 
+
+if torch.distributed.is_available():
+    from torch.distributed.tensor import DTensor, Shard
+    from transformers.distributed.parallel_utils import _AllReduceBackward, _AllReduceForward
 
 try:  # remote code: both files live in one `transformers_modules` package
     from .configuration_more import MoREConfig
@@ -394,8 +406,26 @@ class MoREExpertContext:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a sharded (DTensor) parameter gathered from its ranks, any other tensor as it is."""
+    return tensor.full_tensor() if torch.distributed.is_available() and isinstance(tensor, DTensor) else tensor
+
+
+def plan_under(prefix: str, plan: dict[str, str]) -> dict[str, str]:
+    """A parallel plan whose names are relative to `prefix` ("" names the module itself), made absolute."""
+    return {".".join(part for part in (prefix, name) if part): style for name, style in plan.items()}
+
+
 class MoREExperts(nn.Module):
-    """Base class: `forward(x, dispatch, ctx)` maps routed rows (rows, hidden) to expert outputs (rows, hidden)."""
+    """Base class: `forward(x, dispatch, ctx)` maps routed rows (rows, hidden) to expert outputs (rows, hidden).
+
+    `tp_plan` / `ep_plan` say how the stacked weights shard under tensor / expert parallelism (names relative to the
+    experts module, "" = the module itself; see "Tensor and expert parallelism" below). Weights a plan leaves out stay
+    replicated.
+    """
+
+    tp_plan: dict[str, str] = {}
+    ep_plan: dict[str, str] = {}
 
     def __init__(self, config: MoREConfig):
         super().__init__()
@@ -431,6 +461,10 @@ class MoREExperts(nn.Module):
 
 class MoREFFNExperts(MoREExperts):
     """Standard MoE experts (guide §2.1): a gated FFN per expert, weights stacked as in Transformers' Mixtral."""
+
+    # TP: every rank holds a slice of every expert's intermediate features; EP: whole experts per rank.
+    tp_plan = {"gate_up_proj": "packed_colwise", "down_proj": "rowwise", "": "more_tp_experts"}
+    ep_plan = {"gate_up_proj": "grouped_gemm", "down_proj": "grouped_gemm", "": "more_ep_experts"}
 
     def __init__(self, config: MoREConfig):
         super().__init__(config)
@@ -516,6 +550,8 @@ class MoRERecurrentExperts(MoREExperts):
         """One step for the rows still iterating only; rows whose relative latent change falls below the threshold
         (after `exit_min_steps`) leave the active set and keep their state."""
         active = ctx.active_index
+        if active.numel() == 0:  # no kept row at all (e.g. all padding): nothing runs, the loop stops after this step
+            return state
         old = state[active]
         new = self.step(old, _take_rows(static, active), ctx.full_dispatch.subset(active), ctx, step_idx)
         ctx.steps_taken = ctx.steps_taken.index_add(0, active, torch.ones_like(active, dtype=torch.float))
@@ -564,6 +600,12 @@ class MoREHuginnExperts(MoRERecurrentExperts):
     the tokens routed to the same expert in the same sequence, causal, with rotary at their original positions.
     `expert_type="recurrent"` gives every expert its own block (num_groups = num_experts).
     """
+
+    # EP shards the experts' blocks (the norms stack experts on dim 1); under TP the blocks stay replicated.
+    ep_plan = dict.fromkeys(("adapter", "qkv_proj", "o_proj", "gate_up_proj", "down_proj"), "grouped_gemm") | {
+        "norms": "more_experts_dim1",
+        "": "more_ep_experts",
+    }
 
     def __init__(self, config: MoREConfig, num_groups: int | None = None):
         super().__init__(config)
@@ -640,6 +682,9 @@ class MoREHuginnExperts(MoRERecurrentExperts):
 class MoRESharedRecurrentExperts(MoREHuginnExperts):
     """One Huginn engine per layer; expert i differs only by its projections W_in^i, W_out^i (guide §2.2.2)."""
 
+    # EP shards the projections; the one engine stays replicated (its gradient is summed over the EP group).
+    ep_plan = {"w_in": "grouped_gemm", "w_out": "grouped_gemm", "": "more_ep_experts"}
+
     def __init__(self, config: MoREConfig):
         super().__init__(config, num_groups=1)
         d = config.hidden_size
@@ -660,7 +705,7 @@ class MoRESharedRecurrentExperts(MoREHuginnExperts):
     def orthogonality_loss(self) -> torch.Tensor:
         """Mean ||W W^T - I||_F^2 / d over both projections of every expert (keeps them near-orthogonal)."""
         eye = torch.eye(self.hidden_size, device=self.w_in.device, dtype=torch.float32)
-        weights = torch.cat([self.w_in, self.w_out]).float()  # (2 * experts, d, d)
+        weights = torch.cat([full_tensor(self.w_in), full_tensor(self.w_out)]).float()  # (2 * experts, d, d)
         gram = weights @ weights.transpose(1, 2)
         return (gram - eye).pow(2).sum(dim=(1, 2)).mean() / self.hidden_size
 
@@ -671,10 +716,11 @@ class MoRESharedRecurrentExperts(MoREHuginnExperts):
         flattened W_in and W_out; 0 = identical experts)."""
         divergence = []
         for weight in (self.w_in, self.w_out):
-            flat = F.normalize(weight.float().flatten(1), dim=-1)  # (experts, d * d)
+            flat = F.normalize(full_tensor(weight).float().flatten(1), dim=-1)  # (experts, d * d)
             cosine = flat @ flat.T
-            pairs = ~torch.eye(self.num_experts, dtype=torch.bool, device=flat.device)
-            divergence.append((1 - cosine[pairs]).mean() if self.num_experts > 1 else cosine.new_zeros(()))
+            experts = flat.shape[0]  # all of them, also when expert parallelism shards the weights
+            pairs = ~torch.eye(experts, dtype=torch.bool, device=flat.device)
+            divergence.append((1 - cosine[pairs]).mean() if experts > 1 else cosine.new_zeros(()))
         return {
             "projection_orthogonality": self.orthogonality_loss(),
             "projection_divergence": torch.stack(divergence).mean(),
@@ -700,6 +746,11 @@ class MoRESandwichExperts(MoRERecurrentExperts):
     The expanded features are both the GRU's initial state and its input at every step (re-injection, as the
     Huginn adapter re-injects the input), so the GRU refines the FFN's hidden features.
     """
+
+    ep_plan = dict.fromkeys(
+        ("expand", "contract", "gru_w_ih", "gru_w_hh", "gru_ih_bias", "gru_hh_bias"), "grouped_gemm"
+    )
+    ep_plan |= {"": "more_ep_experts"}
 
     def __init__(self, config: MoREConfig):
         super().__init__(config)
@@ -746,6 +797,12 @@ class MoRESequentialExperts(MoRERecurrentExperts):
     The loop state packs the LSTM's (h, c) as one (rows, 2 * hidden) tensor.
     """
 
+    tp_plan = plan_under("ffn", MoREFFNExperts.tp_plan)  # the FFN splits as `ffn` experts do, the LSTM is replicated
+    ep_plan = plan_under("ffn", dict.fromkeys(("gate_up_proj", "down_proj"), "grouped_gemm")) | dict.fromkeys(
+        ("lstm_w_ih", "lstm_w_hh", "lstm_bias", "refine_gate", "refine_gate_bias"), "grouped_gemm"
+    )
+    ep_plan |= {"": "more_ep_experts"}
+
     def __init__(self, config: MoREConfig):
         super().__init__(config)
         d, experts = config.hidden_size, config.num_experts
@@ -785,6 +842,12 @@ class MoREParallelExperts(MoREExperts):
     The LSTM runs over the tokens routed to the expert in each sequence, in time order; its (h, c) per
     (expert, sequence) is cached for decoding.
     """
+
+    tp_plan = plan_under("ffn", MoREFFNExperts.tp_plan)  # the FFN branch splits as `ffn` experts do
+    ep_plan = plan_under("ffn", dict.fromkeys(("gate_up_proj", "down_proj"), "grouped_gemm")) | dict.fromkeys(
+        ("lstm_w_ih", "lstm_w_hh", "lstm_bias", "gate_in", "gate_in_bias", "gate_out", "gate_out_bias"), "grouped_gemm"
+    )
+    ep_plan |= {"": "more_ep_experts"}
 
     def __init__(self, config: MoREConfig):
         super().__init__(config)
@@ -1298,6 +1361,8 @@ class MoREExpertPool:
     def commit(self, dispatch: MoREDispatch):
         """Append the kept rows of this call with the keys/values staged at every step."""
         steps = len(self._staged)
+        if steps == 0:  # no step ran (no kept row under adaptive exit): nothing to cache
+            return
         keys = torch.stack([self._staged[i][0] for i in range(steps)], dim=1)  # (rows, steps, heads, head_dim)
         values = torch.stack([self._staged[i][1] for i in range(steps)], dim=1)
         self._staged = {}
@@ -1411,6 +1476,140 @@ class MoRECache(DynamicCache):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Tensor and expert parallelism: MoRE's styles for Transformers' plan machinery
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _grad_summed_params(module: nn.Module, group):
+    """Replicated parameters of `module` whose gradient is summed over `group` (each rank ran only its rows)."""
+    originals = {
+        name: param
+        for name, param in module.named_parameters(recurse=False)
+        if param.requires_grad and not isinstance(param, DTensor)
+    }
+    module._parameters.update({name: _AllReduceBackward.apply(param, group) for name, param in originals.items()})
+    try:
+        yield
+    finally:
+        module._parameters.update(originals)
+
+
+@contextlib.contextmanager
+def local_expert_params(module: nn.Module, group=None):
+    """Run `module` and its submodules on plain tensors: sharded (DTensor) parameters as this rank's shard. With
+    `group`, the replicated parameters' gradients are summed over it."""
+    with contextlib.ExitStack() as stack:
+        for sub in module.modules():
+            if group is not None:  # before the shards turn into plain tensors, which must not be summed
+                stack.enter_context(_grad_summed_params(sub, group))
+            stack.enter_context(_use_local_dtensor_params(sub))
+        yield
+
+
+def local_dispatch(dispatch: MoREDispatch, first_expert: int, num_local: int):
+    """The rows routed to experts `first_expert .. first_expert + num_local - 1`, as a dispatch with local expert ids.
+
+    Returns the dispatch and the rows' indices (local rows,). A rank none of whose experts got a row runs one dropped
+    row instead, so that every rank's graph reaches the shared input and runs the same collectives in backward.
+    Reading the local row count is one host sync per call.
+    """
+    shifted = dispatch.expert_index - first_expert  # (rows,)
+    index = ((shifted >= 0) & (shifted < num_local)).nonzero().squeeze(1)  # (local rows,)
+    if index.numel() == 0:
+        index = index.new_zeros(1)
+        shifted = torch.full_like(shifted, num_local)  # dropped: never reaches an output, a statistic or a cache
+    return replace(dispatch, expert_index=shifted, num_experts=num_local).subset(index), index
+
+
+def _combine_expert_context(ctx: MoREExpertContext, index, valid, num_rows, kept, group):
+    """What the experts report back, over all ranks: steps per row, and the statistics (means over kept rows)
+    weighted by each rank's kept rows. A per-step statistic of a rank whose rows all exited early is padded with 0,
+    the change of rows that no longer move."""
+    if ctx.steps_taken is not None:
+        steps = ctx.steps_taken.new_zeros(num_rows).index_copy(0, index, ctx.steps_taken * valid)
+        torch.distributed.all_reduce(steps, group=group)
+        ctx.steps_taken = steps
+    if not ctx.stats:
+        return
+    names = sorted(ctx.stats)
+    sizes = torch.tensor([ctx.stats[name].numel() for name in names])
+    torch.distributed.all_reduce(sizes, op=torch.distributed.ReduceOp.MAX, group=group)
+    count = kept.sum().float()  # () this rank's kept rows
+    packed = [
+        F.pad(ctx.stats[name].detach().float().reshape(-1), (0, int(size) - ctx.stats[name].numel()))
+        for name, size in zip(names, sizes, strict=True)
+    ]
+    total = torch.cat([torch.cat(packed) * count, count[None]])
+    torch.distributed.all_reduce(total, group=group)
+    values = (total[:-1] / total[-1].clamp_min(1)).split(sizes.tolist())
+    for name, value in zip(names, values, strict=True):
+        ctx.stats[name] = value.reshape(ctx.stats[name].shape) if value.numel() == ctx.stats[name].numel() else value
+
+
+def expert_parallel_forward(experts_forward, x, dispatch, ctx, first_expert: int, num_local: int, group):
+    """This rank's experts on their routed rows, through the unchanged expert forward (step loop, attention inside
+    experts, adaptive exit, cache pools for these experts); an all-reduce returns every row to every rank.
+
+    x: (rows, hidden), the routed rows of the whole dispatch, identical on every rank of `group`.
+    """
+    x = _AllReduceBackward.apply(x, group)  # each rank's gradient of x covers its own rows only
+    local, index = local_dispatch(dispatch, first_expert, num_local)
+    valid = local.kept.any()  # () False for the stand-in dropped row of a rank without rows
+    # Randomness inside experts (latent init, projection dropout) is drawn per rank for its own rows, from a forked
+    # generator: the global stream stays the same on every rank, so routing noise and depth draws agree afterwards.
+    with torch.random.fork_rng(devices=[x.device] if x.device.type != "cpu" else [], device_type=x.device.type):
+        out = experts_forward(x[index], local, ctx) * valid  # (local rows, hidden)
+    full = out.new_zeros(x.shape[0], out.shape[-1]).index_copy(0, index, out)
+    _combine_expert_context(ctx, index, valid, x.shape[0], local.kept, group)
+    return _AllReduceForward.apply(full, group)
+
+
+class MoREExpertsTensorParallel(TensorParallelLayer):
+    """`more_tp_experts`: FFN experts whose gate/up (`packed_colwise`) and down (`rowwise`) weights each rank holds a
+    slice of; every rank runs all routed rows on its slice and the partial outputs are summed."""
+
+    def install_forward(self, module, mesh):
+        forward, group = module.forward, mesh.get_group()
+
+        def tp_forward(x, dispatch, ctx):
+            with local_expert_params(module):
+                out = forward(_AllReduceBackward.apply(x, group), dispatch, ctx)
+            return _AllReduceForward.apply(out, group)
+
+        module.forward = tp_forward
+        return module
+
+
+class MoREExpertsExpertParallel(ExpertParallelLayer):
+    """`more_ep_experts`: whole experts per rank (their weights sharded by `grouped_gemm` on the expert dim, which
+    also sets the module's `num_experts` to the local count); see `expert_parallel_forward`.
+
+    Transformers' `ep_dispatch_experts` hands experts (hidden_states, top_k_index, top_k_weights); MoRE's experts need
+    the sorted dispatch and the call context (sequence segments, positions, depth, cache pools), hence this style.
+    """
+
+    def install_forward(self, module, mesh):
+        forward, group = module.forward, mesh.get_group()
+        num_local = module.num_experts
+        first_expert = mesh.get_local_rank() * num_local
+
+        def ep_forward(x, dispatch, ctx):
+            with local_expert_params(module, group):
+                return expert_parallel_forward(forward, x, dispatch, ctx, first_expert, num_local, group)
+
+        module.forward = ep_forward
+        return module
+
+
+if torch.distributed.is_available():
+    ALL_PARALLEL_STYLES.register("more_tp_experts", MoREExpertsTensorParallel())
+    ALL_PARALLEL_STYLES.register("more_ep_experts", MoREExpertsExpertParallel())
+    # Stacked weights with the experts on dim 1 (the Huginn norms, (4, experts, d)).
+    ALL_PARALLEL_STYLES.register("more_experts_dim1", MoEParamShard(Shard(1)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Pretrained base, outputs
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -1519,6 +1718,53 @@ class MoREPreTrainedModel(PreTrainedModel):
 
     def _moe_blocks(self) -> list["MoRESparseMoeBlock"]:
         return [module for module in self.modules() if isinstance(module, MoRESparseMoeBlock)]
+
+    def init_parallel_plans(self):
+        """Transformers' plans (the config's `base_model_tp_plan`) plus the expert type's own `tp_plan` / `ep_plan`,
+        keeping the rules that name something in this model (dense layers and the shared expert are optional)."""
+        super().init_parallel_plans()
+        if self.base_model is self:
+            experts = get_expert_class(self.config.expert_type)
+            names = {replace_layer_number_by_wildcard(n) for n, _ in (*self.named_modules(), *self.named_parameters())}
+            for plan, own in ((self._tp_plan, experts.tp_plan), (self._ep_plan, experts.ep_plan)):
+                plan.update(plan_under("layers.*.mlp.experts", own))
+                for name in plan.keys() - names:
+                    del plan[name]
+
+    def _resolve_parallel_plans(self, distributed_config):
+        """Check that the config splits over the requested groups before Transformers builds the plans."""
+        config, tp_size, ep_size = self.config, distributed_config.tp_size, distributed_config.ep_size
+        if ep_size > 1:
+            if config.num_experts % ep_size:
+                raise ValueError(
+                    f"Expert parallelism needs `num_experts` divisible by `ep_size`; got num_experts="
+                    f"{config.num_experts}, ep_size={ep_size}. Pick an ep_size that divides num_experts."
+                )
+            if ep_size != tp_size or distributed_config.dp_size > 1:
+                raise ValueError(
+                    "MoRE's expert parallelism needs every rank of the expert group to hold the same batch: "
+                    f"`ep_size` == `tp_size` and `fsdp_size` == `dp_replicate_size` == 1; got ep_size={ep_size}, "
+                    f"tp_size={tp_size}, fsdp_size={distributed_config.fsdp_size}, "
+                    f"dp_replicate_size={distributed_config.dp_replicate_size}."
+                )
+        if tp_size > 1:
+            for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+                if getattr(config, name) % tp_size:
+                    raise ValueError(
+                        f"Tensor parallelism needs `{name}` divisible by `tp_size`; got {name}="
+                        f"{getattr(config, name)}, tp_size={tp_size}."
+                    )
+        return super()._resolve_parallel_plans(distributed_config)
+
+    @classmethod
+    def maybe_distribute_model(cls, model, distributed_config, mesh_manager):
+        """Transformers applies the TP plan, and the EP plan only for its own `ep_dispatch_experts` experts (which take
+        top-k ids); MoRE's experts take a dispatch, so their EP plan is applied here, over the TP-sharded backbone."""
+        model = super().maybe_distribute_model(model, distributed_config, mesh_manager)
+        if mesh_manager is not None and distributed_config.ep_size > 1:
+            _, ep_plan, _ = model._resolve_parallel_plans(distributed_config)
+            apply_expert_parallelism(model, mesh_manager.get_mesh("ep"), mesh_manager.get_mesh("tp"), ep_plan)
+        return model
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -1781,6 +2027,7 @@ class MoREModel(MoREPreTrainedModel):
 
 class MoREForCausalLM(MoREPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: MoREConfig):
         super().__init__(config)

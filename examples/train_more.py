@@ -8,6 +8,7 @@ text corpus, logging the research guide's MoE health metrics and optionally foll
         --tokenizer_name_or_path gpt2 --max_length 512 --curriculum "0:128:1,10000:256:2,20000:512:4,30000:512:8" \\
         --output_dir outputs/base --bf16 --activation_checkpointing
     accelerate launch --config_file examples/configs/accelerate_multi_gpu.yaml examples/train_more.py ...
+    torchrun --nproc_per_node 2 examples/train_more.py --tp_size 2 --ep_size 2 ...   # tensor / expert parallel, GPUs
     python examples/train_more.py train_args.json          # the same arguments from a JSON file
 
 The output directory holds the model (with `configuration_more.py` / `modeling_more.py` for `trust_remote_code`), its
@@ -41,6 +42,7 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
+from transformers.distributed import DistributedConfig
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 
@@ -164,6 +166,43 @@ class ModelArguments:
             "e.g. 'capacity_factor=1.25,num_backprop_steps=2,expert_dropout=0.1'."
         },
     )
+    tp_size: int = field(
+        default=1,
+        metadata={
+            "help": "Tensor parallelism over this many ranks (attention heads, dense and FFN-expert features); every "
+            "rank of the group sees the same batch. Launch as many processes (torchrun --nproc_per_node)."
+        },
+    )
+    ep_size: int = field(
+        default=1,
+        metadata={"help": "Expert parallelism: the experts of each layer split over this many ranks (= tp_size)."},
+    )
+
+
+def load_model(model_args: ModelArguments, config: MoREConfig, training_args: TrainingArguments):
+    """The model to train: --model_name_or_path or a new one from `config`; with --tp_size / --ep_size above 1,
+    loaded sharded through `from_pretrained(distributed_config=...)` (a new model is written to
+    `output_dir/initial_model` first, by the main process)."""
+    path = model_args.model_name_or_path
+    if model_args.tp_size == 1 and model_args.ep_size == 1:
+        if path is not None:
+            return AutoModelForCausalLM.from_pretrained(path, config=config)
+        return AutoModelForCausalLM.from_config(config)
+    if training_args.use_cpu or not torch.cuda.is_available():
+        # Trainer hands accelerate a ParallelismConfig for a TP/EP model, which accelerate 1.15 refuses on CPU ranks
+        # (DistributedType.MULTI_CPU); with that check bypassed the run matches one process (README).
+        raise ValueError(
+            "--tp_size / --ep_size train with the Trainer on GPUs only: accelerate refuses its ParallelismConfig on "
+            "CPU ranks. On CPU, `torchrun --nproc_per_node 2 examples/parallel_more.py train --mode tp|ep` trains "
+            "the sharded model with a plain AdamW loop."
+        )
+    distributed_config = DistributedConfig(tp_size=model_args.tp_size, ep_size=model_args.ep_size)
+    if path is None:
+        path = str(Path(training_args.output_dir) / "initial_model")
+        with training_args.main_process_first(desc="writing the initial model"):
+            if training_args.should_save:
+                AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(path, config=config, distributed_config=distributed_config)
 
 
 @dataclass
@@ -676,10 +715,7 @@ def main():
         raise ValueError("--eval_exact_match needs reasoning data with a test split, not a text corpus")
     tokenizer = build_tokenizer(model_args, data_args, raw_datasets)
     config = build_config(model_args, tokenizer, max_position_embeddings=data_args.max_length)
-    if model_args.model_name_or_path is not None:
-        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, config=config)
-    else:
-        model = AutoModelForCausalLM.from_config(config)
+    model = load_model(model_args, config, training_args)
     if is_deepspeed_zero3_enabled():
         # ZeRO-3 gathers a module's sharded weights for its forward and, through hooks on the tensors it returns,
         # again for its backward. A MoE block's router returns its routing in a dataclass those hooks do not see

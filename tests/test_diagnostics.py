@@ -148,4 +148,3 @@ def test_refinement_statistics_are_consistent(expert_type):
         if expert_type in ("recurrent", "shared_recurrent"):
             assert float(stats["state_change"][0]) == pytest.approx(1.0)
         assert torch.equal(stats["final_step_contribution"], stats["state_change"][-1])
-
