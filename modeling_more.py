@@ -447,6 +447,11 @@ class MoRERecurrentExperts(MoREExperts):
     def decode(self, state, static, dispatch):
         return state
 
+    def observed_state(self, state):
+        """The part of the loop state (rows, ...) that statistics and adaptive exit measure: the hidden state the
+        expert outputs, without extra cell state a loop may carry (the guide's §5.2 definition)."""
+        return state
+
     def forward(self, x, dispatch, ctx):
         static = self.encode(x, dispatch)
         state = initial = self.initial_state(static)
@@ -474,8 +479,9 @@ class MoRERecurrentExperts(MoREExperts):
                 else:
                     new_state = self.step(state, static, dispatch, ctx, step_idx)
             if ctx.output_stats:
-                changes.append(masked_mean(_row_change(new_state, state), kept))
-                deltas.append((new_state - state).detach())
+                new_h, old_h = self.observed_state(new_state), self.observed_state(state)
+                changes.append(masked_mean(_row_change(new_h, old_h), kept))
+                deltas.append((new_h - old_h).detach())
             state = new_state
             if adaptive and ctx.active_index.numel() == 0:
                 break  # every token has exited: the remaining steps cost nothing
@@ -492,7 +498,7 @@ class MoRERecurrentExperts(MoREExperts):
         old = state[active]
         new = self.step(old, _take_rows(static, active), ctx.full_dispatch.subset(active), ctx, step_idx)
         ctx.steps_taken = ctx.steps_taken.index_add(0, active, torch.ones_like(active, dtype=torch.float))
-        change = _row_change(new, old)  # (active rows,)
+        change = _row_change(self.observed_state(new), self.observed_state(old))  # (active rows,)
         ctx.active_index = active[(change >= ctx.exit_threshold) | (step_idx + 1 < ctx.exit_min_steps)]
         return state.index_copy(0, active, new)
 
@@ -503,7 +509,7 @@ class MoRERecurrentExperts(MoREExperts):
         ctx.stats["final_step_contribution"] = changes[-1].detach()
         # Refinement (guide §5.2, option D, computed for every recurrent type): how far the loop moved the state from
         # its start (mean norm), and whether successive steps move it in the same direction (mean cosine).
-        moved = (state.detach() - initial.detach()).float().norm(dim=-1)  # (rows,)
+        moved = (self.observed_state(state.detach()) - self.observed_state(initial.detach())).float().norm(dim=-1)
         ctx.stats["refinement_magnitude"] = masked_mean(moved, kept)
         if len(deltas) > 1:
             pairs = zip(deltas, deltas[1:], strict=False)
@@ -728,8 +734,11 @@ class MoRESequentialExperts(MoRERecurrentExperts):
         gate = torch.sigmoid(gate_logit + _grouped_bias(self.refine_gate_bias, dispatch)[:, None])  # (rows, 1)
         return torch.cat([gate * h_new + (1 - gate) * h, c], dim=-1)
 
+    def observed_state(self, state):
+        return state[:, : self.hidden_size]  # h, without the LSTM cell state c
+
     def decode(self, state, static, dispatch):
-        return state[:, : self.hidden_size]
+        return self.observed_state(state)
 
 
 class MoREParallelExperts(MoREExperts):
@@ -808,10 +817,11 @@ def get_expert_class(name: str) -> type[MoREExperts]:
 
 @dataclass
 class MoRERouting:
-    logits: torch.Tensor  # (tokens, experts) fp32
+    logits: torch.Tensor  # (tokens, experts) fp32, as used for routing (after the EMA across iterations)
     probs: torch.Tensor  # (tokens, experts) fp32 softmax
     top_k_weights: torch.Tensor  # (tokens, top_k)
     top_k_index: torch.Tensor  # (tokens, top_k)
+    raw_logits: torch.Tensor | None = None  # (tokens, experts) fp32, this router's own output (before the EMA)
 
 
 class MoRERouter(nn.Module):
@@ -835,18 +845,18 @@ class MoRERouter(nn.Module):
             # Switch Transformer's multiplicative input jitter, on the router input only.
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         logits, state = self.compute_logits(x, token_mask, state, ctx)  # (tokens, experts)
-        logits = logits.float()
+        raw = logits = logits.float()
         if previous_logits is not None and self.logits_ema > 0:
             # Synthesis II stabiliser: routing moves smoothly from one iteration to the next.
             logits = self.logits_ema * previous_logits + (1 - self.logits_ema) * logits
-        return self.route(logits), state
+        return self.route(logits, raw), state
 
-    def route(self, logits: torch.Tensor) -> MoRERouting:
+    def route(self, logits: torch.Tensor, raw_logits: torch.Tensor | None = None) -> MoRERouting:
         probs = F.softmax(logits, dim=-1)
         top_k_weights, top_k_index = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:
             top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
-        return MoRERouting(logits, probs, top_k_weights, top_k_index)
+        return MoRERouting(logits, probs, top_k_weights, top_k_index, logits if raw_logits is None else raw_logits)
 
 
 class MoRELinearRouter(MoRERouter):
@@ -1109,7 +1119,9 @@ class MoRESparseMoeBlock(nn.Module):
         """Losses and diagnostics of one iteration."""
         out.router_logits.append(routing.logits)
         out.aux_loss.append(load_balancing_loss(routing.probs, routing.top_k_index, token_mask))
-        out.z_loss.append(router_z_loss(routing.logits, token_mask))
+        # z-loss keeps the router's own outputs small, so it reads them before the EMA (on the smoothed logits its
+        # gradient would shrink by 1 - ema); load balancing and the entropy floor use the routing actually applied.
+        out.z_loss.append(router_z_loss(routing.raw_logits, token_mask))
         if self.config.router_entropy_floor > 0:
             entropy = routing_entropy(routing.probs, token_mask)
             out.entropy_loss.append(F.relu(self.config.router_entropy_floor - entropy))

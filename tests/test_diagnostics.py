@@ -149,3 +149,25 @@ def test_refinement_statistics_are_consistent(expert_type):
             assert float(stats["state_change"][0]) == pytest.approx(1.0)
         assert torch.equal(stats["final_step_contribution"], stats["state_change"][-1])
 
+
+def test_option_d_statistics_measure_the_hidden_state():
+    """Option D's loop state packs the LSTM's (h, c); its statistics are the guide's, on the output h only."""
+    model = tiny_model(expert_type="sequential")
+    experts = moe_blocks(model)[0].experts
+    steps = []  # (state before, state after) of every step of layer 0
+    step = experts.step
+
+    def recording_step(state, *args):
+        new = step(state, *args)
+        steps.append((state.detach(), new.detach()))
+        return new
+
+    experts.step = recording_step
+    with torch.no_grad():
+        out = model(random_ids(2, 8), num_recurrent_steps=3, output_recurrence_stats=True)
+    d = experts.hidden_size
+    expected = [((new[:, :d] - old[:, :d]).norm(dim=-1) / new[:, :d].norm(dim=-1)).mean() for old, new in steps]
+    stats = out.recurrence_stats[0]
+    torch.testing.assert_close(stats["state_change"], torch.stack(expected))
+    moved = (steps[-1][1][:, :d] - steps[0][0][:, :d]).norm(dim=-1).mean()
+    torch.testing.assert_close(stats["refinement_magnitude"], moved)

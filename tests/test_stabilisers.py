@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import EXPERT_TYPES, clone_model, moe_blocks, random_ids, tiny_model
 
-from modeling_more import routing_entropy
+from modeling_more import load_balancing_loss, routing_entropy
 
 
 def _ids():
@@ -73,6 +73,36 @@ def test_router_logits_ema_mixes_iterations():
     for t in (1, 2):
         expected = ema * expected + (1 - ema) * raw[t]
         torch.testing.assert_close(smoothed[t], expected)
+
+
+def test_z_loss_reads_the_raw_router_logits_under_ema():
+    """With the logit EMA, z-loss is taken on each router's own logits (its gradient is not scaled by 1 - ema);
+    load balancing uses the smoothed logits that routing actually used."""
+    ema = 0.9
+    model = tiny_model(num_moe_iterations=3, router_logits_ema=ema)
+    raw = []
+    for block in moe_blocks(model):
+        with torch.no_grad():
+            block.gate.weight.mul_(30)  # logits large enough for the EMA to change their log-partition
+        original = block.gate.compute_logits
+
+        def record(*args, original=original, **kwargs):
+            logits, state = original(*args, **kwargs)
+            raw.append(logits.float())
+            return logits, state
+
+        block.gate.compute_logits = record
+    out = model(_ids(), output_router_logits=True)
+    expected = torch.stack([torch.logsumexp(r, -1).pow(2).mean() for r in raw]).mean()
+    torch.testing.assert_close(out.z_loss, expected)
+    smoothed = [torch.softmax(logits, -1) for logits in out.router_logits]
+    balance = torch.stack(
+        [
+            load_balancing_loss(p, logits.topk(1, -1).indices)
+            for p, logits in zip(smoothed, out.router_logits, strict=True)
+        ]
+    ).mean()
+    torch.testing.assert_close(out.aux_loss, balance)
 
 
 @pytest.mark.parametrize("expert_type", EXPERT_TYPES)
