@@ -16,6 +16,31 @@ ROUTER_TYPES = ("linear", "gru", "rnn", "gru_token", "rnn_token")
 RECURRENT_STEPS_SAMPLERS = ("fixed", "uniform", "poisson_lognormal")
 SHARED_EXPERT_GATES = ("learned", "fixed")
 HIDDEN_ACTS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
+# Fields that size or choose a model's modules: fixed once a model is built, and a forward after a change raises.
+# Every other field is read when it is used, so a change on a built model takes effect at its next call.
+ARCHITECTURE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "rms_norm_eps",
+    "attention_bias",
+    "expert_type",
+    "num_experts",
+    "num_experts_per_tok",
+    "router_type",
+    "router_hidden_size",
+    "shared_expert_intermediate_size",
+    "shared_expert_gate",
+    "mlp_only_layers",
+    "recurrent_intermediate_size",
+    "recurrent_num_heads",
+    "parallel_gate_hidden_size",
+    "projection_dropout",
+)
 
 
 class MoREConfig(PreTrainedConfig):

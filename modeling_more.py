@@ -5,6 +5,7 @@ Order, smallest piece first: norms, rotary and attention helpers -> grouped kern
 `MoREModel` -> losses -> `MoREForCausalLM` -> Auto registration.
 """
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -24,9 +25,9 @@ from transformers.utils import can_return_tuple, logging
 
 
 try:  # remote code: both files live in one `transformers_modules` package
-    from .configuration_more import MoREConfig
+    from .configuration_more import ARCHITECTURE_FIELDS, MoREConfig
 except ImportError:  # installed as top-level modules
-    from configuration_more import MoREConfig
+    from configuration_more import ARCHITECTURE_FIELDS, MoREConfig
 
 
 logger = logging.get_logger(__name__)
@@ -396,6 +397,8 @@ class MoREExpertContext:
 class MoREExperts(nn.Module):
     """Base class: `forward(x, dispatch, ctx)` maps routed rows (rows, hidden) to expert outputs (rows, hidden)."""
 
+    uses_recurrent_steps = False  # whether `num_recurrent_steps` / adaptive exit change what the experts compute
+
     def __init__(self, config: MoREConfig):
         super().__init__()
         self.num_experts = config.num_experts
@@ -429,16 +432,19 @@ class MoRERecurrentExperts(MoREExperts):
     initialisation (normal(latent_init_std) in training, zeros in eval) and the recurrence statistics.
     """
 
+    uses_recurrent_steps = True
+
     def __init__(self, config: MoREConfig):
         super().__init__(config)
-        self.latent_init_std = config.latent_init_std
+        self.config = config
 
     def encode(self, x, dispatch):
         return x
 
     def initial_state(self, static):
-        if self.training and self.latent_init_std > 0:
-            return torch.randn_like(static) * self.latent_init_std
+        std = self.config.latent_init_std
+        if self.training and std > 0:
+            return torch.randn_like(static) * std
         return torch.zeros_like(static)
 
     def step(self, state, static, dispatch, ctx, step_idx):
@@ -830,10 +836,8 @@ class MoRERouter(nn.Module):
 
     def __init__(self, config: MoREConfig, layer_idx: int):
         super().__init__()
+        self.config = config
         self.top_k = config.num_experts_per_tok
-        self.norm_topk_prob = config.norm_topk_prob
-        self.jitter_noise = config.router_jitter_noise
-        self.logits_ema = config.router_logits_ema
 
     def compute_logits(self, x, token_mask, state, ctx):
         raise NotImplementedError
@@ -841,20 +845,21 @@ class MoRERouter(nn.Module):
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None, state, ctx, previous_logits=None):
         """x: (tokens, hidden); previous_logits: the previous iteration's (tokens, experts) logits or None.
         Returns the routing and the router state for the next layer / iteration."""
-        if self.training and self.jitter_noise > 0:
+        jitter, ema = self.config.router_jitter_noise, self.config.router_logits_ema
+        if self.training and jitter > 0:
             # Switch Transformer's multiplicative input jitter, on the router input only.
-            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+            x = x * torch.empty_like(x).uniform_(1.0 - jitter, 1.0 + jitter)
         logits, state = self.compute_logits(x, token_mask, state, ctx)  # (tokens, experts)
         raw = logits = logits.float()
-        if previous_logits is not None and self.logits_ema > 0:
+        if previous_logits is not None and ema > 0:
             # Synthesis II stabiliser: routing moves smoothly from one iteration to the next.
-            logits = self.logits_ema * previous_logits + (1 - self.logits_ema) * logits
+            logits = ema * previous_logits + (1 - ema) * logits
         return self.route(logits, raw), state
 
     def route(self, logits: torch.Tensor, raw_logits: torch.Tensor | None = None) -> MoRERouting:
         probs = F.softmax(logits, dim=-1)
         top_k_weights, top_k_index = torch.topk(probs, self.top_k, dim=-1)
-        if self.norm_topk_prob:
+        if self.config.norm_topk_prob:
             top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
         return MoRERouting(logits, probs, top_k_weights, top_k_index, logits if raw_logits is None else raw_logits)
 
@@ -1029,7 +1034,6 @@ class MoRESparseMoeBlock(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.gate = get_router_class(config.router_type)(config, layer_idx)
         self.experts = get_expert_class(config.expert_type)(config)
-        self.expert_dropout = config.expert_dropout
         self.shared_expert = None
         if config.shared_expert_intermediate_size > 0:
             self.shared_expert = MoREMLP(config, config.shared_expert_intermediate_size)
@@ -1046,10 +1050,11 @@ class MoRESparseMoeBlock(nn.Module):
         """One routed pass. x: (tokens, hidden) -> (tokens, hidden), with its routing and dispatch."""
         routing, router_state = self.gate(x, token_mask, router_state, ctx, previous_logits)
         weights, assignment_mask = routing.top_k_weights.to(x.dtype), None
-        if self.training and self.expert_dropout > 0:
+        expert_dropout = self.config.expert_dropout
+        if self.training and expert_dropout > 0:
             # Expert dropout: single (token, expert) assignments pass through the residual; rescaled like dropout.
-            assignment_mask = torch.rand_like(routing.top_k_weights) >= self.expert_dropout  # (tokens, top_k)
-            weights = weights / (1 - self.expert_dropout)
+            assignment_mask = torch.rand_like(routing.top_k_weights) >= expert_dropout  # (tokens, top_k)
+            weights = weights / (1 - expert_dropout)
         dispatch = build_dispatch(
             routing.top_k_index,
             weights,
@@ -1489,7 +1494,12 @@ class MoREModel(MoREPreTrainedModel):
         self.router_cell = None
         if config.router_type in ("gru", "rnn"):
             self.router_cell = ROUTER_CELLS[config.router_type](config.router_hidden_size, config.router_hidden_size)
+        self.uses_recurrent_steps = any(
+            layer.is_moe and layer.mlp.experts.uses_recurrent_steps for layer in self.layers
+        )
         self.gradient_checkpointing = False
+        # What the modules were built from; every other config field is read live (see `ARCHITECTURE_FIELDS`).
+        self._architecture = {name: copy.deepcopy(getattr(config, name)) for name in ARCHITECTURE_FIELDS}
         self.post_init()
 
     def get_input_embeddings(self):
@@ -1508,6 +1518,11 @@ class MoREModel(MoREPreTrainedModel):
     ):
         """Depth for this call: the argument, else a training draw, else the config's inference default."""
         config = self.config
+        if not self.uses_recurrent_steps and (num_recurrent_steps is not None or adaptive_exit_threshold is not None):
+            logger.warning_once(
+                f"`num_recurrent_steps` / `adaptive_exit_threshold` have no effect on this model: its experts "
+                f"(expert_type={config.expert_type!r}) run no expert-level recurrence."
+            )
         sampling = self.training and torch.is_grad_enabled()
         if num_recurrent_steps is None:
             num_recurrent_steps = self._sample_depth() if sampling else config.num_recurrent_steps
@@ -1555,6 +1570,14 @@ class MoREModel(MoREPreTrainedModel):
             draw = draw.to(self.embed_tokens.weight.device)
             torch.distributed.broadcast(draw, src=0)
         return int(draw.item())
+
+    def _check_architecture(self):
+        for name, built in self._architecture.items():
+            if getattr(self.config, name) != built:
+                raise ValueError(
+                    f"`config.{name}` changed from {built!r} to {getattr(self.config, name)!r} after the model was "
+                    "built; it sizes or chooses modules, so build a new model from the changed config instead."
+                )
 
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_length):
         if (input_ids is None) == (inputs_embeds is None):
@@ -1607,6 +1630,7 @@ class MoREModel(MoREPreTrainedModel):
                                  f"{type(cache).__name__}.")
             cache = MoRECache(config=config)
         past_length = cache.get_seq_length() if cache is not None else 0
+        self._check_architecture()
         self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)

@@ -15,6 +15,7 @@ from helpers import (
     random_ids,
     tiny_model,
 )
+from transformers.testing_utils import CaptureLogger
 
 import modeling_more
 
@@ -34,10 +35,19 @@ def _tensors(x):
     return []
 
 
-def test_step_loop_types_share_the_machinery():
-    """The design's expert-level recurrent types run the one shared step loop (depth, truncated backprop, stats)."""
-    for name in {"recurrent", "shared_recurrent", "sandwich", "sequential"} & set(EXPERT_TYPES):
-        assert name in RECURRENT_EXPERT_TYPES, name
+# The design's table (DESIGN.md §3.1), written out rather than derived from the classes under test.
+DESIGN_DEPTH_TYPES = {"recurrent", "shared_recurrent", "sandwich", "sequential"}
+DESIGN_FIXED_DEPTH_TYPES = {"ffn", "parallel"}
+
+
+@pytest.mark.parametrize("expert_type", sorted(DESIGN_DEPTH_TYPES | DESIGN_FIXED_DEPTH_TYPES))
+def test_depth_changes_exactly_the_design_recurrent_types(expert_type):
+    """`num_recurrent_steps` changes the output of the design's expert-level recurrent types and of no other."""
+    model = tiny_model(expert_type=expert_type)
+    ids = random_ids(2, 8)
+    with torch.no_grad():
+        one, three = model(ids, num_recurrent_steps=1).logits, model(ids, num_recurrent_steps=3).logits
+    assert torch.equal(one, three) == (expert_type in DESIGN_FIXED_DEPTH_TYPES)
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
@@ -205,12 +215,19 @@ def test_num_recurrent_steps_changes_recurrent_output(expert_type):
 
 
 @pytest.mark.parametrize("expert_type", NON_RECURRENT_EXPERT_TYPES)
-def test_num_recurrent_steps_ignored_by_non_recurrent(expert_type):
+def test_num_recurrent_steps_on_non_recurrent_warns_once(expert_type):
+    """A depth argument a model cannot use is ignored, with one warning (a depth sweep on the wrong model shows)."""
     model = tiny_model(expert_type=expert_type)
     ids = random_ids(2, 8)
-    with torch.no_grad():
+    modeling_more.logger.warning_once.cache_clear()
+    with CaptureLogger(modeling_more.logger) as captured, torch.no_grad():
         a, b = model(ids, num_recurrent_steps=1), model(ids, num_recurrent_steps=3)
     torch.testing.assert_close(a.logits, b.logits, atol=0, rtol=0)
+    assert captured.out.count("no effect") == 1 and expert_type in captured.out
+    recurrent = tiny_model(expert_type="recurrent")
+    with CaptureLogger(modeling_more.logger) as captured, torch.no_grad():
+        recurrent(ids, num_recurrent_steps=3)
+    assert "no effect" not in captured.out
 
 
 @pytest.mark.parametrize("sampler", ["uniform", "poisson_lognormal"])
