@@ -328,8 +328,10 @@ def build_dispatch(
     """Sort (token, slot) pairs once by (expert, sequence, position).
 
     top_k_index, top_k_weights: (tokens, top_k); token_mask: (tokens,) bool, False for padding; position_ids:
-    (batch, seq). `capacity` (int or None) caps the rows kept per expert; later tokens overflow first.
-    `assignment_mask` (tokens, top_k) bool drops single assignments (expert dropout) before the capacity count.
+    (batch, seq). `capacity` (int, () tensor or None) caps the rows kept per expert. Priority (Switch / GShard): every
+    token's first choice before any token's second choice, and so on; within one choice rank, earlier tokens (in
+    flat batch-major order) first. `assignment_mask` (tokens, top_k) bool drops single assignments (expert dropout)
+    before the capacity count; padding (False in `token_mask`) never takes a slot.
     """
     batch_size, seq_len = position_ids.shape
     num_tokens, top_k = top_k_index.shape
@@ -342,9 +344,12 @@ def build_dispatch(
         expert = torch.where(assignment_mask.reshape(-1), expert, num_experts)
     dropped = expert.new_zeros(())  # a device tensor either way: counting never syncs with the host
     if capacity is not None:
-        # Rank of each pair within its expert, in token order (Switch Transformer's cumsum over one-hot).
-        one_hot = F.one_hot(expert, num_experts + 1)  # (pairs, experts + 1)
+        # Rank of each pair within its expert (Switch Transformer's cumsum over one-hot), counted choice-major so that
+        # all first choices outrank all second choices.
+        choice_major = expert.view(num_tokens, top_k).t().reshape(-1)  # (top_k * tokens,)
+        one_hot = F.one_hot(choice_major, num_experts + 1)  # (pairs, experts + 1)
         rank = (torch.cumsum(one_hot, 0) * one_hot).sum(-1) - 1
+        rank = rank.view(top_k, num_tokens).t().reshape(-1)  # back to (token, slot) order
         overflow = (rank >= capacity) & (expert < num_experts)
         dropped = overflow.sum()
         expert = torch.where(overflow, num_experts, expert)
@@ -1040,11 +1045,16 @@ class MoRESparseMoeBlock(nn.Module):
             if config.shared_expert_gate == "learned":
                 self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
-    def _capacity(self, num_tokens: int) -> int | None:
+    def _capacity(self, token_mask: torch.Tensor | None, num_tokens: int) -> int | torch.Tensor | None:
+        """Rows kept per expert: ceil(factor * real tokens * top_k / experts), at least 1; padding does not count.
+        With a mask it stays a device tensor, so computing it never syncs with the host."""
         factor = self.config.capacity_factor if self.training else self.config.eval_capacity_factor
         if factor is None:
             return None
-        return max(1, math.ceil(factor * num_tokens * self.top_k / self.num_experts))
+        if token_mask is None:
+            return max(1, math.ceil(factor * num_tokens * self.top_k / self.num_experts))
+        real = token_mask.sum().double()
+        return torch.ceil(real * factor * self.top_k / self.num_experts).clamp_min(1)
 
     def moe(self, x, token_mask, position_ids, cache_offset, ctx, router_state, previous_logits=None):
         """One routed pass. x: (tokens, hidden) -> (tokens, hidden), with its routing and dispatch."""
@@ -1061,7 +1071,7 @@ class MoRESparseMoeBlock(nn.Module):
             token_mask,
             position_ids,
             cache_offset,
-            self._capacity(x.shape[0]),
+            self._capacity(token_mask, x.shape[0]),
             self.num_experts,
             assignment_mask,
         )

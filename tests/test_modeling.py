@@ -416,3 +416,50 @@ def test_eval_capacity_factor_applies_in_eval():
         a, b = dropless(ids).logits, capped(ids).logits
     assert torch.isfinite(b).all()
     assert not torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("expert_type", ["ffn", "recurrent"])
+def test_capacity_counts_real_tokens_only(expert_type, top_k):
+    """Under a capacity limit a left-padded row gives its real tokens the same outputs as the row alone: capacity
+    comes from the real tokens, and padding never takes or shifts a slot."""
+    model = tiny_model(expert_type=expert_type, eval_capacity_factor=0.5, num_experts_per_tok=top_k)
+    ids = random_ids(1, 9, seed=3)
+    pad = 8  # enough padding to change the capacity if it were counted: ceil(0.5 * 17 * k / 4) > ceil(0.5 * 9 * k / 4)
+    padded = torch.cat([torch.zeros(1, pad, dtype=ids.dtype), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, pad, dtype=torch.long), torch.ones_like(ids)], dim=1)
+    with torch.no_grad():
+        alone = model(ids)
+        batched = model(padded, attention_mask=mask)
+    assert int(alone.dropped_tokens) > 0, "the capacity limit should drop something here"
+    assert int(batched.dropped_tokens) == int(alone.dropped_tokens)
+    torch.testing.assert_close(batched.logits[:, pad:], alone.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_capacity_gives_first_choices_priority():
+    """Switch / GShard priority: every token's first choice is kept before any token's second choice."""
+    num_experts, capacity = 3, 2
+    # Token 0's second choice and tokens 1, 2's first choices all want expert 0, which has room for two.
+    top_k_index = torch.tensor([[1, 0], [0, 2], [0, 1]])
+    weights = torch.full((3, 2), 0.5)
+    dispatch = modeling_more.build_dispatch(
+        top_k_index, weights, None, torch.arange(3)[None], 0, capacity, num_experts
+    )
+    kept = {
+        (int(t), int(e))
+        for t, e, k in zip(dispatch.token_index, dispatch.expert_index, dispatch.kept, strict=True)
+        if k
+    }
+    assert kept == {(0, 1), (1, 0), (2, 0), (1, 2), (2, 1)}  # (0, 0), a second choice, is the one dropped
+    assert int(dispatch.dropped) == 1
+    # Within one choice rank, earlier tokens win.
+    top_k_index = torch.tensor([[0, 1], [0, 2], [0, 1]])
+    dispatch = modeling_more.build_dispatch(
+        top_k_index, weights, None, torch.arange(3)[None], 0, capacity, num_experts
+    )
+    kept = {
+        (int(t), int(e))
+        for t, e, k in zip(dispatch.token_index, dispatch.expert_index, dispatch.kept, strict=True)
+        if k
+    }
+    assert (0, 0) in kept and (1, 0) in kept and (2, 0) not in kept
