@@ -894,6 +894,11 @@ class MoRELayerwiseRecurrentRouter(MoRERouter):
         self.head = nn.Linear(config.router_hidden_size, config.num_experts, bias=False)
 
     def compute_logits(self, x, token_mask, state, ctx):
+        if state is None:
+            raise ValueError(
+                f"router_type {self.config.router_type!r} shares one cell across layers (owned by `MoREModel`); "
+                "calling a MoE block alone needs `router_state=(model.model.router_cell, None)`."
+            )
         cell, hidden = state  # the shared cell and the previous layer's (tokens, router_hidden) state
         if hidden is None:
             hidden = x.new_zeros(x.shape[0], cell.hidden_size)
@@ -1085,8 +1090,27 @@ class MoRESparseMoeBlock(nn.Module):
                 out = self.config.moe_weight * out + self.config.shared_expert_weight * shared
         return out, routing, router_state, dispatch
 
-    def forward(self, hidden_states, token_mask, position_ids, cache_offset, settings, cache=None, router_state=None):
+    def forward(
+        self,
+        hidden_states,
+        token_mask=None,
+        position_ids=None,
+        cache_offset=0,
+        settings=None,
+        cache=None,
+        router_state=None,
+    ):
+        """hidden_states (batch, seq, hidden) -> (block output of the same shape, `MoREBlockOutput`, router state).
+
+        Like Mixtral's block it runs on hidden states alone: `token_mask` (batch, seq) marks real tokens (None = all),
+        positions default to `cache_offset + arange(seq)` and `settings` to the config's inference depth.
+        """
         batch, seq_len, hidden = hidden_states.shape
+        if position_ids is None:
+            position_ids = torch.arange(cache_offset, cache_offset + seq_len, device=hidden_states.device)
+            position_ids = position_ids.expand(batch, -1)
+        if settings is None:
+            settings = MoREForwardSettings.from_config(self.config)
         state = hidden_states.reshape(-1, hidden)
         flat_mask = None if token_mask is None else token_mask.reshape(-1)
         out = MoREBlockOutput()
@@ -1174,6 +1198,12 @@ class MoREForwardSettings:
     output_recurrence_stats: bool = False
     output_router_logits: bool = False
     exit_threshold: float | None = None
+
+    @classmethod
+    def from_config(cls, config) -> "MoREForwardSettings":
+        """The config's inference defaults."""
+        depth, iterations = config.num_recurrent_steps, config.num_moe_iterations
+        return cls(depth, iterations, exit_threshold=config.adaptive_exit_threshold)
 
 
 class MoREDecoderLayer(GradientCheckpointingLayer):

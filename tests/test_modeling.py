@@ -463,3 +463,26 @@ def test_capacity_gives_first_choices_priority():
         if k
     }
     assert (0, 0) in kept and (1, 0) in kept and (2, 0) not in kept
+
+
+@pytest.mark.parametrize("expert_type", EXPERT_TYPES)
+def test_moe_block_runs_on_hidden_states_alone(expert_type):
+    """`model.layers[i].mlp(hidden_states)` works like Mixtral's block: same shape out first, context optional."""
+    model = tiny_model(expert_type=expert_type)
+    block = model.model.layers[0].mlp
+    hidden = torch.randn(2, 5, model.config.hidden_size)
+    with torch.no_grad():
+        out = block(hidden)[0]
+        settings = model.model.resolve_settings()
+        explicit = block(hidden, torch.ones(2, 5, dtype=torch.bool), torch.arange(5).expand(2, -1), 0, settings)[0]
+    assert out.shape == hidden.shape
+    torch.testing.assert_close(out, explicit)
+
+
+def test_moe_block_alone_with_a_layerwise_router_says_what_it_needs():
+    model = tiny_model(router_type="gru")
+    block = model.model.layers[0].mlp
+    hidden = torch.randn(1, 4, model.config.hidden_size)
+    with pytest.raises(ValueError, match="router_state"):
+        block(hidden)
+    assert block(hidden, router_state=(model.model.router_cell, None))[0].shape == hidden.shape
