@@ -22,6 +22,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import can_return_tuple, logging
+from transformers.utils.output_capturing import capture_outputs
 
 
 try:  # remote code: both files live in one `transformers_modules` package
@@ -1466,6 +1467,8 @@ class MoREPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = True
     _can_compile_fullgraph = False
+    # `output_attentions=True` records the backbone's per-layer attention maps (eager attention) through hooks.
+    _can_record_outputs = {"attentions": MoREAttention}
 
     def _activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, *args, **kwargs):
         if (activation_checkpointing_kwargs or {}).get("use_reentrant", False):
@@ -1639,6 +1642,7 @@ class MoREModel(MoREPreTrainedModel):
                     f"got {tuple(attention_mask.shape)}."
                 )
 
+    @capture_outputs
     def forward(
         self,
         input_ids=None,
@@ -1655,6 +1659,7 @@ class MoREModel(MoREPreTrainedModel):
         adaptive_exit_threshold=None,
         **kwargs,
     ) -> MoREModelOutputWithPast:
+        """Other `kwargs` (attention-interface arguments, `output_attentions`) reach every backbone attention call."""
         config = self.config
         use_cache = use_cache if use_cache is not None else config.use_cache
         output_hidden_states = output_hidden_states if output_hidden_states is not None else False
@@ -1717,6 +1722,7 @@ class MoREModel(MoREPreTrainedModel):
                 settings=settings,
                 cache=cache,
                 router_state=router_state,
+                **kwargs,
             )
             if block_output is not None:
                 blocks.append(block_output)
@@ -1823,6 +1829,7 @@ class MoREForCausalLM(MoREPreTrainedModel, GenerationMixin):
             num_recurrent_steps=num_recurrent_steps,
             num_moe_iterations=num_moe_iterations,
             adaptive_exit_threshold=adaptive_exit_threshold,
+            **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -1846,6 +1853,7 @@ class MoREForCausalLM(MoREPreTrainedModel, GenerationMixin):
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             router_logits=outputs.router_logits,
             recurrent_steps=outputs.recurrent_steps,
             recurrence_stats=outputs.recurrence_stats,
