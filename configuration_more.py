@@ -5,6 +5,7 @@ with `trust_remote_code=True` where MoRE is not installed.
 """
 
 from transformers import PreTrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
 from transformers.utils import logging
 
 
@@ -40,6 +41,7 @@ ARCHITECTURE_FIELDS = (
     "recurrent_num_heads",
     "parallel_gate_hidden_size",
     "projection_dropout",
+    "rope_parameters",
 )
 
 
@@ -51,8 +53,11 @@ class MoREConfig(PreTrainedConfig):
     Backbone:
         vocab_size, hidden_size (`d_model`), intermediate_size (`d_ff`, width of FFN experts and dense MLPs),
         num_hidden_layers (`n_layers`), num_attention_heads (`n_heads`), num_key_value_heads, head_dim, hidden_act
-        (gated MLP activation), max_position_embeddings (`max_seq_length`), rms_norm_eps, rope_theta,
-        attention_dropout, attention_bias, initializer_range, tie_word_embeddings.
+        (gated MLP activation), max_position_embeddings (`max_seq_length`), rms_norm_eps, rope_parameters
+        (Transformers' RoPE dict `{"rope_type": "default" | "linear" | "dynamic" | "yarn" | ..., "rope_theta": ...,
+        "factor": ...}`, used by the backbone and by attention inside recurrent experts; a legacy `rope_theta` or
+        `rope_scaling` argument or config.json key is folded into it), attention_dropout, attention_bias,
+        initializer_range, tie_word_embeddings.
 
     Mixture of experts:
         expert_type (one of `EXPERT_TYPES`), num_experts, num_experts_per_tok (`top_k`, as a constructor argument
@@ -133,7 +138,7 @@ class MoREConfig(PreTrainedConfig):
     hidden_act: str = "silu"
     max_position_embeddings: int = 512
     rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
+    rope_parameters: RopeParameters | dict | None = None
     attention_dropout: float = 0.0
     attention_bias: bool = False
     initializer_range: float = 0.02
@@ -310,6 +315,7 @@ class MoREConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 <= value < 1):
                 raise ValueError(f"`{name}` must be in [0, 1), got {value!r}.")
+        self._validate_rope()
         if not self.rms_norm_eps > 0:
             raise ValueError(f"`rms_norm_eps` must be > 0, got {self.rms_norm_eps}.")
         bad_layers = [i for i in self.mlp_only_layers if not (isinstance(i, int) and 0 <= i < self.num_hidden_layers)]
@@ -317,6 +323,20 @@ class MoREConfig(PreTrainedConfig):
             raise ValueError(
                 f"`mlp_only_layers` must hold layer indices in [0, {self.num_hidden_layers}), got {bad_layers}."
             )
+
+
+    def _validate_rope(self):
+        rope_type = self.rope_parameters.get("rope_type") if isinstance(self.rope_parameters, dict) else None
+        allowed = ["default", *ROPE_INIT_FUNCTIONS]
+        if rope_type not in allowed:
+            raise ValueError(
+                f"`rope_parameters` must be a dict whose 'rope_type' is one of {allowed}, "
+                f"got {self.rope_parameters!r}."
+            )
+        try:
+            self.validate_rope()
+        except KeyError as err:  # Transformers reports missing keys as KeyError
+            raise ValueError(f"`rope_parameters` {self.rope_parameters!r}: {err.args[0]}") from None
 
 
 def _check_positive_int(name, value):

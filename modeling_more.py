@@ -20,6 +20,7 @@ from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import can_return_tuple, logging
 from transformers.utils.output_capturing import capture_outputs
@@ -65,20 +66,31 @@ class MoRERMSNorm(nn.Module):
 
 
 class MoRERotaryEmbedding(nn.Module):
-    """Rotary cos/sin for arbitrary integer positions (a (batch, seq) grid or a flat list of routed tokens)."""
+    """Rotary cos/sin for arbitrary integer positions (a (batch, seq) grid or a flat list of routed tokens), with any
+    of Transformers' RoPE types from `config.rope_parameters` (default, linear, dynamic, yarn, ...)."""
 
     def __init__(self, config, head_dim: int):
         super().__init__()
-        self.head_dim, self.rope_theta = head_dim, config.rope_theta
-        self.inv_freq = nn.Buffer(self.compute_inv_freq(), persistent=False)
+        # Transformers' RoPE functions read the head size from the config; experts attend with their own head size.
+        self.config = copy.copy(config)
+        self.config.head_dim = head_dim
+        self.rope_type = config.rope_parameters["rope_type"]
+        self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings
+        rope_init_fn = ROPE_INIT_FUNCTIONS.get(self.rope_type, self.compute_default_rope_parameters)
+        inv_freq, self.attention_scaling = rope_init_fn(self.config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
 
-    def compute_inv_freq(self) -> torch.Tensor:
-        return 1.0 / (self.rope_theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
+    @staticmethod
+    def compute_default_rope_parameters(config, **kwargs) -> tuple[torch.Tensor, float]:
+        base, dim = config.rope_parameters["rope_theta"], config.head_dim
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
 
+    @dynamic_rope_update  # dynamic / longrope types recompute `inv_freq` from the largest position
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq  # (..., head_dim / 2)
+        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)  # (..., head_dim / 2)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -1511,9 +1523,6 @@ class MoREPreTrainedModel(PreTrainedModel):
                     init.zeros_(param)
                 else:
                     init.uniform_(param, -bound, bound)
-        elif isinstance(module, MoRERotaryEmbedding):
-            # Non-persistent buffer: not in checkpoints, so it must be rebuilt when weights load on the meta device.
-            init.copy_(module.inv_freq, module.compute_inv_freq())
         elif isinstance(module, MoRERMSNorm):
             init.ones_(module.weight)
 
