@@ -11,8 +11,9 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-# Valid names of the registries in `modeling_more.py`; a test keeps both lists equal.
-EXPERT_TYPES = ("ffn", "recurrent", "shared_recurrent", "sandwich", "parallel", "sequential")
+# Valid names of the registries in `modeling_more.py`; a test keeps both lists equal. `EXPERT_TYPES` is a registry:
+# `modeling_more.register_expert` adds a user's expert type to it (through `register_expert_type`).
+EXPERT_TYPES = ["ffn", "recurrent", "shared_recurrent", "sandwich", "parallel", "sequential"]
 ROUTER_TYPES = ("linear", "gru", "rnn", "gru_token", "rnn_token")
 RECURRENT_STEPS_SAMPLERS = ("fixed", "uniform", "poisson_lognormal")
 SHARED_EXPERT_GATES = ("learned", "fixed")
@@ -107,7 +108,7 @@ class MoREConfig(PreTrainedConfig):
         "router_logits",
         "aux_loss",
         "z_loss",
-        "orthogonality_loss",
+        "expert_loss",
         "recurrent_steps",
         "recurrence_stats",
         "routing_stats",
@@ -337,6 +338,12 @@ class MoREConfig(PreTrainedConfig):
             self.validate_rope()
         except KeyError as err:  # Transformers reports missing keys as KeyError
             raise ValueError(f"`rope_parameters` {self.rope_parameters!r}: {err.args[0]}") from None
+
+
+def register_expert_type(name: str) -> None:
+    """Accept `name` as an `expert_type` from now on (`modeling_more.register_expert` calls it)."""
+    if name not in EXPERT_TYPES:
+        EXPERT_TYPES.append(name)
 
 
 def _check_positive_int(name, value):

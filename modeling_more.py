@@ -27,9 +27,9 @@ from transformers.utils.output_capturing import capture_outputs
 
 
 try:  # remote code: both files live in one `transformers_modules` package
-    from .configuration_more import ARCHITECTURE_FIELDS, MoREConfig
+    from .configuration_more import ARCHITECTURE_FIELDS, MoREConfig, register_expert_type
 except ImportError:  # installed as top-level modules
-    from configuration_more import ARCHITECTURE_FIELDS, MoREConfig
+    from configuration_more import ARCHITECTURE_FIELDS, MoREConfig, register_expert_type
 
 
 logger = logging.get_logger(__name__)
@@ -413,14 +413,32 @@ class MoREExpertContext:
 
 
 class MoREExperts(nn.Module):
-    """Base class: `forward(x, dispatch, ctx)` maps routed rows (rows, hidden) to expert outputs (rows, hidden)."""
+    """Base class: `forward(x, dispatch, ctx)` maps routed rows (rows, hidden) to expert outputs (rows, hidden).
+
+    A new expert type is a subclass plus `register_expert(name, cls)`; the hooks below let the model, its
+    initialisation, its loss and its diagnostics pick it up without edits elsewhere.
+    """
 
     uses_recurrent_steps = False  # whether `num_recurrent_steps` / adaptive exit change what the experts compute
 
     def __init__(self, config: MoREConfig):
         super().__init__()
+        self.config = config
         self.num_experts = config.num_experts
         self.hidden_size = config.hidden_size
+
+    def initialize_parameters(self, std: float) -> None:
+        """Initialise this module's own parameters (sub-modules get their own call): biases zero, others
+        normal(std). Called by `_init_weights`, so loaded weights are left alone (`transformers.initialization`)."""
+        for name, param in self.named_parameters(recurse=False):
+            if name.endswith("bias"):
+                init.zeros_(param)
+            else:
+                init.normal_(param, mean=0.0, std=std)
+
+    def regularisation_loss(self) -> torch.Tensor | None:
+        """Weighted penalty on this layer's expert weights, added to the training loss (`expert_loss`); None = none."""
+        return None
 
     def weight_statistics(self) -> dict[str, torch.Tensor]:
         """Diagnostics of the weights themselves, added to `recurrence_stats` (none by default)."""
@@ -451,10 +469,6 @@ class MoRERecurrentExperts(MoREExperts):
     """
 
     uses_recurrent_steps = True
-
-    def __init__(self, config: MoREConfig):
-        super().__init__(config)
-        self.config = config
 
     def encode(self, x, dispatch):
         return x
@@ -585,6 +599,13 @@ class MoREHuginnExperts(MoRERecurrentExperts):
         self.act_fn = ACT2FN[config.hidden_act]
         self.rotary = MoRERotaryEmbedding(config, self.head_dim)
 
+    def initialize_parameters(self, std: float) -> None:
+        super().initialize_parameters(std)
+        init.ones_(self.norms)
+        # Xavier-uniform adapter (guide §3.2), with per-expert fans.
+        bound = math.sqrt(6.0 / (self.adapter.shape[1] + self.adapter.shape[2]))
+        init.uniform_(self.adapter, -bound, bound)
+
     def _group_offs(self, dispatch):
         return dispatch.offs
 
@@ -649,6 +670,15 @@ class MoRESharedRecurrentExperts(MoREHuginnExperts):
 
     def decode(self, state, static, dispatch):
         return grouped_linear(state, self.w_out, dispatch.offs)
+
+    def initialize_parameters(self, std: float) -> None:
+        super().initialize_parameters(std)
+        for weight in (self.w_in, self.w_out):  # the projections start orthogonal
+            init.copy_(weight, torch.linalg.qr(torch.randn_like(weight, dtype=torch.float32))[0].to(weight))
+
+    def regularisation_loss(self) -> torch.Tensor | None:
+        coef = self.config.projection_orthogonality_coef
+        return coef * self.orthogonality_loss() if coef > 0 else None
 
     def orthogonality_loss(self) -> torch.Tensor:
         """Mean ||W W^T - I||_F^2 / d over both projections of every expert (keeps them near-orthogonal)."""
@@ -832,6 +862,21 @@ def get_expert_class(name: str) -> type[MoREExperts]:
     if name not in EXPERT_REGISTRY:
         raise ValueError(f"Unknown expert_type {name!r}; valid names: {sorted(EXPERT_REGISTRY)}.")
     return EXPERT_REGISTRY[name]
+
+
+def register_expert(name: str, cls: type[MoREExperts]) -> None:
+    """Make `cls` the expert type `name`: `MoREConfig(expert_type=name)` validates and every model built from it
+    uses `cls`. Call it when the module defining `cls` is imported, so every process importing it (workers, a later
+    `from_pretrained`) knows the type. Re-registering the same class (a re-import) is allowed."""
+    if not (isinstance(cls, type) and issubclass(cls, MoREExperts)):
+        raise ValueError(f"register_expert({name!r}, ...) needs a subclass of MoREExperts, got {cls!r}.")
+    if not (isinstance(name, str) and name):
+        raise ValueError(f"register_expert needs a non-empty string name, got {name!r}.")
+    existing = EXPERT_REGISTRY.get(name)
+    if existing is not None and (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"expert_type {name!r} is already registered to {existing.__qualname__}.")
+    EXPERT_REGISTRY[name] = cls
+    register_expert_type(name)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1437,7 +1482,7 @@ class MoREModelOutputWithPast(MoeModelOutputWithPast):
     aux_loss: torch.FloatTensor | None = None
     z_loss: torch.FloatTensor | None = None
     entropy_loss: torch.FloatTensor | None = None
-    orthogonality_loss: torch.FloatTensor | None = None
+    expert_loss: torch.FloatTensor | None = None
     dropped_tokens: torch.LongTensor | None = None
     recurrent_steps: torch.FloatTensor | None = None
     recurrence_stats: tuple | None = None
@@ -1447,7 +1492,8 @@ class MoREModelOutputWithPast(MoeModelOutputWithPast):
 
 @dataclass
 class MoRECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
-    """`loss` = LM loss + weighted aux terms (`aux_loss`, `z_loss`, `entropy_loss`, `orthogonality_loss`).
+    """`loss` = LM loss + weighted aux terms (`aux_loss`, `z_loss`, `entropy_loss`) + `expert_loss` (the experts' own
+    weighted penalties, e.g. `shared_recurrent`'s orthogonality term, mean over MoE layers).
     `dropped_tokens` counts (token, expert) assignments dropped by the capacity limit; `recurrent_steps` is the mean
     number of expert steps actually run per routed token.
 
@@ -1460,7 +1506,7 @@ class MoRECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
 
     z_loss: torch.FloatTensor | None = None
     entropy_loss: torch.FloatTensor | None = None
-    orthogonality_loss: torch.FloatTensor | None = None
+    expert_loss: torch.FloatTensor | None = None
     dropped_tokens: torch.LongTensor | None = None
     recurrent_steps: torch.FloatTensor | None = None
     recurrence_stats: tuple | None = None
@@ -1496,20 +1542,7 @@ class MoREPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         std = self.config.initializer_range
         if isinstance(module, MoREExperts):
-            # Stacked expert weights, by role: norms start at one, biases at zero, the Huginn adapter is
-            # xavier-uniform (guide §3.2, per-expert fans), shared-engine projections start orthogonal, others normal.
-            for name, param in module.named_parameters(recurse=False):
-                if name == "norms":
-                    init.ones_(param)
-                elif name.endswith("bias"):
-                    init.zeros_(param)
-                elif name == "adapter":
-                    bound = math.sqrt(6.0 / (param.shape[1] + param.shape[2]))
-                    init.uniform_(param, -bound, bound)
-                elif name in ("w_in", "w_out"):
-                    init.copy_(param, torch.linalg.qr(torch.randn_like(param, dtype=torch.float32))[0].to(param))
-                else:
-                    init.normal_(param, mean=0.0, std=std)
+            module.initialize_parameters(std)  # each expert type initialises its own stacked weights
         elif isinstance(module, MoRELinearRouter):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, (MoRELayerwiseRecurrentRouter, MoRETokenwiseRecurrentRouter)):
@@ -1746,10 +1779,8 @@ class MoREModel(MoREPreTrainedModel):
             terms = gather(name)
             return torch.stack(terms).mean() if terms else None
 
-        ortho = None
-        if config.expert_type == "shared_recurrent" and config.projection_orthogonality_coef > 0:
-            terms = [layer.mlp.experts.orthogonality_loss() for layer in self.layers if layer.is_moe]
-            ortho = torch.stack(terms).mean()
+        expert_terms = [layer.mlp.experts.regularisation_loss() for layer in self.layers if layer.is_moe]
+        expert_terms = [term for term in expert_terms if term is not None]
         dropped = gather("dropped_tokens")
         iterating = output_router_logits and settings.num_moe_iterations > 1
         return MoREModelOutputWithPast(
@@ -1760,7 +1791,7 @@ class MoREModel(MoREPreTrainedModel):
             aux_loss=mean("aux_loss"),
             z_loss=mean("z_loss"),
             entropy_loss=mean("entropy_loss"),
-            orthogonality_loss=ortho,
+            expert_loss=torch.stack(expert_terms).mean() if expert_terms else None,
             dropped_tokens=torch.stack(dropped).sum() if dropped else None,
             recurrent_steps=mean("recurrent_steps"),
             recurrence_stats=tuple(gather("stats")) if settings.output_recurrence_stats else None,
@@ -1857,7 +1888,7 @@ class MoREForCausalLM(MoREPreTrainedModel, GenerationMixin):
             aux_loss=outputs.aux_loss,
             z_loss=outputs.z_loss,
             entropy_loss=outputs.entropy_loss,
-            orthogonality_loss=outputs.orthogonality_loss,
+            expert_loss=outputs.expert_loss,
             dropped_tokens=outputs.dropped_tokens,
             logits=logits,
             cache=outputs.cache,
@@ -1883,8 +1914,8 @@ class MoREForCausalLM(MoREPreTrainedModel, GenerationMixin):
             total = total + config.router_aux_loss_coef * outputs.aux_loss + config.router_z_loss_coef * outputs.z_loss
         if outputs.entropy_loss is not None:
             total = total + config.router_entropy_coef * outputs.entropy_loss
-        if outputs.orthogonality_loss is not None:
-            total = total + config.projection_orthogonality_coef * outputs.orthogonality_loss
+        if outputs.expert_loss is not None:  # already weighted by each expert type
+            total = total + outputs.expert_loss
         if num_items_in_batch is not None:
             local = (labels[:, 1:] != -100).sum()
             total = total * (local / num_items_in_batch).to(outputs.last_hidden_state.dtype)

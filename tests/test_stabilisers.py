@@ -162,5 +162,6 @@ def test_orthogonality_penalty_in_loss():
     ids = _ids()
     out = model(ids, labels=ids)
     expected = torch.stack([b.experts.orthogonality_loss() for b in moe_blocks(model)]).mean()
-    torch.testing.assert_close(out.orthogonality_loss, expected)
+    torch.testing.assert_close(out.expert_loss, coef * expected)  # the expert's own weighted penalty
     torch.testing.assert_close(out.loss - reference(ids, labels=ids).loss, coef * expected)
+    assert reference(ids, labels=ids).expert_loss is None
