@@ -1930,13 +1930,24 @@ MoREConfig.register_for_auto_class()
 MoREForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 MoREModel.register_for_auto_class("AutoModel")
 
+from transformers import AutoConfig  # noqa: E402
+
+
 if not __name__.startswith("transformers_modules"):
     # Installed path: `import modeling_more` makes the Auto classes know MoRE (installed classes win over remote code).
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM
 
     AutoConfig.register("more", MoREConfig, exist_ok=True)
     AutoModel.register(MoREConfig, MoREModel, exist_ok=True)
     AutoModelForCausalLM.register(MoREConfig, MoREForCausalLM, exist_ok=True)
+else:
+    # Remote code: once a checkpoint's code is loaded, `AutoTokenizer.from_pretrained(checkpoint)` (which reads
+    # config.json first) must find the model type without asking to run custom code again. Only the config is
+    # registered, and only where nothing is (an installed MoRE, imported before or after, keeps precedence).
+    try:
+        AutoConfig.register("more", MoREConfig)
+    except ValueError:  # "more" is already registered
+        pass
 
 
 __all__ = ["MoRECache", "MoREConfig", "MoREForCausalLM", "MoREModel", "MoREPreTrainedModel"]

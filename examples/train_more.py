@@ -619,7 +619,7 @@ def write_model_card_stub(
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model = AutoModelForCausalLM.from_pretrained("{output_dir.name}", trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained("{output_dir.name}", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("{output_dir.name}")
 ```
 
 ## Training data
