@@ -325,7 +325,6 @@ class MoREConfig(PreTrainedConfig):
                 f"`mlp_only_layers` must hold layer indices in [0, {self.num_hidden_layers}), got {bad_layers}."
             )
 
-
     def _validate_rope(self):
         rope_type = self.rope_parameters.get("rope_type") if isinstance(self.rope_parameters, dict) else None
         allowed = ["default", *ROPE_INIT_FUNCTIONS]
