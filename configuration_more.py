@@ -5,17 +5,45 @@ with `trust_remote_code=True` where MoRE is not installed.
 """
 
 from transformers import PreTrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
 from transformers.utils import logging
 
 
 logger = logging.get_logger(__name__)
 
-# Valid names of the registries in `modeling_more.py`; a test keeps both lists equal.
-EXPERT_TYPES = ("ffn", "recurrent", "shared_recurrent", "sandwich", "parallel", "sequential")
+# Valid names of the registries in `modeling_more.py`; a test keeps both lists equal. `EXPERT_TYPES` is a registry:
+# `modeling_more.register_expert` adds a user's expert type to it (through `register_expert_type`).
+EXPERT_TYPES = ["ffn", "recurrent", "shared_recurrent", "sandwich", "parallel", "sequential"]
 ROUTER_TYPES = ("linear", "gru", "rnn", "gru_token", "rnn_token")
 RECURRENT_STEPS_SAMPLERS = ("fixed", "uniform", "poisson_lognormal")
 SHARED_EXPERT_GATES = ("learned", "fixed")
 HIDDEN_ACTS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
+# Fields that size or choose a model's modules: fixed once a model is built, and a forward after a change raises.
+# Every other field is read when it is used, so a change on a built model takes effect at its next call.
+ARCHITECTURE_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "rms_norm_eps",
+    "attention_bias",
+    "expert_type",
+    "num_experts",
+    "num_experts_per_tok",
+    "router_type",
+    "router_hidden_size",
+    "shared_expert_intermediate_size",
+    "shared_expert_gate",
+    "mlp_only_layers",
+    "recurrent_intermediate_size",
+    "recurrent_num_heads",
+    "parallel_gate_hidden_size",
+    "projection_dropout",
+    "rope_parameters",
+)
 
 
 class MoREConfig(PreTrainedConfig):
@@ -26,8 +54,11 @@ class MoREConfig(PreTrainedConfig):
     Backbone:
         vocab_size, hidden_size (`d_model`), intermediate_size (`d_ff`, width of FFN experts and dense MLPs),
         num_hidden_layers (`n_layers`), num_attention_heads (`n_heads`), num_key_value_heads, head_dim, hidden_act
-        (gated MLP activation), max_position_embeddings (`max_seq_length`), rms_norm_eps, rope_theta,
-        attention_dropout, attention_bias, initializer_range, tie_word_embeddings.
+        (gated MLP activation), max_position_embeddings (`max_seq_length`), rms_norm_eps, rope_parameters
+        (Transformers' RoPE dict `{"rope_type": "default" | "linear" | "dynamic" | "yarn" | ..., "rope_theta": ...,
+        "factor": ...}`, used by the backbone and by attention inside recurrent experts; a legacy `rope_theta` or
+        `rope_scaling` argument or config.json key is folded into it), attention_dropout, attention_bias,
+        initializer_range, tie_word_embeddings.
 
     Mixture of experts:
         expert_type (one of `EXPERT_TYPES`), num_experts, num_experts_per_tok (`top_k`, as a constructor argument
@@ -77,7 +108,7 @@ class MoREConfig(PreTrainedConfig):
         "router_logits",
         "aux_loss",
         "z_loss",
-        "orthogonality_loss",
+        "expert_loss",
         "recurrent_steps",
         "recurrence_stats",
         "routing_stats",
@@ -123,7 +154,7 @@ class MoREConfig(PreTrainedConfig):
     hidden_act: str = "silu"
     max_position_embeddings: int = 512
     rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
+    rope_parameters: RopeParameters | dict | None = None
     attention_dropout: float = 0.0
     attention_bias: bool = False
     initializer_range: float = 0.02
@@ -300,6 +331,7 @@ class MoREConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 <= value < 1):
                 raise ValueError(f"`{name}` must be in [0, 1), got {value!r}.")
+        self._validate_rope()
         if not self.rms_norm_eps > 0:
             raise ValueError(f"`rms_norm_eps` must be > 0, got {self.rms_norm_eps}.")
         bad_layers = [i for i in self.mlp_only_layers if not (isinstance(i, int) and 0 <= i < self.num_hidden_layers)]
@@ -307,6 +339,25 @@ class MoREConfig(PreTrainedConfig):
             raise ValueError(
                 f"`mlp_only_layers` must hold layer indices in [0, {self.num_hidden_layers}), got {bad_layers}."
             )
+
+    def _validate_rope(self):
+        rope_type = self.rope_parameters.get("rope_type") if isinstance(self.rope_parameters, dict) else None
+        allowed = ["default", *ROPE_INIT_FUNCTIONS]
+        if rope_type not in allowed:
+            raise ValueError(
+                f"`rope_parameters` must be a dict whose 'rope_type' is one of {allowed}, "
+                f"got {self.rope_parameters!r}."
+            )
+        try:
+            self.validate_rope()
+        except KeyError as err:  # Transformers reports missing keys as KeyError
+            raise ValueError(f"`rope_parameters` {self.rope_parameters!r}: {err.args[0]}") from None
+
+
+def register_expert_type(name: str) -> None:
+    """Accept `name` as an `expert_type` from now on (`modeling_more.register_expert` calls it)."""
+    if name not in EXPERT_TYPES:
+        EXPERT_TYPES.append(name)
 
 
 def _check_positive_int(name, value):

@@ -28,8 +28,10 @@ from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import can_return_tuple, logging
+from transformers.utils.output_capturing import capture_outputs
 
 
 if torch.distributed.is_available():
@@ -37,9 +39,9 @@ if torch.distributed.is_available():
     from transformers.distributed.parallel_utils import _AllReduceBackward, _AllReduceForward
 
 try:  # remote code: both files live in one `transformers_modules` package
-    from .configuration_more import MoREConfig
+    from .configuration_more import ARCHITECTURE_FIELDS, MoREConfig, register_expert_type
 except ImportError:  # installed as top-level modules
-    from configuration_more import MoREConfig
+    from configuration_more import ARCHITECTURE_FIELDS, MoREConfig, register_expert_type
 
 
 logger = logging.get_logger(__name__)
@@ -76,20 +78,31 @@ class MoRERMSNorm(nn.Module):
 
 
 class MoRERotaryEmbedding(nn.Module):
-    """Rotary cos/sin for arbitrary integer positions (a (batch, seq) grid or a flat list of routed tokens)."""
+    """Rotary cos/sin for arbitrary integer positions (a (batch, seq) grid or a flat list of routed tokens), with any
+    of Transformers' RoPE types from `config.rope_parameters` (default, linear, dynamic, yarn, ...)."""
 
     def __init__(self, config, head_dim: int):
         super().__init__()
-        self.head_dim, self.rope_theta = head_dim, config.rope_theta
-        self.inv_freq = nn.Buffer(self.compute_inv_freq(), persistent=False)
+        # Transformers' RoPE functions read the head size from the config; experts attend with their own head size.
+        self.config = copy.copy(config)
+        self.config.head_dim = head_dim
+        self.rope_type = config.rope_parameters["rope_type"]
+        self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings
+        rope_init_fn = ROPE_INIT_FUNCTIONS.get(self.rope_type, self.compute_default_rope_parameters)
+        inv_freq, self.attention_scaling = rope_init_fn(self.config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
 
-    def compute_inv_freq(self) -> torch.Tensor:
-        return 1.0 / (self.rope_theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
+    @staticmethod
+    def compute_default_rope_parameters(config, **kwargs) -> tuple[torch.Tensor, float]:
+        base, dim = config.rope_parameters["rope_theta"], config.head_dim
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
 
+    @dynamic_rope_update  # dynamic / longrope types recompute `inv_freq` from the largest position
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq  # (..., head_dim / 2)
+        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)  # (..., head_dim / 2)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -340,8 +353,10 @@ def build_dispatch(
     """Sort (token, slot) pairs once by (expert, sequence, position).
 
     top_k_index, top_k_weights: (tokens, top_k); token_mask: (tokens,) bool, False for padding; position_ids:
-    (batch, seq). `capacity` (int or None) caps the rows kept per expert; later tokens overflow first.
-    `assignment_mask` (tokens, top_k) bool drops single assignments (expert dropout) before the capacity count.
+    (batch, seq). `capacity` (int, () tensor or None) caps the rows kept per expert. Priority (Switch / GShard): every
+    token's first choice before any token's second choice, and so on; within one choice rank, earlier tokens (in
+    flat batch-major order) first. `assignment_mask` (tokens, top_k) bool drops single assignments (expert dropout)
+    before the capacity count; padding (False in `token_mask`) never takes a slot.
     """
     batch_size, seq_len = position_ids.shape
     num_tokens, top_k = top_k_index.shape
@@ -354,9 +369,12 @@ def build_dispatch(
         expert = torch.where(assignment_mask.reshape(-1), expert, num_experts)
     dropped = expert.new_zeros(())  # a device tensor either way: counting never syncs with the host
     if capacity is not None:
-        # Rank of each pair within its expert, in token order (Switch Transformer's cumsum over one-hot).
-        one_hot = F.one_hot(expert, num_experts + 1)  # (pairs, experts + 1)
+        # Rank of each pair within its expert (Switch Transformer's cumsum over one-hot), counted choice-major so that
+        # all first choices outrank all second choices.
+        choice_major = expert.view(num_tokens, top_k).t().reshape(-1)  # (top_k * tokens,)
+        one_hot = F.one_hot(choice_major, num_experts + 1)  # (pairs, experts + 1)
         rank = (torch.cumsum(one_hot, 0) * one_hot).sum(-1) - 1
+        rank = rank.view(top_k, num_tokens).t().reshape(-1)  # back to (token, slot) order
         overflow = (rank >= capacity) & (expert < num_experts)
         dropped = overflow.sum()
         expert = torch.where(overflow, num_experts, expert)
@@ -419,6 +437,9 @@ def plan_under(prefix: str, plan: dict[str, str]) -> dict[str, str]:
 class MoREExperts(nn.Module):
     """Base class: `forward(x, dispatch, ctx)` maps routed rows (rows, hidden) to expert outputs (rows, hidden).
 
+    A new expert type is a subclass plus `register_expert(name, cls)`; the hooks below let the model, its
+    initialisation, its loss, its compute count and its diagnostics pick it up without edits elsewhere.
+
     `tp_plan` / `ep_plan` say how the stacked weights shard under tensor / expert parallelism (names relative to the
     experts module, "" = the module itself; see "Tensor and expert parallelism" below). Weights a plan leaves out stay
     replicated.
@@ -426,11 +447,26 @@ class MoREExperts(nn.Module):
 
     tp_plan: dict[str, str] = {}
     ep_plan: dict[str, str] = {}
+    uses_recurrent_steps = False  # whether `num_recurrent_steps` / adaptive exit change what the experts compute
 
     def __init__(self, config: MoREConfig):
         super().__init__()
+        self.config = config
         self.num_experts = config.num_experts
         self.hidden_size = config.hidden_size
+
+    def initialize_parameters(self, std: float) -> None:
+        """Initialise this module's own parameters (sub-modules get their own call): biases zero, others
+        normal(std). Called by `_init_weights`, so loaded weights are left alone (`transformers.initialization`)."""
+        for name, param in self.named_parameters(recurse=False):
+            if name.endswith("bias"):
+                init.zeros_(param)
+            else:
+                init.normal_(param, mean=0.0, std=std)
+
+    def regularisation_loss(self) -> torch.Tensor | None:
+        """Weighted penalty on this layer's expert weights, added to the training loss (`expert_loss`); None = none."""
+        return None
 
     def weight_statistics(self) -> dict[str, torch.Tensor]:
         """Diagnostics of the weights themselves, added to `recurrence_stats` (none by default)."""
@@ -490,22 +526,26 @@ class MoRERecurrentExperts(MoREExperts):
     initialisation (normal(latent_init_std) in training, zeros in eval) and the recurrence statistics.
     """
 
-    def __init__(self, config: MoREConfig):
-        super().__init__(config)
-        self.latent_init_std = config.latent_init_std
+    uses_recurrent_steps = True
 
     def encode(self, x, dispatch):
         return x
 
     def initial_state(self, static):
-        if self.training and self.latent_init_std > 0:
-            return torch.randn_like(static) * self.latent_init_std
+        std = self.config.latent_init_std
+        if self.training and std > 0:
+            return torch.randn_like(static) * std
         return torch.zeros_like(static)
 
     def step(self, state, static, dispatch, ctx, step_idx):
         raise NotImplementedError
 
     def decode(self, state, static, dispatch):
+        return state
+
+    def observed_state(self, state):
+        """The part of the loop state (rows, ...) that statistics and adaptive exit measure: the hidden state the
+        expert outputs, without extra cell state a loop may carry (the guide's §5.2 definition)."""
         return state
 
     def forward(self, x, dispatch, ctx):
@@ -535,8 +575,9 @@ class MoRERecurrentExperts(MoREExperts):
                 else:
                     new_state = self.step(state, static, dispatch, ctx, step_idx)
             if ctx.output_stats:
-                changes.append(masked_mean(_row_change(new_state, state), kept))
-                deltas.append((new_state - state).detach())
+                new_h, old_h = self.observed_state(new_state), self.observed_state(state)
+                changes.append(masked_mean(_row_change(new_h, old_h), kept))
+                deltas.append((new_h - old_h).detach())
             state = new_state
             if adaptive and ctx.active_index.numel() == 0:
                 break  # every token has exited: the remaining steps cost nothing
@@ -555,7 +596,7 @@ class MoRERecurrentExperts(MoREExperts):
         old = state[active]
         new = self.step(old, _take_rows(static, active), ctx.full_dispatch.subset(active), ctx, step_idx)
         ctx.steps_taken = ctx.steps_taken.index_add(0, active, torch.ones_like(active, dtype=torch.float))
-        change = _row_change(new, old)  # (active rows,)
+        change = _row_change(self.observed_state(new), self.observed_state(old))  # (active rows,)
         ctx.active_index = active[(change >= ctx.exit_threshold) | (step_idx + 1 < ctx.exit_min_steps)]
         return state.index_copy(0, active, new)
 
@@ -566,7 +607,7 @@ class MoRERecurrentExperts(MoREExperts):
         ctx.stats["final_step_contribution"] = changes[-1].detach()
         # Refinement (guide §5.2, option D, computed for every recurrent type): how far the loop moved the state from
         # its start (mean norm), and whether successive steps move it in the same direction (mean cosine).
-        moved = (state.detach() - initial.detach()).float().norm(dim=-1)  # (rows,)
+        moved = (self.observed_state(state.detach()) - self.observed_state(initial.detach())).float().norm(dim=-1)
         ctx.stats["refinement_magnitude"] = masked_mean(moved, kept)
         if len(deltas) > 1:
             pairs = zip(deltas, deltas[1:], strict=False)
@@ -629,6 +670,13 @@ class MoREHuginnExperts(MoRERecurrentExperts):
         d = config.hidden_size
         # Per step: adapter 2d^2, qkv 3d^2, out d^2, gated MLP 3 d f_r.
         return num_steps * (6 * d * d + 3 * d * config.recurrent_intermediate_size)
+
+    def initialize_parameters(self, std: float) -> None:
+        super().initialize_parameters(std)
+        init.ones_(self.norms)
+        # Xavier-uniform adapter (guide §3.2), with per-expert fans.
+        bound = math.sqrt(6.0 / (self.adapter.shape[1] + self.adapter.shape[2]))
+        init.uniform_(self.adapter, -bound, bound)
 
     def _group_offs(self, dispatch):
         return dispatch.offs
@@ -701,6 +749,15 @@ class MoRESharedRecurrentExperts(MoREHuginnExperts):
 
     def decode(self, state, static, dispatch):
         return grouped_linear(state, self.w_out, dispatch.offs)
+
+    def initialize_parameters(self, std: float) -> None:
+        super().initialize_parameters(std)
+        for weight in (self.w_in, self.w_out):  # the projections start orthogonal
+            init.copy_(weight, torch.linalg.qr(torch.randn_like(weight, dtype=torch.float32))[0].to(weight))
+
+    def regularisation_loss(self) -> torch.Tensor | None:
+        coef = self.config.projection_orthogonality_coef
+        return coef * self.orthogonality_loss() if coef > 0 else None
 
     def orthogonality_loss(self) -> torch.Tensor:
         """Mean ||W W^T - I||_F^2 / d over both projections of every expert (keeps them near-orthogonal)."""
@@ -832,8 +889,11 @@ class MoRESequentialExperts(MoRERecurrentExperts):
         gate = torch.sigmoid(gate_logit + _grouped_bias(self.refine_gate_bias, dispatch)[:, None])  # (rows, 1)
         return torch.cat([gate * h_new + (1 - gate) * h, c], dim=-1)
 
+    def observed_state(self, state):
+        return state[:, : self.hidden_size]  # h, without the LSTM cell state c
+
     def decode(self, state, static, dispatch):
-        return state[:, : self.hidden_size]
+        return self.observed_state(state)
 
 
 class MoREParallelExperts(MoREExperts):
@@ -916,6 +976,21 @@ def get_expert_class(name: str) -> type[MoREExperts]:
     return EXPERT_REGISTRY[name]
 
 
+def register_expert(name: str, cls: type[MoREExperts]) -> None:
+    """Make `cls` the expert type `name`: `MoREConfig(expert_type=name)` validates and every model built from it
+    uses `cls`. Call it when the module defining `cls` is imported, so every process importing it (workers, a later
+    `from_pretrained`) knows the type. Re-registering the same class (a re-import) is allowed."""
+    if not (isinstance(cls, type) and issubclass(cls, MoREExperts)):
+        raise ValueError(f"register_expert({name!r}, ...) needs a subclass of MoREExperts, got {cls!r}.")
+    if not (isinstance(name, str) and name):
+        raise ValueError(f"register_expert needs a non-empty string name, got {name!r}.")
+    existing = EXPERT_REGISTRY.get(name)
+    if existing is not None and (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"expert_type {name!r} is already registered to {existing.__qualname__}.")
+    EXPERT_REGISTRY[name] = cls
+    register_expert_type(name)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Routers
 # ---------------------------------------------------------------------------------------------------------------------
@@ -923,10 +998,11 @@ def get_expert_class(name: str) -> type[MoREExperts]:
 
 @dataclass
 class MoRERouting:
-    logits: torch.Tensor  # (tokens, experts) fp32
+    logits: torch.Tensor  # (tokens, experts) fp32, as used for routing (after the EMA across iterations)
     probs: torch.Tensor  # (tokens, experts) fp32 softmax
     top_k_weights: torch.Tensor  # (tokens, top_k)
     top_k_index: torch.Tensor  # (tokens, top_k)
+    raw_logits: torch.Tensor | None = None  # (tokens, experts) fp32, this router's own output (before the EMA)
 
 
 class MoRERouter(nn.Module):
@@ -935,10 +1011,8 @@ class MoRERouter(nn.Module):
 
     def __init__(self, config: MoREConfig, layer_idx: int):
         super().__init__()
+        self.config = config
         self.top_k = config.num_experts_per_tok
-        self.norm_topk_prob = config.norm_topk_prob
-        self.jitter_noise = config.router_jitter_noise
-        self.logits_ema = config.router_logits_ema
 
     def compute_logits(self, x, token_mask, state, ctx):
         raise NotImplementedError
@@ -946,22 +1020,23 @@ class MoRERouter(nn.Module):
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None, state, ctx, previous_logits=None):
         """x: (tokens, hidden); previous_logits: the previous iteration's (tokens, experts) logits or None.
         Returns the routing and the router state for the next layer / iteration."""
-        if self.training and self.jitter_noise > 0:
+        jitter, ema = self.config.router_jitter_noise, self.config.router_logits_ema
+        if self.training and jitter > 0:
             # Switch Transformer's multiplicative input jitter, on the router input only.
-            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+            x = x * torch.empty_like(x).uniform_(1.0 - jitter, 1.0 + jitter)
         logits, state = self.compute_logits(x, token_mask, state, ctx)  # (tokens, experts)
-        logits = logits.float()
-        if previous_logits is not None and self.logits_ema > 0:
+        raw = logits = logits.float()
+        if previous_logits is not None and ema > 0:
             # Synthesis II stabiliser: routing moves smoothly from one iteration to the next.
-            logits = self.logits_ema * previous_logits + (1 - self.logits_ema) * logits
-        return self.route(logits), state
+            logits = ema * previous_logits + (1 - ema) * logits
+        return self.route(logits, raw), state
 
-    def route(self, logits: torch.Tensor) -> MoRERouting:
+    def route(self, logits: torch.Tensor, raw_logits: torch.Tensor | None = None) -> MoRERouting:
         probs = F.softmax(logits, dim=-1)
         top_k_weights, top_k_index = torch.topk(probs, self.top_k, dim=-1)
-        if self.norm_topk_prob:
+        if self.config.norm_topk_prob:
             top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
-        return MoRERouting(logits, probs, top_k_weights, top_k_index)
+        return MoRERouting(logits, probs, top_k_weights, top_k_index, logits if raw_logits is None else raw_logits)
 
 
 class MoRELinearRouter(MoRERouter):
@@ -989,6 +1064,11 @@ class MoRELayerwiseRecurrentRouter(MoRERouter):
         self.head = nn.Linear(config.router_hidden_size, config.num_experts, bias=False)
 
     def compute_logits(self, x, token_mask, state, ctx):
+        if state is None:
+            raise ValueError(
+                f"router_type {self.config.router_type!r} shares one cell across layers (owned by `MoREModel`); "
+                "calling a MoE block alone needs `router_state=(model.model.router_cell, None)`."
+            )
         cell, hidden = state  # the shared cell and the previous layer's (tokens, router_hidden) state
         if hidden is None:
             hidden = x.new_zeros(x.shape[0], cell.hidden_size)
@@ -1134,34 +1214,39 @@ class MoRESparseMoeBlock(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.gate = get_router_class(config.router_type)(config, layer_idx)
         self.experts = get_expert_class(config.expert_type)(config)
-        self.expert_dropout = config.expert_dropout
         self.shared_expert = None
         if config.shared_expert_intermediate_size > 0:
             self.shared_expert = MoREMLP(config, config.shared_expert_intermediate_size)
             if config.shared_expert_gate == "learned":
                 self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
-    def _capacity(self, num_tokens: int) -> int | None:
+    def _capacity(self, token_mask: torch.Tensor | None, num_tokens: int) -> int | torch.Tensor | None:
+        """Rows kept per expert: ceil(factor * real tokens * top_k / experts), at least 1; padding does not count.
+        With a mask it stays a device tensor, so computing it never syncs with the host."""
         factor = self.config.capacity_factor if self.training else self.config.eval_capacity_factor
         if factor is None:
             return None
-        return max(1, math.ceil(factor * num_tokens * self.top_k / self.num_experts))
+        if token_mask is None:
+            return max(1, math.ceil(factor * num_tokens * self.top_k / self.num_experts))
+        real = token_mask.sum().double()
+        return torch.ceil(real * factor * self.top_k / self.num_experts).clamp_min(1)
 
     def moe(self, x, token_mask, position_ids, cache_offset, ctx, router_state, previous_logits=None):
         """One routed pass. x: (tokens, hidden) -> (tokens, hidden), with its routing and dispatch."""
         routing, router_state = self.gate(x, token_mask, router_state, ctx, previous_logits)
         weights, assignment_mask = routing.top_k_weights.to(x.dtype), None
-        if self.training and self.expert_dropout > 0:
+        expert_dropout = self.config.expert_dropout
+        if self.training and expert_dropout > 0:
             # Expert dropout: single (token, expert) assignments pass through the residual; rescaled like dropout.
-            assignment_mask = torch.rand_like(routing.top_k_weights) >= self.expert_dropout  # (tokens, top_k)
-            weights = weights / (1 - self.expert_dropout)
+            assignment_mask = torch.rand_like(routing.top_k_weights) >= expert_dropout  # (tokens, top_k)
+            weights = weights / (1 - expert_dropout)
         dispatch = build_dispatch(
             routing.top_k_index,
             weights,
             token_mask,
             position_ids,
             cache_offset,
-            self._capacity(x.shape[0]),
+            self._capacity(token_mask, x.shape[0]),
             self.num_experts,
             assignment_mask,
         )
@@ -1175,8 +1260,27 @@ class MoRESparseMoeBlock(nn.Module):
                 out = self.config.moe_weight * out + self.config.shared_expert_weight * shared
         return out, routing, router_state, dispatch
 
-    def forward(self, hidden_states, token_mask, position_ids, cache_offset, settings, cache=None, router_state=None):
+    def forward(
+        self,
+        hidden_states,
+        token_mask=None,
+        position_ids=None,
+        cache_offset=0,
+        settings=None,
+        cache=None,
+        router_state=None,
+    ):
+        """hidden_states (batch, seq, hidden) -> (block output of the same shape, `MoREBlockOutput`, router state).
+
+        Like Mixtral's block it runs on hidden states alone: `token_mask` (batch, seq) marks real tokens (None = all),
+        positions default to `cache_offset + arange(seq)` and `settings` to the config's inference depth.
+        """
         batch, seq_len, hidden = hidden_states.shape
+        if position_ids is None:
+            position_ids = torch.arange(cache_offset, cache_offset + seq_len, device=hidden_states.device)
+            position_ids = position_ids.expand(batch, -1)
+        if settings is None:
+            settings = MoREForwardSettings.from_config(self.config)
         state = hidden_states.reshape(-1, hidden)
         flat_mask = None if token_mask is None else token_mask.reshape(-1)
         out = MoREBlockOutput()
@@ -1224,7 +1328,9 @@ class MoRESparseMoeBlock(nn.Module):
         """Losses and diagnostics of one iteration."""
         out.router_logits.append(routing.logits)
         out.aux_loss.append(load_balancing_loss(routing.probs, routing.top_k_index, token_mask))
-        out.z_loss.append(router_z_loss(routing.logits, token_mask))
+        # z-loss keeps the router's own outputs small, so it reads them before the EMA (on the smoothed logits its
+        # gradient would shrink by 1 - ema); load balancing and the entropy floor use the routing actually applied.
+        out.z_loss.append(router_z_loss(routing.raw_logits, token_mask))
         if self.config.router_entropy_floor > 0:
             entropy = routing_entropy(routing.probs, token_mask)
             out.entropy_loss.append(F.relu(self.config.router_entropy_floor - entropy))
@@ -1262,6 +1368,12 @@ class MoREForwardSettings:
     output_recurrence_stats: bool = False
     output_router_logits: bool = False
     exit_threshold: float | None = None
+
+    @classmethod
+    def from_config(cls, config) -> "MoREForwardSettings":
+        """The config's inference defaults."""
+        depth, iterations = config.num_recurrent_steps, config.num_moe_iterations
+        return cls(depth, iterations, exit_threshold=config.adaptive_exit_threshold)
 
 
 class MoREDecoderLayer(GradientCheckpointingLayer):
@@ -1619,7 +1731,7 @@ class MoREModelOutputWithPast(MoeModelOutputWithPast):
     aux_loss: torch.FloatTensor | None = None
     z_loss: torch.FloatTensor | None = None
     entropy_loss: torch.FloatTensor | None = None
-    orthogonality_loss: torch.FloatTensor | None = None
+    expert_loss: torch.FloatTensor | None = None
     dropped_tokens: torch.LongTensor | None = None
     recurrent_steps: torch.FloatTensor | None = None
     recurrence_stats: tuple | None = None
@@ -1629,7 +1741,8 @@ class MoREModelOutputWithPast(MoeModelOutputWithPast):
 
 @dataclass
 class MoRECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
-    """`loss` = LM loss + weighted aux terms (`aux_loss`, `z_loss`, `entropy_loss`, `orthogonality_loss`).
+    """`loss` = LM loss + weighted aux terms (`aux_loss`, `z_loss`, `entropy_loss`) + `expert_loss` (the experts' own
+    weighted penalties, e.g. `shared_recurrent`'s orthogonality term, mean over MoE layers).
     `dropped_tokens` counts (token, expert) assignments dropped by the capacity limit; `recurrent_steps` is the mean
     number of expert steps actually run per routed token.
 
@@ -1642,7 +1755,7 @@ class MoRECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
 
     z_loss: torch.FloatTensor | None = None
     entropy_loss: torch.FloatTensor | None = None
-    orthogonality_loss: torch.FloatTensor | None = None
+    expert_loss: torch.FloatTensor | None = None
     dropped_tokens: torch.LongTensor | None = None
     recurrent_steps: torch.FloatTensor | None = None
     recurrence_stats: tuple | None = None
@@ -1665,6 +1778,8 @@ class MoREPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = True
     _can_compile_fullgraph = False
+    # `output_attentions=True` records the backbone's per-layer attention maps (eager attention) through hooks.
+    _can_record_outputs = {"attentions": MoREAttention}
 
     def _activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, *args, **kwargs):
         if (activation_checkpointing_kwargs or {}).get("use_reentrant", False):
@@ -1770,20 +1885,7 @@ class MoREPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         std = self.config.initializer_range
         if isinstance(module, MoREExperts):
-            # Stacked expert weights, by role: norms start at one, biases at zero, the Huginn adapter is
-            # xavier-uniform (guide §3.2, per-expert fans), shared-engine projections start orthogonal, others normal.
-            for name, param in module.named_parameters(recurse=False):
-                if name == "norms":
-                    init.ones_(param)
-                elif name.endswith("bias"):
-                    init.zeros_(param)
-                elif name == "adapter":
-                    bound = math.sqrt(6.0 / (param.shape[1] + param.shape[2]))
-                    init.uniform_(param, -bound, bound)
-                elif name in ("w_in", "w_out"):
-                    init.copy_(param, torch.linalg.qr(torch.randn_like(param, dtype=torch.float32))[0].to(param))
-                else:
-                    init.normal_(param, mean=0.0, std=std)
+            module.initialize_parameters(std)  # each expert type initialises its own stacked weights
         elif isinstance(module, MoRELinearRouter):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, (MoRELayerwiseRecurrentRouter, MoRETokenwiseRecurrentRouter)):
@@ -1797,9 +1899,6 @@ class MoREPreTrainedModel(PreTrainedModel):
                     init.zeros_(param)
                 else:
                     init.uniform_(param, -bound, bound)
-        elif isinstance(module, MoRERotaryEmbedding):
-            # Non-persistent buffer: not in checkpoints, so it must be rebuilt when weights load on the meta device.
-            init.copy_(module.inv_freq, module.compute_inv_freq())
         elif isinstance(module, MoRERMSNorm):
             init.ones_(module.weight)
 
@@ -1823,7 +1922,12 @@ class MoREModel(MoREPreTrainedModel):
         self.router_cell = None
         if config.router_type in ("gru", "rnn"):
             self.router_cell = ROUTER_CELLS[config.router_type](config.router_hidden_size, config.router_hidden_size)
+        self.uses_recurrent_steps = any(
+            layer.is_moe and layer.mlp.experts.uses_recurrent_steps for layer in self.layers
+        )
         self.gradient_checkpointing = False
+        # What the modules were built from; every other config field is read live (see `ARCHITECTURE_FIELDS`).
+        self._architecture = {name: copy.deepcopy(getattr(config, name)) for name in ARCHITECTURE_FIELDS}
         self.post_init()
 
     def get_input_embeddings(self):
@@ -1842,6 +1946,11 @@ class MoREModel(MoREPreTrainedModel):
     ):
         """Depth for this call: the argument, else a training draw, else the config's inference default."""
         config = self.config
+        if not self.uses_recurrent_steps and (num_recurrent_steps is not None or adaptive_exit_threshold is not None):
+            logger.warning_once(
+                f"`num_recurrent_steps` / `adaptive_exit_threshold` have no effect on this model: its experts "
+                f"(expert_type={config.expert_type!r}) run no expert-level recurrence."
+            )
         sampling = self.training and torch.is_grad_enabled()
         if num_recurrent_steps is None:
             num_recurrent_steps = self._sample_depth() if sampling else config.num_recurrent_steps
@@ -1890,6 +1999,14 @@ class MoREModel(MoREPreTrainedModel):
             torch.distributed.broadcast(draw, src=0)
         return int(draw.item())
 
+    def _check_architecture(self):
+        for name, built in self._architecture.items():
+            if getattr(self.config, name) != built:
+                raise ValueError(
+                    f"`config.{name}` changed from {built!r} to {getattr(self.config, name)!r} after the model was "
+                    "built; it sizes or chooses modules, so build a new model from the changed config instead."
+                )
+
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_length):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
@@ -1910,6 +2027,7 @@ class MoREModel(MoREPreTrainedModel):
                     f"got {tuple(attention_mask.shape)}."
                 )
 
+    @capture_outputs
     def forward(
         self,
         input_ids=None,
@@ -1926,6 +2044,7 @@ class MoREModel(MoREPreTrainedModel):
         adaptive_exit_threshold=None,
         **kwargs,
     ) -> MoREModelOutputWithPast:
+        """Other `kwargs` (attention-interface arguments, `output_attentions`) reach every backbone attention call."""
         config = self.config
         use_cache = use_cache if use_cache is not None else config.use_cache
         output_hidden_states = output_hidden_states if output_hidden_states is not None else False
@@ -1942,6 +2061,7 @@ class MoREModel(MoREPreTrainedModel):
                 )
             cache = MoRECache(config=config)
         past_length = cache.get_seq_length() if cache is not None else 0
+        self._check_architecture()
         self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
@@ -1988,6 +2108,7 @@ class MoREModel(MoREPreTrainedModel):
                 settings=settings,
                 cache=cache,
                 router_state=router_state,
+                **kwargs,
             )
             if block_output is not None:
                 blocks.append(block_output)
@@ -2002,10 +2123,8 @@ class MoREModel(MoREPreTrainedModel):
             terms = gather(name)
             return torch.stack(terms).mean() if terms else None
 
-        ortho = None
-        if config.expert_type == "shared_recurrent" and config.projection_orthogonality_coef > 0:
-            terms = [layer.mlp.experts.orthogonality_loss() for layer in self.layers if layer.is_moe]
-            ortho = torch.stack(terms).mean()
+        expert_terms = [layer.mlp.experts.regularisation_loss() for layer in self.layers if layer.is_moe]
+        expert_terms = [term for term in expert_terms if term is not None]
         dropped = gather("dropped_tokens")
         iterating = output_router_logits and settings.num_moe_iterations > 1
         return MoREModelOutputWithPast(
@@ -2016,7 +2135,7 @@ class MoREModel(MoREPreTrainedModel):
             aux_loss=mean("aux_loss"),
             z_loss=mean("z_loss"),
             entropy_loss=mean("entropy_loss"),
-            orthogonality_loss=ortho,
+            expert_loss=torch.stack(expert_terms).mean() if expert_terms else None,
             dropped_tokens=torch.stack(dropped).sum() if dropped else None,
             recurrent_steps=mean("recurrent_steps"),
             recurrence_stats=tuple(gather("stats")) if settings.output_recurrence_stats else None,
@@ -2095,6 +2214,7 @@ class MoREForCausalLM(MoREPreTrainedModel, GenerationMixin):
             num_recurrent_steps=num_recurrent_steps,
             num_moe_iterations=num_moe_iterations,
             adaptive_exit_threshold=adaptive_exit_threshold,
+            **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -2113,11 +2233,12 @@ class MoREForCausalLM(MoREPreTrainedModel, GenerationMixin):
             aux_loss=outputs.aux_loss,
             z_loss=outputs.z_loss,
             entropy_loss=outputs.entropy_loss,
-            orthogonality_loss=outputs.orthogonality_loss,
+            expert_loss=outputs.expert_loss,
             dropped_tokens=outputs.dropped_tokens,
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             router_logits=outputs.router_logits,
             recurrent_steps=outputs.recurrent_steps,
             recurrence_stats=outputs.recurrence_stats,
@@ -2138,8 +2259,8 @@ class MoREForCausalLM(MoREPreTrainedModel, GenerationMixin):
             total = total + config.router_aux_loss_coef * outputs.aux_loss + config.router_z_loss_coef * outputs.z_loss
         if outputs.entropy_loss is not None:
             total = total + config.router_entropy_coef * outputs.entropy_loss
-        if outputs.orthogonality_loss is not None:
-            total = total + config.projection_orthogonality_coef * outputs.orthogonality_loss
+        if outputs.expert_loss is not None:  # already weighted by each expert type
+            total = total + outputs.expert_loss
         if num_items_in_batch is not None:
             local = (labels[:, 1:] != -100).sum()
             total = total * (local / num_items_in_batch).to(outputs.last_hidden_state.dtype)
@@ -2154,13 +2275,24 @@ MoREConfig.register_for_auto_class()
 MoREForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 MoREModel.register_for_auto_class("AutoModel")
 
+from transformers import AutoConfig  # noqa: E402
+
+
 if not __name__.startswith("transformers_modules"):
     # Installed path: `import modeling_more` makes the Auto classes know MoRE (installed classes win over remote code).
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM
 
     AutoConfig.register("more", MoREConfig, exist_ok=True)
     AutoModel.register(MoREConfig, MoREModel, exist_ok=True)
     AutoModelForCausalLM.register(MoREConfig, MoREForCausalLM, exist_ok=True)
+else:
+    # Remote code: once a checkpoint's code is loaded, `AutoTokenizer.from_pretrained(checkpoint)` (which reads
+    # config.json first) must find the model type without asking to run custom code again. Only the config is
+    # registered, and only where nothing is (an installed MoRE, imported before or after, keeps precedence).
+    try:
+        AutoConfig.register("more", MoREConfig)
+    except ValueError:  # "more" is already registered
+        pass
 
 
 __all__ = ["MoRECache", "MoREConfig", "MoREForCausalLM", "MoREModel", "MoREPreTrainedModel"]

@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import modeling_more  # noqa: E402
 from configuration_more import MoREConfig  # noqa: E402
+from model_card_more import markdown_table  # noqa: E402
 
 
 logger = logging.getLogger(__name__)
@@ -215,15 +216,11 @@ def source_revision() -> str:
         return "unknown"
 
 
-def markdown_table(columns: list[str], rows: list[list]) -> str:
-    def cell(value):
-        if isinstance(value, float):
-            return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
-        return str(value)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
+def benchmark_cell(value) -> str:
+    """Ratios and timings to 3 significant digits (large values whole)."""
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
 
 
 def target(name: str, measured: float, limit: float, at_least: bool) -> dict:
@@ -1000,10 +997,10 @@ def main():
             f"revision {metadata['revision']})"
         ]
         for title, columns, rows in result["tables"]:
-            report += [f"\n**{title}**\n", markdown_table(columns, rows)]
+            report += [f"\n**{title}**\n", markdown_table(columns, rows, cell=benchmark_cell)]
         if result["targets"]:
             rows = [[t["target"], t["measured"], "holds" if t["holds"] else "MISSED"] for t in result["targets"]]
-            report += ["\n**Targets**\n", markdown_table(["target", "measured", "status"], rows)]
+            report += ["\n**Targets**\n", markdown_table(["target", "measured", "status"], rows, cell=benchmark_cell)]
         print("\n".join(report) + "\n", flush=True)
         path = output_dir / f"{suite.replace('-', '_')}.json"
         tables = [{"title": t, "columns": c, "rows": r} for t, c, r in result["tables"]]

@@ -324,6 +324,9 @@ def matched_config(config: MoREConfig, target: int, which: str) -> MoREConfig:
         return parameter_counts(resized(width))[which]
 
     low, high = 1, 16 * config.hidden_size
+    if count(low) == count(high):
+        logger.warning(f"`{knob}` does not size {config.expert_type!r} experts: they run unmatched, at their own size")
+        return config
     while low < high:
         middle = (low + high) // 2
         low, high = (middle + 1, high) if count(middle) < target else (low, middle)
@@ -691,7 +694,6 @@ def write_card(variant_dir: Path, name: str, result: dict, preset: Preset, run: 
 
 def _worker_init(modules: list[str]) -> None:
     torch.set_num_threads(1)
-    os.environ["TQDM_DISABLE"] = "1"  # the main process shows the only progress bar
     for name in modules:
         __import__(name)
 
@@ -1036,7 +1038,16 @@ def run_jobs(jobs: list[Job], data: CompareData, num_workers: int, modules: list
     # Costliest jobs first (training FLOPs per token), so the last minutes do not wait on one slow variant.
     costs = [training_flops_per_token(MoREConfig(**job.config)) for job in jobs]
     order = sorted(range(len(jobs)), key=lambda i: -costs[i])
-    with context.Pool(num_workers, initializer=_worker_init, initargs=(modules,), maxtasksperchild=None) as pool:
+    # Workers inherit the environment: their own bars (weights saving, diagnostics) stay off; this process's bar is
+    # already built (tqdm reads the variable when it is imported).
+    previous = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    pool = context.Pool(num_workers, initializer=_worker_init, initargs=(modules,))
+    if previous is None:
+        os.environ.pop("TQDM_DISABLE")
+    else:
+        os.environ["TQDM_DISABLE"] = previous
+    with pool:
         pending = {i: pool.apply_async(run_job, (jobs[i], data, queue)) for i in order}
         results = {}
         while pending:

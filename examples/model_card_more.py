@@ -45,9 +45,10 @@ def fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
-def markdown_table(headers: list[str], rows: list[list]) -> str:
+def markdown_table(headers: list[str], rows: list[list], cell=fmt) -> str:
+    """The one Markdown table writer of the examples; `cell` formats each value."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(fmt(cell) for cell in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in rows]
     return "\n".join(lines)
 
 

@@ -459,11 +459,11 @@ def parse_curriculum(text: str) -> list[CurriculumStage]:
 class CurriculumCallback(TrainerCallback):
     """Grows sequence length and recurrent depth with the global step (research guide §3.3 / §7.4).
 
-    Before each optimizer step it picks the stage of `state.global_step`: `max_length` is read by `MoRETrainer`,
-    which cuts each batch to it when the batch is used (batches are collated ahead of the step, so the collator could
-    not see the change in time), and the model's `train_recurrent_steps_max` becomes the stage's depth (the depth is
-    drawn per batch in [min, max], `MoREModel._sample_depth`). The stage follows from the step alone, so a resumed
-    run continues the schedule where it stopped.
+    Before each optimizer step it picks the stage of `state.global_step`: `MoRETrainer` cuts the step's batches to
+    its `max_length` when it fetches them, before Trainer counts their label tokens (batches are collated ahead of
+    the step, so the collator could not see the change in time), and the model's `train_recurrent_steps_max`
+    becomes the stage's depth (the depth is drawn per batch in [min, max], `MoREModel._sample_depth`). The stage
+    follows from the step alone, so a resumed run continues the schedule where it stopped.
     """
 
     def __init__(self, stages: list[CurriculumStage]):
@@ -537,14 +537,20 @@ class MoRETrainer(Trainer):
         self._metric_sums: dict[str, torch.Tensor] = {}
         self._metric_counts: dict[str, int] = {}
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Cuts the batches of the coming optimizer step to the curriculum length before Trainer counts their label
+        tokens (`num_items_in_batch`), so the loss is normalised by the tokens actually trained on."""
+        max_length = None if self.curriculum is None else self.curriculum.stage_at(self.state.global_step).max_length
+        if max_length is not None:
+            epoch_iterator = (fit_batch(batch, max_length) for batch in epoch_iterator)
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
             total, count = lm_loss_sum(outputs.logits, inputs["labels"])
             loss = total / count.clamp_min(1)
             return (loss, outputs) if return_outputs else loss
-        if self.curriculum is not None and self.curriculum.max_length is not None:
-            inputs = fit_batch(inputs, self.curriculum.max_length)
         loss, outputs = super().compute_loss(
             model, {**inputs, "output_router_logits": True}, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
@@ -652,7 +658,7 @@ def write_model_card_stub(
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model = AutoModelForCausalLM.from_pretrained("{output_dir.name}", trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained("{output_dir.name}", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("{output_dir.name}")
 ```
 
 ## Training data

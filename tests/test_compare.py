@@ -189,3 +189,22 @@ def test_resume_loads_finished_jobs_instead_of_training(tmp_path, monkeypatch):
     for name in ("ffn", "recurrent"):
         assert second["results"][name]["accuracy"] == first["results"][name]["accuracy"]
         assert second["results"][name]["depth_curves"] == first["results"][name]["depth_curves"]
+
+
+def test_a_registered_expert_type_joins_the_comparison(tmp_path, monkeypatch):
+    """A researcher's own expert (tests/toy_expert.py) registered by `--expert_modules`, also in the workers."""
+    import configuration_more
+
+    try:
+        output_dir, comparison = _run(
+            tmp_path, monkeypatch, "--expert_modules=toy_expert", "--variants=ffn,toy", "--seeds=2", "--num_workers=2"
+        )
+    finally:
+        modeling_more.EXPERT_REGISTRY.pop("toy", None)
+        if "toy" in configuration_more.EXPERT_TYPES:
+            configuration_more.EXPERT_TYPES.remove("toy")
+    toy = comparison["results"]["toy"]
+    assert toy["config"]["expert_type"] == "toy" and list(toy["depth_curves"]) == ["num_recurrent_steps"]
+    # The toy has no width knob (`intermediate_size` does not size it), so it runs at its own size, reported as such.
+    assert 0 < toy["active_params"] < comparison["results"]["ffn"]["active_params"]
+    assert "vs_ffn" in toy["accuracy"]["pointer"] and (output_dir / "toy" / "README.md").exists()

@@ -45,7 +45,11 @@ def test_every_diagnostic_has_its_shape(expert_type, router_type, iterations):
         assert len(out.iteration_stats) == model.config.num_hidden_layers
         for layer in out.iteration_stats:
             assert layer["router_entropy"].shape == layer["max_prob"].shape == (iterations,)
-            assert torch.isclose(layer["max_prob_trend"], layer["max_prob"][-1] - layer["max_prob"][0])
+        # Recomputed from the router logits the model returns (layer-major, one per iteration).
+        for layer, logits in zip(out.iteration_stats, _per_layer(out.router_logits, iterations), strict=True):
+            max_prob = torch.stack([torch.softmax(entry, -1).max(-1).values.mean() for entry in logits])
+            torch.testing.assert_close(layer["max_prob"], max_prob)
+            torch.testing.assert_close(layer["max_prob_trend"], max_prob[-1] - max_prob[0])
     else:
         assert out.iteration_stats is None
     assert len(out.recurrence_stats) == entries
@@ -63,6 +67,10 @@ def test_every_diagnostic_has_its_shape(expert_type, router_type, iterations):
         assert float(out.recurrent_steps) == steps
     else:
         assert out.recurrent_steps is None
+
+
+def _per_layer(entries, iterations):
+    return [entries[i : i + iterations] for i in range(0, len(entries), iterations)]
 
 
 def test_routing_statistics_known_values():
@@ -147,4 +155,27 @@ def test_refinement_statistics_are_consistent(expert_type):
         assert torch.isfinite(stats["state_change"]).all()
         if expert_type in ("recurrent", "shared_recurrent"):
             assert float(stats["state_change"][0]) == pytest.approx(1.0)
-        assert torch.equal(stats["final_step_contribution"], stats["state_change"][-1])
+
+
+def test_option_d_statistics_measure_the_hidden_state():
+    """Option D's loop state packs the LSTM's (h, c); its statistics are the guide's, on the output h only."""
+    model = tiny_model(expert_type="sequential")
+    experts = moe_blocks(model)[0].experts
+    steps = []  # (state before, state after) of every step of layer 0
+    step = experts.step
+
+    def recording_step(state, *args):
+        new = step(state, *args)
+        steps.append((state.detach(), new.detach()))
+        return new
+
+    experts.step = recording_step
+    with torch.no_grad():
+        out = model(random_ids(2, 8), num_recurrent_steps=3, output_recurrence_stats=True)
+    d = experts.hidden_size
+    expected = [((new[:, :d] - old[:, :d]).norm(dim=-1) / new[:, :d].norm(dim=-1)).mean() for old, new in steps]
+    stats = out.recurrence_stats[0]
+    torch.testing.assert_close(stats["state_change"], torch.stack(expected))
+    torch.testing.assert_close(stats["final_step_contribution"], expected[-1])  # the last step's share of h_T
+    moved = (steps[-1][1][:, :d] - steps[0][0][:, :d]).norm(dim=-1).mean()
+    torch.testing.assert_close(stats["refinement_magnitude"], moved)

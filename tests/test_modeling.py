@@ -15,6 +15,7 @@ from helpers import (
     random_ids,
     tiny_model,
 )
+from transformers.testing_utils import CaptureLogger
 
 import modeling_more
 
@@ -34,10 +35,19 @@ def _tensors(x):
     return []
 
 
-def test_step_loop_types_share_the_machinery():
-    """The design's expert-level recurrent types run the one shared step loop (depth, truncated backprop, stats)."""
-    for name in {"recurrent", "shared_recurrent", "sandwich", "sequential"} & set(EXPERT_TYPES):
-        assert name in RECURRENT_EXPERT_TYPES, name
+# The design's table (DESIGN.md §3.1), written out rather than derived from the classes under test.
+DESIGN_DEPTH_TYPES = {"recurrent", "shared_recurrent", "sandwich", "sequential"}
+DESIGN_FIXED_DEPTH_TYPES = {"ffn", "parallel"}
+
+
+@pytest.mark.parametrize("expert_type", sorted(DESIGN_DEPTH_TYPES | DESIGN_FIXED_DEPTH_TYPES))
+def test_depth_changes_exactly_the_design_recurrent_types(expert_type):
+    """`num_recurrent_steps` changes the output of the design's expert-level recurrent types and of no other."""
+    model = tiny_model(expert_type=expert_type)
+    ids = random_ids(2, 8)
+    with torch.no_grad():
+        one, three = model(ids, num_recurrent_steps=1).logits, model(ids, num_recurrent_steps=3).logits
+    assert torch.equal(one, three) == (expert_type in DESIGN_FIXED_DEPTH_TYPES)
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
@@ -205,12 +215,19 @@ def test_num_recurrent_steps_changes_recurrent_output(expert_type):
 
 
 @pytest.mark.parametrize("expert_type", NON_RECURRENT_EXPERT_TYPES)
-def test_num_recurrent_steps_ignored_by_non_recurrent(expert_type):
+def test_num_recurrent_steps_on_non_recurrent_warns_once(expert_type):
+    """A depth argument a model cannot use is ignored, with one warning (a depth sweep on the wrong model shows)."""
     model = tiny_model(expert_type=expert_type)
     ids = random_ids(2, 8)
-    with torch.no_grad():
+    modeling_more.logger.warning_once.cache_clear()
+    with CaptureLogger(modeling_more.logger) as captured, torch.no_grad():
         a, b = model(ids, num_recurrent_steps=1), model(ids, num_recurrent_steps=3)
     torch.testing.assert_close(a.logits, b.logits, atol=0, rtol=0)
+    assert captured.out.count("no effect") == 1 and expert_type in captured.out
+    recurrent = tiny_model(expert_type="recurrent")
+    with CaptureLogger(modeling_more.logger) as captured, torch.no_grad():
+        recurrent(ids, num_recurrent_steps=3)
+    assert "no effect" not in captured.out
 
 
 @pytest.mark.parametrize("sampler", ["uniform", "poisson_lognormal"])
@@ -399,3 +416,73 @@ def test_eval_capacity_factor_applies_in_eval():
         a, b = dropless(ids).logits, capped(ids).logits
     assert torch.isfinite(b).all()
     assert not torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("expert_type", ["ffn", "recurrent"])
+def test_capacity_counts_real_tokens_only(expert_type, top_k):
+    """Under a capacity limit a left-padded row gives its real tokens the same outputs as the row alone: capacity
+    comes from the real tokens, and padding never takes or shifts a slot."""
+    model = tiny_model(expert_type=expert_type, eval_capacity_factor=0.5, num_experts_per_tok=top_k)
+    ids = random_ids(1, 9, seed=3)
+    pad = 8  # enough padding to change the capacity if it were counted: ceil(0.5 * 17 * k / 4) > ceil(0.5 * 9 * k / 4)
+    padded = torch.cat([torch.zeros(1, pad, dtype=ids.dtype), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, pad, dtype=torch.long), torch.ones_like(ids)], dim=1)
+    with torch.no_grad():
+        alone = model(ids)
+        batched = model(padded, attention_mask=mask)
+    assert int(alone.dropped_tokens) > 0, "the capacity limit should drop something here"
+    assert int(batched.dropped_tokens) == int(alone.dropped_tokens)
+    torch.testing.assert_close(batched.logits[:, pad:], alone.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_capacity_gives_first_choices_priority():
+    """Switch / GShard priority: every token's first choice is kept before any token's second choice."""
+    num_experts, capacity = 3, 2
+    # Token 0's second choice and tokens 1, 2's first choices all want expert 0, which has room for two.
+    top_k_index = torch.tensor([[1, 0], [0, 2], [0, 1]])
+    weights = torch.full((3, 2), 0.5)
+    dispatch = modeling_more.build_dispatch(
+        top_k_index, weights, None, torch.arange(3)[None], 0, capacity, num_experts
+    )
+    kept = {
+        (int(t), int(e))
+        for t, e, k in zip(dispatch.token_index, dispatch.expert_index, dispatch.kept, strict=True)
+        if k
+    }
+    assert kept == {(0, 1), (1, 0), (2, 0), (1, 2), (2, 1)}  # (0, 0), a second choice, is the one dropped
+    assert int(dispatch.dropped) == 1
+    # Within one choice rank, earlier tokens win.
+    top_k_index = torch.tensor([[0, 1], [0, 2], [0, 1]])
+    dispatch = modeling_more.build_dispatch(
+        top_k_index, weights, None, torch.arange(3)[None], 0, capacity, num_experts
+    )
+    kept = {
+        (int(t), int(e))
+        for t, e, k in zip(dispatch.token_index, dispatch.expert_index, dispatch.kept, strict=True)
+        if k
+    }
+    assert (0, 0) in kept and (1, 0) in kept and (2, 0) not in kept
+
+
+@pytest.mark.parametrize("expert_type", EXPERT_TYPES)
+def test_moe_block_runs_on_hidden_states_alone(expert_type):
+    """`model.layers[i].mlp(hidden_states)` works like Mixtral's block: same shape out first, context optional."""
+    model = tiny_model(expert_type=expert_type)
+    block = model.model.layers[0].mlp
+    hidden = torch.randn(2, 5, model.config.hidden_size)
+    with torch.no_grad():
+        out = block(hidden)[0]
+        settings = model.model.resolve_settings()
+        explicit = block(hidden, torch.ones(2, 5, dtype=torch.bool), torch.arange(5).expand(2, -1), 0, settings)[0]
+    assert out.shape == hidden.shape
+    torch.testing.assert_close(out, explicit)
+
+
+def test_moe_block_alone_with_a_layerwise_router_says_what_it_needs():
+    model = tiny_model(router_type="gru")
+    block = model.model.layers[0].mlp
+    hidden = torch.randn(1, 4, model.config.hidden_size)
+    with pytest.raises(ValueError, match="router_state"):
+        block(hidden)
+    assert block(hidden, router_state=(model.model.router_cell, None))[0].shape == hidden.shape

@@ -36,9 +36,39 @@ def test_tokenwise_router_state_crosses_positions(router_type):
     assert not torch.allclose(other[2:], base[2:])  # after it: the state carried the change
 
 
-def test_layerwise_router_shares_one_cell():
+@pytest.mark.parametrize("router_type", ROUTER_TYPES)
+def test_router_state_passes_from_layer_to_layer_only_for_layerwise_routers(router_type):
+    """Perturbing the router state layer 0 hands on (its own routing unchanged) changes layer 1's routing for the
+    RMoE layerwise routers, and nothing for routers without a layer-to-layer state."""
+    model = tiny_model(router_type=router_type)
+    gate = moe_blocks(model)[0].gate
+    original = gate.forward
+
+    def perturbed(*args, **kwargs):
+        routing, state = original(*args, **kwargs)
+        if state is not None:
+            cell, hidden = state
+            state = (cell, hidden + torch.randn_like(hidden))
+        return routing, state
+
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        base = model(ids, output_router_logits=True).router_logits
+        gate.forward = perturbed
+        other = model(ids, output_router_logits=True).router_logits
+    torch.testing.assert_close(other[0], base[0], atol=0, rtol=0)  # layer 0 routes as before
+    changed = not torch.allclose(other[1], base[1], atol=1e-6)
+    assert changed == (router_type in ("gru", "rnn"))
+
+
+def test_layerwise_router_cell_is_shared_by_all_layers():
+    """One cell owned by the model: changing its weights changes every layer's routing, and no layer has its own."""
     model = tiny_model(router_type="gru")
-    cells = {id(block.gate) for block in moe_blocks(model)}
-    assert len(cells) == model.config.num_hidden_layers  # per-layer projections and heads
-    assert model.model.router_cell is not None
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        base = model(ids, output_router_logits=True).router_logits
+        model.model.router_cell.weight_ih.add_(0.5)
+        other = model(ids, output_router_logits=True).router_logits
+    for layer, (a, b) in enumerate(zip(base, other, strict=True)):
+        assert not torch.allclose(a, b, atol=1e-6), f"layer {layer}"
     assert not any("cell" in name for block in moe_blocks(model) for name, _ in block.gate.named_parameters())

@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import EXPERT_TYPES, clone_model, moe_blocks, random_ids, tiny_model
 
-from modeling_more import routing_entropy
+from modeling_more import load_balancing_loss, routing_entropy
 
 
 def _ids():
@@ -49,8 +49,6 @@ def test_router_logits_ema_mixes_iterations():
     model = tiny_model(num_moe_iterations=3, router_logits_ema=ema)
     plain = clone_model(model)
     plain.config.router_logits_ema = 0.0
-    for block in moe_blocks(plain):
-        block.gate.logits_ema = 0.0
     ids = _ids()
     smoothed = model(ids, output_router_logits=True).router_logits
     raw_first = plain(ids, output_router_logits=True).router_logits
@@ -73,6 +71,36 @@ def test_router_logits_ema_mixes_iterations():
     for t in (1, 2):
         expected = ema * expected + (1 - ema) * raw[t]
         torch.testing.assert_close(smoothed[t], expected)
+
+
+def test_z_loss_reads_the_raw_router_logits_under_ema():
+    """With the logit EMA, z-loss is taken on each router's own logits (its gradient is not scaled by 1 - ema);
+    load balancing uses the smoothed logits that routing actually used."""
+    ema = 0.9
+    model = tiny_model(num_moe_iterations=3, router_logits_ema=ema)
+    raw = []
+    for block in moe_blocks(model):
+        with torch.no_grad():
+            block.gate.weight.mul_(30)  # logits large enough for the EMA to change their log-partition
+        original = block.gate.compute_logits
+
+        def record(*args, original=original, **kwargs):
+            logits, state = original(*args, **kwargs)
+            raw.append(logits.float())
+            return logits, state
+
+        block.gate.compute_logits = record
+    out = model(_ids(), output_router_logits=True)
+    expected = torch.stack([torch.logsumexp(r, -1).pow(2).mean() for r in raw]).mean()
+    torch.testing.assert_close(out.z_loss, expected)
+    smoothed = [torch.softmax(logits, -1) for logits in out.router_logits]
+    balance = torch.stack(
+        [
+            load_balancing_loss(p, logits.topk(1, -1).indices)
+            for p, logits in zip(smoothed, out.router_logits, strict=True)
+        ]
+    ).mean()
+    torch.testing.assert_close(out.aux_loss, balance)
 
 
 @pytest.mark.parametrize("expert_type", EXPERT_TYPES)
@@ -109,8 +137,6 @@ def test_expert_dropout_drops_assignments_in_training_only():
     model.eval()
     no_dropout = clone_model(model)
     no_dropout.config.expert_dropout = 0.0
-    for block in moe_blocks(no_dropout):
-        block.expert_dropout = 0.0
     torch.testing.assert_close(model(ids).logits, no_dropout(ids).logits, atol=0, rtol=0)
 
 
@@ -123,7 +149,7 @@ def test_expert_dropout_keeps_expected_output():
     torch.manual_seed(0)
     with torch.no_grad():
         mean = torch.stack([block(x, None, torch.arange(64)[None], 0, settings)[0] for _ in range(400)]).mean(0)
-        block.expert_dropout = 0.0
+        model.config.expert_dropout = 0.0
         reference = block(x, None, torch.arange(64)[None], 0, settings)[0]
     assert (mean - reference).abs().mean() < 0.1 * reference.abs().mean()
 
@@ -136,5 +162,6 @@ def test_orthogonality_penalty_in_loss():
     ids = _ids()
     out = model(ids, labels=ids)
     expected = torch.stack([b.experts.orthogonality_loss() for b in moe_blocks(model)]).mean()
-    torch.testing.assert_close(out.orthogonality_loss, expected)
+    torch.testing.assert_close(out.expert_loss, coef * expected)  # the expert's own weighted penalty
     torch.testing.assert_close(out.loss - reference(ids, labels=ids).loss, coef * expected)
+    assert reference(ids, labels=ids).expert_loss is None

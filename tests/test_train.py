@@ -34,6 +34,7 @@ from train_more import (  # noqa: E402
     build_config,
     build_datasets,
     fit_batch,
+    lm_loss_sum,
     load_raw_datasets,
     parse_config_overrides,
     parse_curriculum,
@@ -325,6 +326,46 @@ def test_training_writes_a_loadable_model_tokenizer_and_card(trained):
     remote = json.loads(stdout.splitlines()[-1])
     assert remote["module"].startswith("transformers_modules")
     torch.testing.assert_close(torch.tensor(remote["logits"]), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_curriculum_loss_is_normalised_by_the_tokens_trained_on(tokenizer, tmp_path):
+    """Under gradient accumulation the loss of an optimizer step equals the mean cross-entropy over the label tokens
+    of the curriculum-cut micro-batches (not over the uncut batches Trainer would otherwise count)."""
+    data = build_reasoning_dataset(["babi1"], num_train=32, num_validation=0, num_test=0, seed=0)
+    # Every token is a label (as on corpus data), so cutting a row removes label tokens.
+    train = tokenize_qa(data["train"], tokenizer, max_length=96, answer_only_loss=False)
+    overrides = "hidden_size=32,intermediate_size=64,router_aux_loss_coef=0,router_z_loss_coef=0"
+    model = AutoModelForCausalLM.from_config(build_config(ModelArguments(config_overrides=overrides), tokenizer, 96))
+    micro = []  # (loss the trainer backpropagated, summed cross-entropy, label tokens) per micro-batch
+
+    def record(module, args, kwargs, output):
+        total, count = lm_loss_sum(output.logits.detach(), kwargs["labels"])
+        micro.append((output.loss.detach(), total, count))
+
+    model.register_forward_hook(record, with_kwargs=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    curriculum = CurriculumCallback(parse_curriculum("0:16:-"))
+    trainer = MoRETrainer(
+        model=model, args=args, train_dataset=train, data_collator=train_more.collate, curriculum=curriculum
+    )
+    trainer.train()
+    assert len(micro) == 4
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    for step in range(2):
+        losses, totals, counts = zip(*micro[2 * step : 2 * step + 2], strict=True)
+        expected = sum(totals) / sum(counts)
+        torch.testing.assert_close(sum(losses), expected)
+        assert logged[step] == pytest.approx(float(expected), rel=1e-3)
 
 
 def test_health_metrics_and_curriculum_in_the_log_history(trained):
