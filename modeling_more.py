@@ -888,7 +888,10 @@ class MoREParallelExperts(MoREExperts):
         return gates[:, :1] * ffn_out + gates[:, 1:] * lstm_out
 
     def _lstm(self, x, dispatch, ctx):
+        # One dtype for the whole scan (the autocast dtype inside autocast): its backward runs outside autocast.
+        dtype = matmul_dtype(x, self.lstm_w_hh)
         x_proj = grouped_linear(x, self.lstm_w_ih, dispatch.offs) + _grouped_bias(self.lstm_bias, dispatch)
+        x_proj = x_proj.to(dtype)
         batch, experts = dispatch.batch_size, self.num_experts
         # Static layout, no host sync: one segment per (expert, sequence) with seq_len time slots, grouped by expert
         # (batch segments each). Dropped rows go to one extra segment that never runs and outputs zeros.
@@ -908,7 +911,7 @@ class MoREParallelExperts(MoREExperts):
         pool = ctx.cache_pool
         if pool is not None:
             h, c = pool.read_state(h, c)
-        w_hh = self.lstm_w_hh.to(x_proj.dtype)  # the autocast dtype inside autocast
+        w_hh = self.lstm_w_hh.to(dtype)
         outputs, h, c = MoRELSTMScan.apply(padded[:segments], valid[:segments], h, c, w_hh, seg_offs)
         if pool is not None:
             pool.write_state(h, c, experts)
@@ -1663,6 +1666,9 @@ class MoREModel(MoREPreTrainedModel):
             depth = torch.poisson(rate).long().clamp(low, high)
         return self._broadcast(depth)
 
+    # The drawn depth becomes a Python int that drives the step loops: a deliberate graph break under torch.compile
+    # (training only) and one compiled graph per depth drawn.
+    @torch.compiler.disable
     def _broadcast(self, draw: torch.Tensor) -> int:
         """Rank 0's draw, so every data-parallel rank runs the same depth."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
