@@ -893,17 +893,23 @@ class MoREParallelExperts(MoREExperts):
         x_proj = grouped_linear(x, self.lstm_w_ih, dispatch.offs) + _grouped_bias(self.lstm_bias, dispatch)
         x_proj = x_proj.to(dtype)
         batch, experts = dispatch.batch_size, self.num_experts
-        # Static layout, no host sync: one segment per (expert, sequence) with seq_len time slots, grouped by expert
-        # (batch segments each). Dropped rows go to one extra segment that never runs and outputs zeros.
+        # Static layout: one segment per (expert, sequence) with seq_len time slots (no host sync on GPU and under
+        # compile), grouped by expert (batch segments each). Dropped rows go to one extra segment that never runs and
+        # outputs zeros.
         segments, seq_len = experts * batch, x.shape[0] // (batch * self.top_k)
         segment = torch.where(dispatch.kept, dispatch.segment, segments)  # (rows,)
         counts = torch.zeros(segments + 1, dtype=torch.long, device=x.device).scatter_add_(
             0, segment, torch.ones_like(segment)
         )
+        steps = seq_len
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+            # On CPU reading the longest segment back costs nothing, and each scan step is memory-bound (it re-reads
+            # every expert's recurrent weight for a few rows): run only the steps the longest segment needs.
+            steps = max(1, int(counts[:segments].max()))
         slot = torch.arange(x.shape[0], device=x.device) - (torch.cumsum(counts, 0) - counts)[segment]
-        slot = slot.clamp(max=seq_len - 1)  # only the extra segment can hold more rows than time slots
-        padded = x_proj.new_zeros(segments + 1, seq_len, x_proj.shape[-1]).index_put((segment, slot), x_proj)
-        valid = torch.zeros(segments + 1, seq_len, dtype=torch.bool, device=x.device)
+        slot = slot.clamp(max=steps - 1)  # only the extra segment can hold more rows than time slots
+        padded = x_proj.new_zeros(segments + 1, steps, x_proj.shape[-1]).index_put((segment, slot), x_proj)
+        valid = torch.zeros(segments + 1, steps, dtype=torch.bool, device=x.device)
         valid = valid.index_put((segment, slot), dispatch.kept)
         seg_offs = (torch.arange(1, experts + 1, device=x.device) * batch).to(torch.int32)
         h = x_proj.new_zeros(segments, self.hidden_size)
