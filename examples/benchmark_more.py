@@ -738,7 +738,7 @@ def bench_recurrent(args, device, dtype):
 def training_step(model, optimizer, ids, forward=None, autocast_dtype=None):
     """One step; `forward` (default: the model) may be a compiled model, `autocast_dtype` turns on autocast."""
     with torch.autocast(ids.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        loss = (forward or model)(input_ids=ids, labels=ids).loss
+        loss = (model if forward is None else forward)(input_ids=ids, labels=ids).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
