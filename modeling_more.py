@@ -261,6 +261,8 @@ def grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, offs: torch.Tensor)
 
     grad: (rows, out), x: (rows, in), both sorted by group and in one dtype; offs as in `grouped_linear`.
     """
+    if offs.shape[0] == 1:
+        return (grad.T @ x)[None]
     if grad.dtype not in GROUPED_MM_DTYPES:
         ends = offs.tolist()  # float64 (reference tests): one matmul per group, a host sync
         starts = [0] + ends[:-1]
