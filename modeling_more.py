@@ -199,86 +199,148 @@ class MoREMLP(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    # grouped_mm wants fp32/bf16 and 16-byte aligned row strides for both operands.
-    if x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype:
-        return False
-    return all((size * x.element_size()) % 16 == 0 for size in weight.shape[1:])
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _grouped_mm_eager(x: torch.Tensor, weight_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return F.grouped_mm(x, weight_t, offs=offs)
+
+
+def _grouped_mm_fake(x: torch.Tensor, weight_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight_t.shape[2])
+
+
+def _grouped_mm_weight_grad_eager(x: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Per group, `x[rows].T @ grad[rows]`: (groups, in, out); empty groups get zeros."""
+    return F.grouped_mm(x.T, grad, offs=offs)
+
+
+def _grouped_mm_weight_grad_fake(x: torch.Tensor, grad: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(offs.shape[0], x.shape[1], grad.shape[1])
+
+
+def _grouped_mm_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_backward(ctx, grad):
+    x, weight_t, offs = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_x = torch.ops.more.grouped_mm(grad, weight_t.transpose(1, 2), offs)
+    return grad_x, torch.ops.more.grouped_mm_weight_grad(x, grad, offs), None
+
+
+# `grouped_mm` as opaque custom ops for `torch.compile`: Dynamo's fake-tensor rule for `grouped_mm` on CPU accepts
+# bf16 only. The kernels inside are the eager `grouped_mm` (no per-group loop, no host sync). Registered once per
+# process: remote code may import this file a second time under another module name.
+if not hasattr(torch.ops.more, "grouped_mm"):
+    torch.library.custom_op("more::grouped_mm", _grouped_mm_eager, mutates_args=())
+    torch.library.register_fake("more::grouped_mm", _grouped_mm_fake)
+    torch.library.custom_op("more::grouped_mm_weight_grad", _grouped_mm_weight_grad_eager, mutates_args=())
+    torch.library.register_fake("more::grouped_mm_weight_grad", _grouped_mm_weight_grad_fake)
+    torch.library.register_autograd("more::grouped_mm", _grouped_mm_backward, setup_context=_grouped_mm_setup_context)
+
+
+def matmul_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The autocast dtype inside `torch.autocast` (grouped_mm is not autocast-enabled), else the weight's dtype."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
+
+
+def _align(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad the inner and output sizes so rows are 16-byte aligned, as grouped_mm requires (tiny configs only)."""
+    step = 16 // x.element_size()
+    pad_in, pad_out = -weight.shape[2] % step, -weight.shape[1] % step
+    if pad_in or pad_out:
+        x, weight = F.pad(x, (0, pad_in)), F.pad(weight, (0, pad_in, 0, pad_out))
+    return x, weight
 
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """`x @ weight[g].T` for the rows of each group.
 
     x: (rows, in) sorted by group; weight: (groups, out, in); offs: (groups,) int32 cumulative row ends, the last
-    equal to `rows`. One group is a plain linear layer.
+    equal to `rows`. One group is a plain linear layer. Inside `torch.autocast` both operands go to the autocast dtype.
     """
+    dtype = matmul_dtype(x, weight)
+    x, weight = x.to(dtype), weight.to(dtype)
     if weight.shape[0] == 1:
         return F.linear(x, weight[0])
-    if _grouped_mm_supported(x, weight):
-        return F.grouped_mm(x.contiguous(), weight.transpose(1, 2), offs=offs)
-    # Unaligned sizes or other dtypes: the same result, one matmul per group.
-    ends = offs.tolist()
-    starts = [0] + ends[:-1]
-    return torch.cat([F.linear(x[s:e], weight[g]) for g, (s, e) in enumerate(zip(starts, ends, strict=True))])
+    if dtype not in GROUPED_MM_DTYPES:
+        # float64 (reference tests): the same result, one matmul per group, at the cost of a host sync.
+        ends = offs.tolist()
+        starts = [0] + ends[:-1]
+        return torch.cat([F.linear(x[s:e], weight[g]) for g, (s, e) in enumerate(zip(starts, ends, strict=True))])
+    out_features = weight.shape[1]
+    x, weight = _align(x.contiguous(), weight)
+    if torch.compiler.is_compiling() and dtype != torch.bfloat16:
+        out = torch.ops.more.grouped_mm(x, weight.transpose(1, 2), offs)
+    else:
+        out = F.grouped_mm(x, weight.transpose(1, 2), offs=offs)
+    return out[:, :out_features]
 
 
-def pad_segments(x: torch.Tensor, segment: torch.Tensor):
-    """Scatter rows sorted by segment id into a padded (segments, max_len, ...) tensor.
+def grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """The weight gradient of `grouped_linear`: per group, `grad[rows].T @ x[rows]` (groups, out, in).
 
-    Returns the padded tensor, each row's (segment, slot) coordinates, the padded validity mask and the first row of
-    each segment.
+    grad: (rows, out), x: (rows, in), both sorted by group and in one dtype; offs as in `grouped_linear`.
     """
-    _, compact, counts = torch.unique_consecutive(segment, return_inverse=True, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(segment.shape[0], device=segment.device) - starts[compact]  # (rows,)
-    padded = x.new_zeros(counts.shape[0], int(counts.max()), *x.shape[1:])
-    padded[compact, slot] = x
-    valid = torch.zeros(padded.shape[:2], dtype=torch.bool, device=x.device)
-    valid[compact, slot] = True
-    return padded, (compact, slot), valid, starts
+    if offs.shape[0] == 1:
+        return (grad.T @ x)[None]
+    if grad.dtype not in GROUPED_MM_DTYPES:
+        ends = offs.tolist()  # float64 (reference tests): one matmul per group, a host sync
+        starts = [0] + ends[:-1]
+        return torch.stack([grad[s:e].T @ x[s:e] for s, e in zip(starts, ends, strict=True)])
+    out_features, in_features = grad.shape[1], x.shape[1]
+    step = 16 // x.element_size()
+    grad, x = F.pad(grad, (0, -out_features % step)).contiguous(), F.pad(x, (0, -in_features % step)).contiguous()
+    if torch.compiler.is_compiling() and grad.dtype != torch.bfloat16:
+        out = torch.ops.more.grouped_mm_weight_grad(grad, x, offs)
+    else:
+        out = F.grouped_mm(grad.T, x, offs=offs)
+    return out[:, :out_features, :in_features]
 
 
-def segment_causal_attention(q, k, v, segment, position, scaling, cached=None):
+def segment_layout(segment, position, batch_size, cached=None):
+    """Attention layout of the routed rows, built once per call and reused by every recurrent step.
+
+    segment, position: (rows,) sorted by (segment, position), segment = expert * batch_size + sequence. Without a cache
+    every sequence holds exactly top_k * seq_len rows (dropped ones included), so grouping rows by sequence gives a
+    static (batch, top_k * seq_len) layout whose block mask keeps each segment causal: no host sync, static shapes.
+    With `cached` = (segment, position) of the cached rows, new rows attend to the cached rows and new rows of their
+    segment at a lower or equal position. Returns (order, inverse, mask): `order` (rows,) the rows grouped by sequence
+    and `inverse` its inverse permutation (None with a cache), `mask` (batch, 1, q_len, k_len) bool.
+    """
+    if cached is not None:
+        key_segment, key_position = torch.cat([cached[0], segment]), torch.cat([cached[1], position])
+        mask = (key_segment[None] == segment[:, None]) & (key_position[None] <= position[:, None])  # (rows, keys)
+        return None, None, mask[None, None]
+    order = torch.argsort(segment % batch_size, stable=True)  # (rows,) by (sequence, expert, position)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
+    seg, pos = segment[order].view(batch_size, -1), position[order].view(batch_size, -1)  # (batch, top_k * seq)
+    mask = (seg[:, None, :] == seg[:, :, None]) & (pos[:, None, :] <= pos[:, :, None])  # (batch, q_len, k_len)
+    return order, inverse, mask[:, None]
+
+
+def segment_causal_attention(q, k, v, layout, scaling, cached=None):
     """Causal attention among the rows of each segment (one expert's tokens of one sequence).
 
-    q, k, v: (rows, heads, head_dim), rows sorted by (segment, position). `cached` optionally holds keys and values of
-    earlier tokens as (k, v, segment, position); new rows then attend to cached rows of their segment with a lower or
-    equal position as well. Returns (rows, heads, head_dim).
+    q, k, v: (rows, heads, head_dim), rows sorted by (segment, position); `layout` from `segment_layout`. `cached`
+    optionally holds the keys and values (cached rows, heads, head_dim) of earlier tokens, in the layout's key order.
+    Returns (rows, heads, head_dim).
     """
-    if cached is None:
-        # Without a cache each segment is a plain causal block: one SDPA call over padded segments.
-        stacked = torch.cat([q, k, v], dim=-1)
-        padded, (seg, slot), _, _ = pad_segments(stacked, segment)  # (segments, max_len, heads, 3 * head_dim)
-        pq, pk, pv = padded.transpose(1, 2).chunk(3, dim=-1)  # (segments, heads, max_len, head_dim)
-        out = F.scaled_dot_product_attention(pq, pk, pv, is_causal=True, scale=scaling)
-        return out.transpose(1, 2)[seg, slot]
-    ck, cv, cseg, cpos = cached
-    # Only segments that ask queries matter: drop other segments' cached rows before sorting and padding, so a decoding
-    # step costs O(its segments) rather than O(every cached row).
-    asked = torch.isin(cseg, segment)
-    ck, cv, cseg, cpos = ck[asked], cv[asked], cseg[asked], cpos[asked]
-    # Keys are cached rows plus new rows, re-sorted by (segment, position); queries are the new rows only.
-    key_segment = torch.cat([cseg, segment])
-    key_position = torch.cat([cpos, position])
-    order = torch.argsort(key_segment * (int(key_position.max()) + 1) + key_position, stable=True)
-    key_segment, key_position = key_segment[order], key_position[order]
-    kv = torch.cat([torch.cat([ck, k]), torch.cat([cv, v])], dim=-1)[order]
-    segments = torch.unique_consecutive(key_segment)
-    # Put query rows in the key layout's segment numbering so both paddings line up.
-    q_compact = torch.searchsorted(segments, segment)
-    pkv, _, k_valid, _ = pad_segments(kv, key_segment)
-    pk_pos, _, _, _ = pad_segments(key_position, key_segment)
-    q_counts = torch.bincount(q_compact, minlength=segments.shape[0])
-    q_slot = torch.arange(q.shape[0], device=q.device) - (torch.cumsum(q_counts, 0) - q_counts)[q_compact]
-    pq = q.new_zeros(segments.shape[0], int(q_counts.max()), *q.shape[1:])
-    pq[q_compact, q_slot] = q
-    pq_pos = position.new_full(pq.shape[:2], -1)
-    pq_pos[q_compact, q_slot] = position
-    mask = k_valid[:, None, :] & (pk_pos[:, None, :] <= pq_pos[:, :, None])  # (segments, q_len, k_len)
-    mask[..., 0] |= pq_pos < 0  # padded query rows see one key so softmax stays finite; they are discarded
-    pk, pv = pkv.transpose(1, 2).chunk(2, dim=-1)
-    out = F.scaled_dot_product_attention(pq.transpose(1, 2), pk, pv, attn_mask=mask[:, None], scale=scaling)
-    return out.transpose(1, 2)[q_compact, q_slot]
+    order, inverse, mask = layout
+    if cached is not None:
+        keys, values = (torch.cat([c, new]).transpose(0, 1)[None] for c, new in zip(cached, (k, v), strict=True))
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, attn_mask=mask, scale=scaling)
+        return out[0].transpose(0, 1)  # (rows, heads, head_dim)
+    rows, heads, head_dim = q.shape
+    stacked = torch.cat([q, k, v], dim=-1)[order].view(mask.shape[0], -1, heads, 3 * head_dim)
+    pq, pk, pv = stacked.transpose(1, 2).chunk(3, dim=-1)  # (batch, heads, top_k * seq, head_dim)
+    out = F.scaled_dot_product_attention(pq, pk, pv, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2).reshape(rows, heads, head_dim)[inverse]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -412,6 +474,7 @@ class MoREExpertContext:
     exit_min_steps: int = 1
     stats: dict = field(default_factory=dict)
     rotary: tuple | None = None  # (cos, sin) of the routed rows, computed once and reused by every step
+    segment_layout: tuple | None = None  # attention layout inside experts (`segment_layout`), once per call
     # Adaptive exit: the full dispatch, the rows still iterating, and the latest keys/values of every row.
     full_dispatch: "MoREDispatch | None" = None
     active_index: torch.Tensor | None = None
@@ -718,7 +781,12 @@ class MoREHuginnExperts(MoRERecurrentExperts):
         if ctx.cache_pool is not None:
             ctx.cache_pool.stage(step_idx, k, v)
             cached = ctx.cache_pool.read(step_idx, full.batch_size)
-        out = segment_causal_attention(q, k, v, full.segment, full.cache_index, self.scaling, cached)
+        if ctx.segment_layout is None:  # the layout does not change across steps
+            ctx.segment_layout = segment_layout(
+                full.segment, full.cache_index, full.batch_size, None if cached is None else cached[2:]
+            )
+        kv_cached = None if cached is None else cached[:2]
+        out = segment_causal_attention(q, k, v, ctx.segment_layout, self.scaling, kv_cached)
         if active is not None:
             out = out[active]
         return grouped_linear(out.reshape(rows, -1), self.o_proj, offs)
@@ -896,6 +964,65 @@ class MoRESequentialExperts(MoRERecurrentExperts):
         return self.observed_state(state)
 
 
+class MoRELSTMScan(torch.autograd.Function):
+    """An LSTM over the time axis of padded segments, each segment with its expert's recurrent weights.
+
+    Backward runs the recurrence in reverse and computes the recurrent weight gradient once, as one grouped matmul
+    over all positions, instead of one (experts, 4 * hidden, hidden) gradient per position.
+    """
+
+    @staticmethod
+    def forward(ctx, x_proj, valid, h, c, w_hh, seg_offs):
+        """x_proj: (segments, T, 4 * hidden) input gates with bias; valid: (segments, T) bool, invalid steps keep the
+        state; h, c: (segments, hidden) initial state; w_hh: (experts, 4 * hidden, hidden); seg_offs: (experts,)
+        cumulative segment ends. Returns every step's h (segments, T, hidden) and the final h and c."""
+        outputs, saved = [], []
+        for t in range(x_proj.shape[1]):
+            gates = x_proj[:, t] + grouped_linear(h, w_hh, seg_offs)
+            i, f, g, o = gates.chunk(4, dim=-1)
+            i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+            c_new = f * c + i * g
+            tanh_c = torch.tanh(c_new)
+            saved.append((torch.cat([i, f, g, o], dim=-1), h, c, tanh_c))
+            step_valid = valid[:, t, None]
+            h, c = torch.where(step_valid, o * tanh_c, h), torch.where(step_valid, c_new, c)
+            outputs.append(h)
+        if any(ctx.needs_input_grad):
+            acts, h_prev, c_prev, tanh_c = (torch.stack(t, dim=1) for t in zip(*saved, strict=True))
+            ctx.save_for_backward(acts, h_prev, c_prev, tanh_c, valid, w_hh, seg_offs)
+        return torch.stack(outputs, dim=1), h, c
+
+    @staticmethod
+    def backward(ctx, grad_outputs, grad_h, grad_c):
+        acts, h_prev, c_prev, tanh_c, valid, w_hh, seg_offs = ctx.saved_tensors
+        w_hh_t = w_hh.transpose(1, 2)  # (experts, hidden, 4 * hidden): gates -> state
+        dh, dc = grad_h, grad_c
+        grad_gates = []
+        for t in reversed(range(acts.shape[1])):
+            step_valid = valid[:, t, None]
+            dh = dh + grad_outputs[:, t]
+            i, f, g, o = acts[:, t].chunk(4, dim=-1)
+            dh_new, dc_new = torch.where(step_valid, dh, 0.0), torch.where(step_valid, dc, 0.0)
+            dc_total = dc_new + dh_new * o * (1 - tanh_c[:, t] ** 2)
+            d_gates = torch.cat(
+                [
+                    dc_total * g * i * (1 - i),
+                    dc_total * c_prev[:, t] * f * (1 - f),
+                    dc_total * i * (1 - g**2),
+                    dh_new * tanh_c[:, t] * o * (1 - o),
+                ],
+                dim=-1,
+            )  # (segments, 4 * hidden), zero at invalid steps
+            grad_gates.append(d_gates)
+            dc = torch.where(step_valid, dc_total * f, dc)
+            dh = torch.where(step_valid, grouped_linear(d_gates, w_hh_t, seg_offs), dh)
+        grad_x = torch.stack(grad_gates[::-1], dim=1)  # (segments, T, 4 * hidden)
+        # Rows (segment, t) are grouped by expert like the segments: one grouped matmul over all positions.
+        steps = acts.shape[1]
+        grad_w = grouped_weight_grad(grad_x.flatten(0, 1), h_prev.flatten(0, 1), seg_offs * steps)
+        return grad_x, None, dh, dc, grad_w, None
+
+
 class MoREParallelExperts(MoREExperts):
     """Option C (guide §2.4): FFN branch || LSTM branch, mixed per token by a softmax gate (d -> 64 -> 2).
 
@@ -920,6 +1047,7 @@ class MoREParallelExperts(MoREExperts):
         self.gate_in_bias = nn.Parameter(torch.zeros(experts, gate_hidden))
         self.gate_out = nn.Parameter(torch.empty(experts, 2, gate_hidden))
         self.gate_out_bias = nn.Parameter(torch.zeros(experts, 2))
+        self.top_k = config.num_experts_per_tok
 
     @classmethod
     def multiply_adds_per_token(cls, config, num_steps):
@@ -937,27 +1065,40 @@ class MoREParallelExperts(MoREExperts):
         return gates[:, :1] * ffn_out + gates[:, 1:] * lstm_out
 
     def _lstm(self, x, dispatch, ctx):
+        # One dtype for the whole scan (the autocast dtype inside autocast): its backward runs outside autocast.
+        dtype = matmul_dtype(x, self.lstm_w_hh)
         x_proj = grouped_linear(x, self.lstm_w_ih, dispatch.offs) + _grouped_bias(self.lstm_bias, dispatch)
-        padded, (seg, slot), valid, first = pad_segments(x_proj, dispatch.segment)  # (segments, max_len, 4 * hidden)
-        # Each segment belongs to one expert; segments are sorted by expert, so their states group like rows do.
-        seg_expert, seg_batch = dispatch.expert_index[first], dispatch.batch_index[first]
-        counts = torch.bincount(seg_expert, minlength=self.num_experts + 1)[: self.num_experts]
-        seg_offs = torch.cumsum(counts, 0).to(torch.int32)
-        seg_offs[-1] = padded.shape[0]
-        h = x.new_zeros(padded.shape[0], self.hidden_size)
+        x_proj = x_proj.to(dtype)
+        batch, experts = dispatch.batch_size, self.num_experts
+        # Static layout: one segment per (expert, sequence) with seq_len time slots (no host sync on GPU and under
+        # compile), grouped by expert (batch segments each). Dropped rows go to one extra segment that never runs and
+        # outputs zeros.
+        segments, seq_len = experts * batch, x.shape[0] // (batch * self.top_k)
+        segment = torch.where(dispatch.kept, dispatch.segment, segments)  # (rows,)
+        counts = torch.zeros(segments + 1, dtype=torch.long, device=x.device).scatter_add_(
+            0, segment, torch.ones_like(segment)
+        )
+        steps = seq_len
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+            # On CPU reading the longest segment back costs nothing, and each scan step is memory-bound (it re-reads
+            # every expert's recurrent weight for a few rows): run only the steps the longest segment needs.
+            steps = max(1, int(counts[:segments].max()))
+        slot = torch.arange(x.shape[0], device=x.device) - (torch.cumsum(counts, 0) - counts)[segment]
+        slot = slot.clamp(max=steps - 1)  # only the extra segment can hold more rows than time slots
+        padded = x_proj.new_zeros(segments + 1, steps, x_proj.shape[-1]).index_put((segment, slot), x_proj)
+        valid = torch.zeros(segments + 1, steps, dtype=torch.bool, device=x.device)
+        valid = valid.index_put((segment, slot), dispatch.kept)
+        seg_offs = (torch.arange(1, experts + 1, device=x.device) * batch).to(torch.int32)
+        h = x_proj.new_zeros(segments, self.hidden_size)
         c = torch.zeros_like(h)
         pool = ctx.cache_pool
         if pool is not None:
-            h, c = pool.read_state(seg_expert, seg_batch, h, c)
-        outputs = []
-        for t in range(padded.shape[1]):
-            h_new, c_new = _grouped_lstm_cell(padded[:, t], h, c, self.lstm_w_hh, seg_offs)
-            step_valid = valid[:, t, None]
-            h, c = torch.where(step_valid, h_new, h), torch.where(step_valid, c_new, c)
-            outputs.append(h)
+            h, c = pool.read_state(h, c)
+        w_hh = self.lstm_w_hh.to(dtype)
+        outputs, h, c = MoRELSTMScan.apply(padded[:segments], valid[:segments], h, c, w_hh, seg_offs)
         if pool is not None:
-            pool.write_state(seg_expert, seg_batch, h, c, self.num_experts, dispatch.batch_size)
-        return torch.stack(outputs, dim=1)[seg, slot]  # (rows, hidden)
+            pool.write_state(h, c, experts)
+        return F.pad(outputs, (0, 0, 0, 0, 0, 1))[segment, slot]  # (rows, hidden)
 
 
 EXPERT_REGISTRY: dict[str, type[MoREExperts]] = {
@@ -1445,20 +1586,16 @@ class MoREExpertPool:
             setattr(pool, name, getattr(self, name))
         return pool
 
-    def read_state(self, seg_expert, seg_batch, h, c):
-        """Initial (h, c) of each segment: the cached state of its (expert, sequence), zeros if none."""
+    def read_state(self, h, c):
+        """Initial (h, c) of the (experts * batch) segments: the cached state of each (expert, sequence), or the
+        given zeros before the first call."""
         if self.state_h is None:
             return h, c
-        expert = seg_expert.clamp(max=self.state_h.shape[0] - 1)
-        return self.state_h[expert, seg_batch], self.state_c[expert, seg_batch]
+        return self.state_h.flatten(0, 1).to(h.dtype), self.state_c.flatten(0, 1).to(c.dtype)
 
-    def write_state(self, seg_expert, seg_batch, h, c, num_experts, batch_size):
-        if self.state_h is None:
-            self.state_h = h.new_zeros(num_experts, batch_size, h.shape[-1])
-            self.state_c = torch.zeros_like(self.state_h)
-        kept = seg_expert < num_experts  # segments of dropped rows keep no state
-        self.state_h = self.state_h.index_put((seg_expert[kept], seg_batch[kept]), h[kept])
-        self.state_c = self.state_c.index_put((seg_expert[kept], seg_batch[kept]), c[kept])
+    def write_state(self, h, c, num_experts):
+        """h, c: (experts * batch, hidden); a segment without rows in this call kept its state through the scan."""
+        self.state_h, self.state_c = h.view(num_experts, -1, h.shape[-1]), c.view(num_experts, -1, c.shape[-1])
 
     def read(self, step_idx: int, batch_size: int):
         """Cached (k, v, segment, position) at `step_idx` (or the latest available step), or None when empty."""
@@ -1471,21 +1608,21 @@ class MoREExpertPool:
         self._staged[step_idx] = (keys, values)
 
     def commit(self, dispatch: MoREDispatch):
-        """Append the kept rows of this call with the keys/values staged at every step."""
+        """Append the rows of this call with the keys/values staged at every step."""
         steps = len(self._staged)
         if steps == 0:  # no step ran (no kept row under adaptive exit): nothing to cache
             return
         keys = torch.stack([self._staged[i][0] for i in range(steps)], dim=1)  # (rows, steps, heads, head_dim)
         values = torch.stack([self._staged[i][1] for i in range(steps)], dim=1)
         self._staged = {}
-        kept = dispatch.kept
-        keys, values = keys[kept], values[kept]
+        # Dropped rows are kept too (expert id `num_experts`, their own segments, never read by kept rows): selecting
+        # the kept rows would be a host sync.
         if len(self) > 0:
             keys, self.keys = _match_steps(keys, self.keys)
             values, self.values = _match_steps(values, self.values)
-        self.expert = _cat(self.expert, dispatch.expert_index[kept])
-        self.batch = _cat(self.batch, dispatch.batch_index[kept])
-        self.position = _cat(self.position, dispatch.cache_index[kept])
+        self.expert = _cat(self.expert, dispatch.expert_index)
+        self.batch = _cat(self.batch, dispatch.batch_index)
+        self.position = _cat(self.position, dispatch.cache_index)
         self.keys = _cat(self.keys, keys)
         self.values = _cat(self.values, values)
 
@@ -1992,6 +2129,9 @@ class MoREModel(MoREPreTrainedModel):
             depth = torch.poisson(rate).long().clamp(low, high)
         return self._broadcast(depth)
 
+    # The drawn depth becomes a Python int that drives the step loops: a deliberate graph break under torch.compile
+    # (training only) and one compiled graph per depth drawn.
+    @torch.compiler.disable
     def _broadcast(self, draw: torch.Tensor) -> int:
         """Rank 0's draw, so every data-parallel rank runs the same depth."""
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -2013,7 +2153,10 @@ class MoREModel(MoREPreTrainedModel):
         if input_ids is not None:
             if input_ids.dim() != 2:
                 raise ValueError(f"`input_ids` must have shape (batch, seq_len), got {tuple(input_ids.shape)}.")
-            if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size):
+            # Reading the range back is a host sync: checked on CPU in eager mode only (on GPU the embedding's
+            # device-side assert catches bad ids).
+            checkable = input_ids.device.type == "cpu" and not torch.compiler.is_compiling()
+            if checkable and input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.vocab_size):
                 raise ValueError(
                     f"`input_ids` must be in [0, {self.vocab_size}) (vocab_size); got values in "
                     f"[{int(input_ids.min())}, {int(input_ids.max())}]."

@@ -3,6 +3,7 @@
     python examples/benchmark_more.py --suite moe-layer                      # one suite, CPU, fp32 and bf16
     python examples/benchmark_more.py --suite all --repeats 5 --output_dir outputs/benchmark
     python examples/benchmark_more.py --suite model --model_sizes guide --num_layers 2 --seq_len 128
+    python examples/benchmark_more.py --suite model --model_sizes tiny --compile   # + compiled vs eager steps
     python examples/benchmark_more.py --suite all --device cuda              # bf16 on a GPU (grouped_mm fast path)
 
 Suites:
@@ -12,7 +13,9 @@ Suites:
     recurrent  `recurrent` / `shared_recurrent` experts: cost of r steps, attention inside experts vs plain causal
                SDPA over the same tokens, training peak memory with truncated backprop at r=16 vs r=2.
     model      full-model training (forward, backward, AdamW step) tokens/s and peak memory for every expert type
-               next to a same-size `MixtralForCausalLM`.
+               next to a same-size `MixtralForCausalLM`; in the same rounds, each type's step under bf16 autocast
+               (fp32 weights) and, with `--compile`, through `torch.compile`; `parallel` and `sequential` share
+               their rounds (target: parallel / sequential <= 1.0).
     decode     greedy decoding tokens/s with and without the cache at growing context lengths.
 
 Candidates of a measurement are timed side by side, interleaved round by round (each round runs every candidate
@@ -117,6 +120,12 @@ class BenchmarkArguments:
         default="all", metadata={"help": "model: comma-separated expert types, or 'all' (the registry)."}
     )
     num_recurrent_steps: int = field(default=4, metadata={"help": "model / decode: expert recurrence depth."})
+    autocast: bool = field(
+        default=True, metadata={"help": "model: also time each fp32 model's steps under bf16 autocast."}
+    )
+    compile: bool = field(
+        default=False, metadata={"help": "model: also time each MoRE model's steps through torch.compile(model)."}
+    )
     seq_len: int = field(default=128, metadata={"help": "model: tokens per training sequence."})
     batch_size: int = field(default=4, metadata={"help": "model: sequences per training step."})
     decode_expert_types: str = field(default="ffn,recurrent", metadata={"help": "decode: expert types."})
@@ -612,9 +621,9 @@ def bench_recurrent(args, device, dtype):
         # The same tokens as (batch, heads, L, head_dim) for plain causal attention over whole sequences.
         q4, k4, v4 = (t.detach().view(batch, length, heads, -1).transpose(1, 2).requires_grad_() for t in (q, k, v))
         scale = head_dim**-0.5
-        segment_attention = partial(
-            modeling_more.segment_causal_attention, q, k, v, dispatch.segment, dispatch.cache_index, scale
-        )
+        # The layout is built once per block call and shared by all r steps, so a step's attention excludes it.
+        layout = modeling_more.segment_layout(dispatch.segment, dispatch.cache_index, batch)
+        segment_attention = partial(modeling_more.segment_causal_attention, q, k, v, layout, scale)
         sdpa = partial(F.scaled_dot_product_attention, q4, k4, v4, is_causal=True, scale=scale)
         candidates = {
             "experts forward": segment_attention,
@@ -723,8 +732,11 @@ def bench_recurrent(args, device, dtype):
     }
 
 
-def training_step(model, optimizer, ids):
-    model(input_ids=ids, labels=ids).loss.backward()
+def training_step(model, optimizer, ids, forward=None, autocast_dtype=None):
+    """One step; `forward` (default: the model) may be a compiled model, `autocast_dtype` turns on autocast."""
+    with torch.autocast(ids.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        loss = (model if forward is None else forward)(input_ids=ids, labels=ids).loss
+    loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -737,6 +749,25 @@ def trainer(kind: str, size: dict, args, device, dtype, ids):
     return model, optimizer, partial(training_step, model, optimizer, ids)
 
 
+def step_variants(kind, model, optimizer, ids, args, dtype) -> dict[str, Callable]:
+    """Extra steps of the same model, timed in the same rounds: bf16 autocast (fp32 weights) and torch.compile."""
+    variants = {}
+    if args.autocast and dtype == torch.float32:
+        variants[f"{kind} (bf16 autocast)"] = partial(
+            training_step, model, optimizer, ids, autocast_dtype=torch.bfloat16
+        )
+    if args.compile:
+        variants[f"{kind} (compiled)"] = partial(training_step, model, optimizer, ids, forward=torch.compile(model))
+    return variants
+
+
+def measurement_groups(kinds: list[str]) -> list[list[str]]:
+    """Expert types timed in the same rounds: `parallel` with `sequential` (their ratio is a target), others alone."""
+    pair = [kind for kind in ("parallel", "sequential") if kind in kinds]
+    groups = [[kind] for kind in kinds if kind not in pair]
+    return groups + ([pair] if pair else [])
+
+
 def training_memory(model, optimizer, step, device) -> tuple[int, int]:
     """(bytes live between steps: weights and AdamW's moments, peak bytes a step adds: gradients, activations)."""
     state = [t for group in optimizer.state.values() for t in group.values() if torch.is_tensor(t)]
@@ -746,33 +777,57 @@ def training_memory(model, optimizer, step, device) -> tuple[int, int]:
 
 def bench_model(args, device, dtype):
     kinds = sorted(modeling_more.EXPERT_REGISTRY) if args.expert_types == "all" else args.expert_types.split(",")
-    rows, records = [], []
+    rows, records, targets = [], [], []
     generator = torch.Generator().manual_seed(args.seed)
     for size_name in args.model_sizes.split(","):
         size = model_size(size_name, args)
         ids = torch.randint(3, size["vocab_size"], (args.batch_size, args.seq_len), generator=generator).to(device)
         tokens = ids.numel()
         # The models of one size need not fit in memory together (at the guide size sandwich experts alone hold 218M
-        # parameters per layer), so each MoRE model is timed interleaved with the same-size Mixtral, which stays
-        # alive: the ratio to Mixtral compares steps run under the same load.
+        # parameters per layer), so each MoRE model (parallel and sequential together) is timed interleaved with the
+        # same-size Mixtral, which stays alive: the ratio to Mixtral compares steps run under the same load. Its
+        # bf16-autocast and compiled steps run in the same rounds.
         mixtral, mixtral_optimizer, mixtral_step = trainer("mixtral", size, args, device, dtype, ids)
         label = f"Mixtral ({mixtral.config._experts_implementation} experts)"
         mixtral_times = []
-        measured = []  # (label, parameters, seconds, seconds / Mixtral's seconds in the same rounds, static, peak)
-        for kind in tqdm(kinds, desc=f"model {size_name}", leave=False):
-            model, optimizer, step = trainer(kind, size, args, device, dtype, ids)
-            times = time_interleaved({kind: step, label: mixtral_step}, args.repeats, device, f"{size_name} {kind}")
+        # (label, parameters, seconds, seconds / Mixtral's seconds in the same rounds, static, peak, variant ratios)
+        measured = []
+        for group in tqdm(measurement_groups(kinds), desc=f"model {size_name}", leave=False):
+            models, candidates, variants_of = {}, {}, {}
+            for kind in group:
+                model, optimizer, step = trainer(kind, size, args, device, dtype, ids)
+                models[kind] = (model, optimizer, step)
+                variants_of[kind] = step_variants(kind, model, optimizer, ids, args, dtype)
+                candidates.update({kind: step, **variants_of[kind]})
+            candidates[label] = mixtral_step
+            times = time_interleaved(candidates, args.repeats, device, f"{size_name} {'+'.join(group)}")
             mixtral_times += times[label]
-            ratio = min(times[kind]) / min(times[label])
-            parameters = sum(p.numel() for p in model.parameters())
-            measured.append((kind, parameters, times[kind], ratio, *training_memory(model, optimizer, step, device)))
-            del model, optimizer, step
+            for kind, (model, optimizer, step) in models.items():
+                ratio = min(times[kind]) / min(times[label])
+                variant_ratios = {name: min(times[name]) / min(times[kind]) for name in variants_of[kind]}
+                parameters = sum(p.numel() for p in model.parameters())
+                memory = training_memory(model, optimizer, step, device)
+                measured.append((kind, parameters, times[kind], ratio, *memory, variant_ratios))
+            if len(group) == 2:
+                parallel, sequential = min(times["parallel"]), min(times["sequential"])
+                targets.append(
+                    target(
+                        f"{size_name} ({size['num_hidden_layers']} layers): parallel / sequential step time, same "
+                        "rounds <= 1.0",
+                        parallel / sequential,
+                        1.0,
+                        False,
+                    )
+                )
+            del models, candidates, variants_of
             release(device)
         parameters = sum(p.numel() for p in mixtral.parameters())
         memory = training_memory(mixtral, mixtral_optimizer, mixtral_step, device)
-        measured.append((label, parameters, mixtral_times, 1.0, *memory))
-        for name, parameters, seconds, ratio, static, peak in measured:
+        measured.append((label, parameters, mixtral_times, 1.0, *memory, {}))
+        for name, parameters, seconds, ratio, static, peak, variant_ratios in measured:
             stats = summary(seconds)
+            autocast = variant_ratios.get(f"{name} (bf16 autocast)", "-")
+            compiled = variant_ratios.get(f"{name} (compiled)", "-")
             rows.append(
                 [
                     size_name,
@@ -783,6 +838,8 @@ def bench_model(args, device, dtype):
                     1e3 * stats["min_s"],
                     stats["spread"],
                     ratio,
+                    autocast,
+                    compiled,
                     static / 2**20,
                     peak / 2**20,
                     (static + peak) / 2**20,
@@ -798,6 +855,8 @@ def bench_model(args, device, dtype):
                     "tokens_per_s": tokens / stats["min_s"],
                     **stats,
                     "time_over_mixtral": ratio,
+                    "bf16_autocast_over_fp32": autocast,
+                    "compiled_over_eager": compiled,
                     "static_bytes": static,
                     "step_peak_bytes": peak,
                 }
@@ -818,6 +877,8 @@ def bench_model(args, device, dtype):
                     "min ms/step",
                     "max/min",
                     "step time / Mixtral's (same rounds)",
+                    "bf16 autocast / fp32 step",
+                    "compiled / eager step",
                     "weights + AdamW MiB",
                     "step peak MiB (grads, activations)",
                     "total peak MiB",
@@ -826,7 +887,7 @@ def bench_model(args, device, dtype):
             ),
         ],
         "records": records,
-        "targets": [],
+        "targets": targets,
     }
 
 

@@ -3,6 +3,7 @@ gloo (same depth on every rank, no unused parameters) and DeepSpeed ZeRO-2/3 (sl
 
 import glob
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -411,6 +412,22 @@ def test_resumed_training_matches_uninterrupted_training(trained, tmp_path):
     resumed_weights = load_file(os.path.join(resumed, "model.safetensors"))
     for name, tensor in load_file(os.path.join(trained, "model.safetensors")).items():
         torch.testing.assert_close(resumed_weights[name], tensor, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_torch_compile_trains(tmp_path):
+    """`--torch_compile` (Trainer compiles the model with inductor): a short run trains and saves a loadable model.
+    Slow: minutes of compilation on a shared CPU (`tests/test_compile.py` covers compiled training steps)."""
+    output_dir = str(tmp_path / "compiled")
+    script = os.path.join(EXAMPLES, "train_more.py")
+    args = ["--preset", "tiny", "--expert_type", "recurrent", "--tasks", "babi1", "--num_train_examples", "32"]
+    args += ["--num_validation_examples", "4", "--num_test_examples", "4", "--max_length", "48", "--max_steps", "3"]
+    args += ["--per_device_train_batch_size", "8", "--logging_steps", "1", "--use_cpu", "--report_to", "none"]
+    args += ["--torch_compile", "--output_dir", output_dir]
+    run([sys.executable, script, *args])
+    losses = [entry["loss"] for entry in log_history(output_dir)]
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    assert isinstance(AutoModelForCausalLM.from_pretrained(output_dir), modeling_more.MoREForCausalLM)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
