@@ -1757,18 +1757,19 @@ def local_expert_params(module: nn.Module, group=None):
 
 
 def local_dispatch(dispatch: MoREDispatch, first_expert: int, num_local: int):
-    """The rows routed to experts `first_expert .. first_expert + num_local - 1`, as a dispatch with local expert ids.
+    """The dispatch as this rank sees it: rows routed to experts `first_expert .. first_expert + num_local - 1`
+    first, with local expert ids, then every other row as a dropped row (id `num_local`, sorted last).
 
-    Returns the dispatch and the rows' indices (local rows,). A rank none of whose experts got a row runs one dropped
-    row instead, so that every rank's graph reaches the shared input and runs the same collectives in backward.
-    Reading the local row count is one host sync per call.
+    Keeping every row keeps the static attention layout (each sequence holds top_k * seq_len rows) and makes every
+    rank's graph reach the shared input, so all ranks run the same collectives in backward. Returns the dispatch and
+    the rows' indices into the full dispatch (rows,), a permutation.
     """
     shifted = dispatch.expert_index - first_expert  # (rows,)
-    index = ((shifted >= 0) & (shifted < num_local)).nonzero().squeeze(1)  # (local rows,)
-    if index.numel() == 0:
-        index = index.new_zeros(1)
-        shifted = torch.full_like(shifted, num_local)  # dropped: never reaches an output, a statistic or a cache
-    return replace(dispatch, expert_index=shifted, num_experts=num_local).subset(index), index
+    local = (shifted >= 0) & (shifted < num_local)  # (rows,)
+    # Stable sort on "not local" keeps local rows in their (expert, sequence, position) order, ahead of the others.
+    index = torch.argsort((~local).to(torch.int8), stable=True)  # (rows,)
+    expert_index = torch.where(local, shifted, torch.full_like(shifted, num_local))
+    return replace(dispatch, expert_index=expert_index, num_experts=num_local).subset(index), index
 
 
 def _combine_expert_context(ctx: MoREExpertContext, index, valid, num_rows, kept, group):
@@ -1776,7 +1777,7 @@ def _combine_expert_context(ctx: MoREExpertContext, index, valid, num_rows, kept
     weighted by each rank's kept rows. A per-step statistic of a rank whose rows all exited early is padded with 0,
     the change of rows that no longer move."""
     if ctx.steps_taken is not None:
-        steps = ctx.steps_taken.new_zeros(num_rows).index_copy(0, index, ctx.steps_taken * valid)
+        steps = ctx.steps_taken.new_zeros(num_rows).index_copy(0, index, ctx.steps_taken * valid.squeeze(1))
         torch.distributed.all_reduce(steps, group=group)
         ctx.steps_taken = steps
     if not ctx.stats:
@@ -1804,7 +1805,7 @@ def expert_parallel_forward(experts_forward, x, dispatch, ctx, first_expert: int
     """
     x = _AllReduceBackward.apply(x, group)  # each rank's gradient of x covers its own rows only
     local, index = local_dispatch(dispatch, first_expert, num_local)
-    valid = local.kept.any()  # () False for the stand-in dropped row of a rank without rows
+    valid = local.kept[:, None]  # (rows, 1) only this rank's rows leave it; the others are dropped here
     # Randomness inside experts (latent init, projection dropout) is drawn per rank for its own rows, from a forked
     # generator: the global stream stays the same on every rank, so routing noise and depth draws agree afterwards.
     with torch.random.fork_rng(devices=[x.device] if x.device.type != "cpu" else [], device_type=x.device.type):
