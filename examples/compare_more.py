@@ -57,7 +57,12 @@ from more_stats import bootstrap_accuracy, paired_difference  # noqa: E402
 
 import modeling_more  # noqa: E402
 from configuration_more import MoREConfig  # noqa: E402
-from evaluate_more import architecture_checks, perplexity_and_diagnostics, write_outputs  # noqa: E402
+from evaluate_more import (  # noqa: E402
+    REPORT_CONFIG_FIELDS,
+    architecture_checks,
+    perplexity_and_diagnostics,
+    write_outputs,
+)
 from model_card_more import markdown_table, save_model_card  # noqa: E402
 from more_data import (  # noqa: E402
     IGNORE_INDEX,
@@ -640,7 +645,7 @@ def save_variant(model, tokenizer, data: CompareData, scores: dict, output_dir: 
         return accuracy
 
     report = {
-        "config": {name: getattr(config, name) for name in CARD_CONFIG_FIELDS},
+        "config": {name: getattr(config, name) for name in REPORT_CONFIG_FIELDS},
         "parameters": {"total": model.num_parameters(), "active": model.num_parameters(active=True)},
         "perplexity": diagnostics["perplexity"],
         "perplexity_on": "answers",
@@ -660,20 +665,6 @@ def save_variant(model, tokenizer, data: CompareData, scores: dict, output_dir: 
     }
     write_outputs(report, output_dir)
     return report
-
-
-CARD_CONFIG_FIELDS = (
-    "expert_type",
-    "router_type",
-    "num_experts",
-    "num_experts_per_tok",
-    "hidden_size",
-    "num_hidden_layers",
-    "intermediate_size",
-    "recurrent_intermediate_size",
-    "num_recurrent_steps",
-    "num_moe_iterations",
-)
 
 
 def write_card(variant_dir: Path, name: str, result: dict, preset: Preset, run: dict) -> None:

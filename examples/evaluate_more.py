@@ -99,6 +99,21 @@ class EvaluationArguments:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# The config fields a report (and the model card built from it) shows.
+REPORT_CONFIG_FIELDS = (
+    "expert_type",
+    "router_type",
+    "num_experts",
+    "num_experts_per_tok",
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "recurrent_intermediate_size",
+    "num_recurrent_steps",
+    "num_moe_iterations",
+)
+
+
 def count_parameters(model) -> dict[str, int]:
     """Total parameters and those a token uses (active): all but the experts it is not routed to
     (`MoREPreTrainedModel.num_parameters(active=True)`)."""
@@ -308,21 +323,7 @@ def evaluate_model(model, tokenizer, dataset, args: EvaluationArguments, data_ar
     # that fall inside their healthy ranges.
     passed = utilization["checks_passed"] + sum(check["healthy"] for check in checks.values())
     return {
-        "config": {
-            name: getattr(config, name)
-            for name in (
-                "expert_type",
-                "router_type",
-                "num_experts",
-                "num_experts_per_tok",
-                "hidden_size",
-                "num_hidden_layers",
-                "intermediate_size",
-                "recurrent_intermediate_size",
-                "num_recurrent_steps",
-                "num_moe_iterations",
-            )
-        },
+        "config": {name: getattr(config, name) for name in REPORT_CONFIG_FIELDS},
         "parameters": count_parameters(model),
         "perplexity": diagnostics["perplexity"],
         "perplexity_on": "answers" if data_args.answer_only_loss else "texts",
