@@ -967,60 +967,84 @@ class MoRESequentialExperts(MoRERecurrentExperts):
 class MoRELSTMScan(torch.autograd.Function):
     """An LSTM over the time axis of padded segments, each segment with its expert's recurrent weights.
 
-    Backward runs the recurrence in reverse and computes the recurrent weight gradient once, as one grouped matmul
-    over all positions, instead of one (experts, 4 * hidden, hidden) gradient per position.
+    Segments are grouped by expert, the same number per expert, and the experts ordered so that at step t only the
+    first `active[t]` of them have rows left: a step reads only those experts' recurrent weights (each step is
+    memory-bound, it re-reads a (4 * hidden, hidden) weight for a few rows). Backward runs the recurrence in reverse
+    and computes the recurrent weight gradient once, as one grouped matmul over the valid positions only, instead of
+    one (experts, 4 * hidden, hidden) gradient per position.
     """
 
     @staticmethod
-    def forward(ctx, x_proj, valid, h, c, w_hh, seg_offs):
+    def forward(ctx, x_proj, valid, h, c, w_hh, active, rows, row_offs):
         """x_proj: (segments, T, 4 * hidden) input gates with bias; valid: (segments, T) bool, invalid steps keep the
-        state; h, c: (segments, hidden) initial state; w_hh: (experts, 4 * hidden, hidden); seg_offs: (experts,)
-        cumulative segment ends. Returns every step's h (segments, T, hidden) and the final h and c."""
-        outputs, saved = [], []
-        for t in range(x_proj.shape[1]):
-            gates = x_proj[:, t] + grouped_linear(h, w_hh, seg_offs)
-            i, f, g, o = gates.chunk(4, dim=-1)
-            i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
-            c_new = f * c + i * g
-            tanh_c = torch.tanh(c_new)
-            saved.append((torch.cat([i, f, g, o], dim=-1), h, c, tanh_c))
-            step_valid = valid[:, t, None]
-            h, c = torch.where(step_valid, o * tanh_c, h), torch.where(step_valid, c_new, c)
-            outputs.append(h)
-        if any(ctx.needs_input_grad):
-            acts, h_prev, c_prev, tanh_c = (torch.stack(t, dim=1) for t in zip(*saved, strict=True))
-            ctx.save_for_backward(acts, h_prev, c_prev, tanh_c, valid, w_hh, seg_offs)
-        return torch.stack(outputs, dim=1), h, c
+        state; h, c: (segments, hidden) initial state; w_hh: (experts, 4 * hidden, hidden); active: T ints, the
+        experts with a valid step at t lead the order; rows: flat indices (segment * T + t) of the valid steps, grouped
+        by expert, any index >= segments * T standing for a step that never runs; row_offs: (experts,) int32
+        cumulative ends of `rows`. Returns every step's h (segments, T, hidden) and the final h and c."""
+        segments, steps, hidden = x_proj.shape[0], x_proj.shape[1], h.shape[-1]
+        per_expert = segments // w_hh.shape[0]
+        keep = any(ctx.needs_input_grad)
+        outputs = x_proj.new_zeros(segments, steps, hidden)
+        if keep:
+            acts = torch.zeros_like(x_proj)
+            h_prev, c_prev, tanh_cs = (x_proj.new_zeros(segments, steps, hidden) for _ in range(3))
+        h, c = h.clone(), c.clone()
+        for t, num in enumerate(active):
+            n = num * per_expert
+            if n:
+                h_t, c_t = h[:n], c[:n]
+                # One batched matmul: every expert has per_expert segments. (n, 4 * hidden)
+                recurrent = torch.bmm(h_t.view(num, per_expert, hidden), w_hh[:num].transpose(1, 2)).flatten(0, 1)
+                i, f, g, o = (x_proj[:n, t] + recurrent).chunk(4, dim=-1)
+                i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+                c_new = f * c_t + i * g
+                tanh_c = torch.tanh(c_new)
+                if keep:
+                    acts[:n, t] = torch.cat([i, f, g, o], dim=-1)
+                    h_prev[:n, t], c_prev[:n, t], tanh_cs[:n, t] = h_t, c_t, tanh_c
+                step_valid = valid[:n, t, None]
+                h[:n], c[:n] = torch.where(step_valid, o * tanh_c, h_t), torch.where(step_valid, c_new, c_t)
+            outputs[:, t] = h
+        if keep:
+            ctx.save_for_backward(acts, h_prev, c_prev, tanh_cs, valid, w_hh, rows, row_offs)
+            ctx.active = active
+        return outputs, h, c
 
     @staticmethod
     def backward(ctx, grad_outputs, grad_h, grad_c):
-        acts, h_prev, c_prev, tanh_c, valid, w_hh, seg_offs = ctx.saved_tensors
-        w_hh_t = w_hh.transpose(1, 2)  # (experts, hidden, 4 * hidden): gates -> state
-        dh, dc = grad_h, grad_c
-        grad_gates = []
-        for t in reversed(range(acts.shape[1])):
-            step_valid = valid[:, t, None]
-            dh = dh + grad_outputs[:, t]
-            i, f, g, o = acts[:, t].chunk(4, dim=-1)
-            dh_new, dc_new = torch.where(step_valid, dh, 0.0), torch.where(step_valid, dc, 0.0)
-            dc_total = dc_new + dh_new * o * (1 - tanh_c[:, t] ** 2)
+        acts, h_prev, c_prev, tanh_cs, valid, w_hh, rows, row_offs = ctx.saved_tensors
+        per_expert = acts.shape[0] // w_hh.shape[0]
+        dh, dc = grad_h.clone(), grad_c.clone()
+        grad_x = torch.zeros_like(acts)
+        for t in reversed(range(len(ctx.active))):
+            num = ctx.active[t]
+            n = num * per_expert
+            dh += grad_outputs[:, t]  # segments without a step at t carried their state into this output
+            if not n:
+                continue
+            step_valid = valid[:n, t, None]
+            i, f, g, o = acts[:n, t].chunk(4, dim=-1)
+            tanh_c = tanh_cs[:n, t]
+            dh_new, dc_new = torch.where(step_valid, dh[:n], 0.0), torch.where(step_valid, dc[:n], 0.0)
+            dc_total = dc_new + dh_new * o * (1 - tanh_c**2)
             d_gates = torch.cat(
                 [
                     dc_total * g * i * (1 - i),
-                    dc_total * c_prev[:, t] * f * (1 - f),
+                    dc_total * c_prev[:n, t] * f * (1 - f),
                     dc_total * i * (1 - g**2),
-                    dh_new * tanh_c[:, t] * o * (1 - o),
+                    dh_new * tanh_c * o * (1 - o),
                 ],
                 dim=-1,
-            )  # (segments, 4 * hidden), zero at invalid steps
-            grad_gates.append(d_gates)
-            dc = torch.where(step_valid, dc_total * f, dc)
-            dh = torch.where(step_valid, grouped_linear(d_gates, w_hh_t, seg_offs), dh)
-        grad_x = torch.stack(grad_gates[::-1], dim=1)  # (segments, T, 4 * hidden)
-        # Rows (segment, t) are grouped by expert like the segments: one grouped matmul over all positions.
-        steps = acts.shape[1]
-        grad_w = grouped_weight_grad(grad_x.flatten(0, 1), h_prev.flatten(0, 1), seg_offs * steps)
-        return grad_x, None, dh, dc, grad_w, None
+            )  # (n, 4 * hidden), zero at invalid steps
+            grad_x[:n, t] = d_gates
+            dc[:n] = torch.where(step_valid, dc_total * f, dc[:n])
+            d_state = torch.bmm(d_gates.view(num, per_expert, -1), w_hh[:num]).flatten(0, 1)  # (n, hidden)
+            dh[:n] = torch.where(step_valid, d_state, dh[:n])
+        # The valid steps, grouped by expert, in one grouped matmul (steps that never ran read a zero row).
+        num_slots = acts.shape[0] * acts.shape[1]
+        grad_rows, h_rows = (F.pad(s.flatten(0, 1), (0, 0, 0, 1))[rows.clamp(max=num_slots)] for s in (grad_x, h_prev))
+        grad_w = grouped_weight_grad(grad_rows, h_rows, row_offs)
+        return grad_x, None, dh, dc, grad_w, None, None, None
 
 
 class MoREParallelExperts(MoREExperts):
@@ -1070,35 +1094,60 @@ class MoREParallelExperts(MoREExperts):
         x_proj = grouped_linear(x, self.lstm_w_ih, dispatch.offs) + _grouped_bias(self.lstm_bias, dispatch)
         x_proj = x_proj.to(dtype)
         batch, experts = dispatch.batch_size, self.num_experts
-        # Static layout: one segment per (expert, sequence) with seq_len time slots (no host sync on GPU and under
-        # compile), grouped by expert (batch segments each). Dropped rows go to one extra segment that never runs and
-        # outputs zeros.
+        # Layout: one segment per (expert, sequence), grouped by expert (batch segments each), with a time slot per
+        # row. Dropped rows go to one extra segment that never runs and outputs zeros.
         segments, seq_len = experts * batch, x.shape[0] // (batch * self.top_k)
         segment = torch.where(dispatch.kept, dispatch.segment, segments)  # (rows,)
         counts = torch.zeros(segments + 1, dtype=torch.long, device=x.device).scatter_add_(
             0, segment, torch.ones_like(segment)
         )
-        steps = seq_len
-        if x.device.type == "cpu" and not torch.compiler.is_compiling():
-            # On CPU reading the longest segment back costs nothing, and each scan step is memory-bound (it re-reads
-            # every expert's recurrent weight for a few rows): run only the steps the longest segment needs.
-            steps = max(1, int(counts[:segments].max()))
         slot = torch.arange(x.shape[0], device=x.device) - (torch.cumsum(counts, 0) - counts)[segment]
+        order, active = self._scan_schedule(counts[:segments].view(experts, batch), seq_len)
+        steps = len(active)
         slot = slot.clamp(max=steps - 1)  # only the extra segment can hold more rows than time slots
-        padded = x_proj.new_zeros(segments + 1, steps, x_proj.shape[-1]).index_put((segment, slot), x_proj)
-        valid = torch.zeros(segments + 1, steps, dtype=torch.bool, device=x.device)
-        valid = valid.index_put((segment, slot), dispatch.kept)
-        seg_offs = (torch.arange(1, experts + 1, device=x.device) * batch).to(torch.int32)
         h = x_proj.new_zeros(segments, self.hidden_size)
         c = torch.zeros_like(h)
         pool = ctx.cache_pool
         if pool is not None:
             h, c = pool.read_state(h, c)
         w_hh = self.lstm_w_hh.to(dtype)
-        outputs, h, c = MoRELSTMScan.apply(padded[:segments], valid[:segments], h, c, w_hh, seg_offs)
+        if order is not None:  # segments, states and weights in scan order
+            rank = torch.empty_like(order).scatter_(0, order, torch.arange(experts, device=x.device))
+            place = torch.full((segments + 1,), segments, device=x.device)  # segment id -> id in scan order
+            place[:segments] = (rank[:, None] * batch + torch.arange(batch, device=x.device)).flatten()
+            segment = place[segment]
+            h, c = (s.view(experts, batch, -1)[order].flatten(0, 1) for s in (h, c))
+            w_hh = w_hh[order]
+        padded = x_proj.new_zeros(segments + 1, steps, x_proj.shape[-1]).index_put((segment, slot), x_proj)
+        valid = torch.zeros(segments + 1, steps, dtype=torch.bool, device=x.device)
+        valid = valid.index_put((segment, slot), dispatch.kept)
+        # The valid steps as flat (segment * steps + slot) indices grouped by expert in scan order, for the weight
+        # gradient; dropped rows point past the end.
+        rows, _ = torch.sort(segment * steps + slot)
+        row_offs = _group_ends(torch.div(rows, batch * steps, rounding_mode="floor"), experts)
+        row_offs[-1] = rows.shape[0]
+        outputs, h, c = MoRELSTMScan.apply(padded[:segments], valid[:segments], h, c, w_hh, active, rows, row_offs)
+        if order is not None:
+            h, c = (s.view(experts, batch, -1)[rank].flatten(0, 1) for s in (h, c))
         if pool is not None:
             pool.write_state(h, c, experts)
         return F.pad(outputs, (0, 0, 0, 0, 0, 1))[segment, slot]  # (rows, hidden)
+
+    @staticmethod
+    def _scan_schedule(lengths: torch.Tensor, seq_len: int) -> tuple[torch.Tensor | None, tuple[int, ...]]:
+        """(expert order, experts active at each step) for segment lengths (experts, batch).
+
+        Under compile or off the CPU: no order and every expert at each of seq_len steps (static, no host sync). On
+        CPU reading the lengths back costs nothing and each step is memory-bound, so experts run longest first and a
+        step reads only the weights of experts with a row left: as many steps as the longest segment.
+        """
+        experts = lengths.shape[0]
+        if lengths.device.type != "cpu" or torch.compiler.is_compiling():
+            return None, (experts,) * seq_len
+        longest = lengths.amax(1)  # (experts,)
+        order = torch.argsort(longest, descending=True, stable=True)
+        longest = longest[order].tolist()
+        return order, tuple(sum(n > t for n in longest) for t in range(max(1, longest[0])))
 
 
 EXPERT_REGISTRY: dict[str, type[MoREExperts]] = {

@@ -5,6 +5,8 @@ failed on CPU) and AOT autograd's backward graph, without inductor's C++ build; 
 and training checks with inductor.
 """
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -81,7 +83,14 @@ def test_autocast_runs_every_grouped_mm_in_bf16(expert_type, monkeypatch):
         return grouped_mm(a, b, **kwargs)
 
     monkeypatch.setattr(F, "grouped_mm", counting)
-    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("per-group fallback under autocast"))
+    tolist = torch.Tensor.tolist
+
+    def no_fallback(self):
+        if sys._getframe(1).f_code.co_name in ("grouped_linear", "grouped_weight_grad"):
+            pytest.fail("per-group fallback under autocast")
+        return tolist(self)  # other host reads (the CPU scan schedule of `parallel`) are not the fallback
+
+    monkeypatch.setattr(torch.Tensor, "tolist", no_fallback)
     model = tiny_model(train=True, expert_type=expert_type)
     ids = random_ids()
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -84,19 +84,57 @@ def test_scan_equals_previous_implementation(top_k, capacity):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
 
 
-def test_scan_gradcheck_with_initial_state():
+@pytest.mark.parametrize(
+    "valid,active",
+    [
+        ([[1, 1, 0], [1, 0, 0], [0, 0, 0], [1, 1, 1]], (2, 2, 2)),  # static schedule: every expert at every step
+        ([[1, 1, 1], [1, 1, 0], [1, 0, 0], [0, 0, 0]], (2, 1, 1)),  # the second expert stops after one step
+        ([[1, 1, 0], [1, 0, 0], [1, 0, 0], [0, 0, 0]], (2, 1, 0)),  # no expert runs the last step
+    ],
+)
+def test_scan_gradcheck_with_initial_state(valid, active):
     """The Function's backward (including the initial-state gradients a cache read feeds) against finite
-    differences, with invalid (padded) steps in the middle of segments' time axes."""
+    differences, with invalid (padded) steps in the middle of segments' time axes and experts leaving the schedule."""
     torch.manual_seed(0)
     segments, steps, hidden, experts = 4, 3, 2, 2
     x_proj = torch.randn(segments, steps, 4 * hidden, dtype=torch.float64, requires_grad=True)
-    valid = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    valid = torch.tensor(valid, dtype=torch.bool)
     h = torch.randn(segments, hidden, dtype=torch.float64, requires_grad=True)
     c = torch.randn(segments, hidden, dtype=torch.float64, requires_grad=True)
     w_hh = torch.randn(experts, 4 * hidden, hidden, dtype=torch.float64, requires_grad=True)
-    seg_offs = torch.tensor([2, 4], dtype=torch.int32)
+    # Valid steps as flat indices grouped by expert (segments 0-1, 2-3), plus one step that never runs (a dropped row).
+    rows = torch.cat([valid.flatten().nonzero()[:, 0], torch.tensor([segments * steps + 1])])
+    per_expert = valid.view(experts, -1).sum(1)
+    row_offs = torch.cumsum(per_expert, 0).to(torch.int32)
+    row_offs[-1] = rows.shape[0]
 
     def scan(x_proj, h, c, w_hh):
-        return modeling_more.MoRELSTMScan.apply(x_proj, valid, h, c, w_hh, seg_offs)
+        return modeling_more.MoRELSTMScan.apply(x_proj, valid, h, c, w_hh, active, rows, row_offs)
 
     assert torch.autograd.gradcheck(scan, (x_proj, h, c, w_hh))
+
+
+def test_cpu_schedule_equals_static_schedule(monkeypatch):
+    """Longest-first expert order with finished experts skipped (CPU) gives the static schedule's outputs and
+    gradients (every expert at each of seq_len steps, as on GPU and under compile), cache state included."""
+    experts, dispatch, x = routed(top_k=2, capacity=4)
+    seq_len = 7
+    schedule = modeling_more.MoREParallelExperts._scan_schedule
+    order, active = schedule(torch.tensor([[1, 5], [0, 0], [7, 2], [3, 3]]), seq_len)
+    assert order.tolist() == [2, 0, 3, 1] and active == (3, 3, 3, 2, 2, 1, 1)
+    results = {}
+    for name in ("cpu", "static"):
+        if name == "static":
+            monkeypatch.setattr(
+                modeling_more.MoREParallelExperts,
+                "_scan_schedule",
+                staticmethod(lambda lengths, seq_len: (None, (lengths.shape[0],) * seq_len)),
+            )
+        pool = modeling_more.MoREExpertPool()
+        ctx = modeling_more.MoREExpertContext(num_recurrent_steps=1, num_backprop_steps=None, batch_size=3)
+        ctx.cache_pool = pool
+        out = experts._lstm(x, dispatch, ctx) * dispatch.kept[:, None]
+        grads = torch.autograd.grad(out.sum(), [x, experts.lstm_w_hh])
+        results[name] = (out, *grads, pool.state_h, pool.state_c)
+    for a, b in zip(*results.values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
