@@ -303,18 +303,21 @@ def grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, offs: torch.Tensor)
     return out[:, :out_features, :in_features]
 
 
-def segment_layout(segment, position, batch_size, cached=None):
+def segment_layout(segment, position, batch_size, cached=None, complete=True):
     """Attention layout of the routed rows, built once per call and reused by every recurrent step.
 
-    segment, position: (rows,) sorted by (segment, position), segment = expert * batch_size + sequence. Without a cache
-    every sequence holds exactly top_k * seq_len rows (dropped ones included), so grouping rows by sequence gives a
-    static (batch, top_k * seq_len) layout whose block mask keeps each segment causal: no host sync, static shapes.
-    With `cached` = (segment, position) of the cached rows, new rows attend to the cached rows and new rows of their
-    segment at a lower or equal position. Returns (order, inverse, mask): `order` (rows,) the rows grouped by sequence
-    and `inverse` its inverse permutation (None with a cache), `mask` (batch, 1, q_len, k_len) bool.
+    segment, position: (rows,) sorted by (segment, position), segment = expert * batch_size + sequence. In a complete
+    dispatch without a cache every sequence holds exactly top_k * seq_len rows (dropped ones included), so grouping
+    rows by sequence gives a static (batch, top_k * seq_len) layout whose block mask keeps each segment causal: no host
+    sync, static shapes. Otherwise (an expert-parallel rank's own rows, or a cache) one flat mask over all rows: with
+    `cached` = (segment, position) of the cached rows, new rows attend to the cached rows and new rows of their segment
+    at a lower or equal position. Returns (order, inverse, mask): `order` (rows,) the rows grouped by sequence and
+    `inverse` its inverse permutation (both None for the flat mask), `mask` (batch or 1, 1, q_len, k_len) bool.
     """
-    if cached is not None:
-        key_segment, key_position = torch.cat([cached[0], segment]), torch.cat([cached[1], position])
+    if cached is not None or not complete:
+        key_segment, key_position = segment, position
+        if cached is not None:
+            key_segment, key_position = torch.cat([cached[0], segment]), torch.cat([cached[1], position])
         mask = (key_segment[None] == segment[:, None]) & (key_position[None] <= position[:, None])  # (rows, keys)
         return None, None, mask[None, None]
     order = torch.argsort(segment % batch_size, stable=True)  # (rows,) by (sequence, expert, position)
@@ -332,9 +335,11 @@ def segment_causal_attention(q, k, v, layout, scaling, cached=None):
     Returns (rows, heads, head_dim).
     """
     order, inverse, mask = layout
-    if cached is not None:
-        keys, values = (torch.cat([c, new]).transpose(0, 1)[None] for c, new in zip(cached, (k, v), strict=True))
-        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys, values, attn_mask=mask, scale=scaling)
+    if order is None:  # flat mask
+        if cached is not None:
+            k, v = (torch.cat([c, new]) for c, new in zip(cached, (k, v), strict=True))
+        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # (1, heads, rows or keys, head_dim)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
         return out[0].transpose(0, 1)  # (rows, heads, head_dim)
     rows, heads, head_dim = q.shape
     stacked = torch.cat([q, k, v], dim=-1)[order].view(mask.shape[0], -1, heads, 3 * head_dim)
@@ -366,7 +371,9 @@ class MoREDispatch:
     cache_index: torch.Tensor  # (rows,) index of the token in the cached sequence
     batch_size: int
     num_experts: int
+    seq_len: int  # tokens per sequence in this call
     dropped: torch.Tensor | None = None  # () real (token, expert) pairs dropped by the capacity limit
+    complete: bool = True  # every (token, slot) pair is a row: each sequence holds top_k * seq_len rows
 
     @property
     def kept(self) -> torch.Tensor:
@@ -383,7 +390,7 @@ class MoREDispatch:
         return self.expert_index * self.batch_size + self.batch_index
 
     def subset(self, index: torch.Tensor) -> "MoREDispatch":
-        """The rows `index` (ascending, so still sorted by expert) as a dispatch of their own."""
+        """The rows `index` (ascending, so still sorted by expert) as a dispatch of their own (incomplete)."""
         expert = self.expert_index[index]
         offs = _group_ends(expert, self.num_experts)
         offs[-1] = index.shape[0]
@@ -396,6 +403,7 @@ class MoREDispatch:
             batch_index=self.batch_index[index],
             position=self.position[index],
             cache_index=self.cache_index[index],
+            complete=False,
         )
 
 
@@ -457,6 +465,7 @@ def build_dispatch(
         cache_index=cache_index,
         batch_size=batch_size,
         num_experts=num_experts,
+        seq_len=seq_len,
         dropped=dropped,
     )
 
@@ -783,7 +792,7 @@ class MoREHuginnExperts(MoRERecurrentExperts):
             cached = ctx.cache_pool.read(step_idx, full.batch_size)
         if ctx.segment_layout is None:  # the layout does not change across steps
             ctx.segment_layout = segment_layout(
-                full.segment, full.cache_index, full.batch_size, None if cached is None else cached[2:]
+                full.segment, full.cache_index, full.batch_size, None if cached is None else cached[2:], full.complete
             )
         kv_cached = None if cached is None else cached[:2]
         out = segment_causal_attention(q, k, v, ctx.segment_layout, self.scaling, kv_cached)
@@ -1096,7 +1105,7 @@ class MoREParallelExperts(MoREExperts):
         batch, experts = dispatch.batch_size, self.num_experts
         # Layout: one segment per (expert, sequence), grouped by expert (batch segments each), with a time slot per
         # row. Dropped rows go to one extra segment that never runs and outputs zeros.
-        segments, seq_len = experts * batch, x.shape[0] // (batch * self.top_k)
+        segments, seq_len = experts * batch, dispatch.seq_len
         segment = torch.where(dispatch.kept, dispatch.segment, segments)  # (rows,)
         counts = torch.zeros(segments + 1, dtype=torch.long, device=x.device).scatter_add_(
             0, segment, torch.ones_like(segment)
@@ -1806,17 +1815,18 @@ def local_expert_params(module: nn.Module, group=None):
 
 
 def local_dispatch(dispatch: MoREDispatch, first_expert: int, num_local: int):
-    """The dispatch as this rank sees it: rows routed to experts `first_expert .. first_expert + num_local - 1`
-    first, with local expert ids, then every other row as a dropped row (id `num_local`, sorted last).
+    """The dispatch as this rank sees it: only the rows routed to experts `first_expert .. first_expert + num_local -
+    1`, with local expert ids, so each rank computes its share of the rows.
 
-    Keeping every row keeps the static attention layout (each sequence holds top_k * seq_len rows) and makes every
-    rank's graph reach the shared input, so all ranks run the same collectives in backward. Returns the dispatch and
-    the rows' indices into the full dispatch (rows,), a permutation.
+    The row count is read back to the host (one read per layer call; the collectives that follow synchronise anyway).
+    A rank without rows keeps one row, as a dropped row, so its graph still reaches the shared input and the
+    experts' parameters and every rank runs the same collectives in backward. Returns the dispatch and the rows'
+    indices into the full dispatch (local rows,).
     """
     shifted = dispatch.expert_index - first_expert  # (rows,)
     local = (shifted >= 0) & (shifted < num_local)  # (rows,)
     # Stable sort on "not local" keeps local rows in their (expert, sequence, position) order, ahead of the others.
-    index = torch.argsort((~local).to(torch.int8), stable=True)  # (rows,)
+    index = torch.argsort((~local).to(torch.int8), stable=True)[: max(1, int(local.sum()))]  # (local rows,)
     expert_index = torch.where(local, shifted, torch.full_like(shifted, num_local))
     return replace(dispatch, expert_index=expert_index, num_experts=num_local).subset(index), index
 

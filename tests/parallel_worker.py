@@ -45,10 +45,27 @@ def train_losses(model, inputs, steps=3):
     return losses
 
 
+def counted_rows(forward):
+    """Run `forward()` and return its result with, per expert-parallel layer call, (rows this rank's experts
+    computed, kept rows among them, kept rows of the whole dispatch)."""
+    seen, local_dispatch = [], modeling_more.local_dispatch
+
+    def counting(dispatch, first_expert, num_local):
+        local, index = local_dispatch(dispatch, first_expert, num_local)
+        seen.append((index.shape[0], int(local.kept.sum()), int(dispatch.kept.sum())))
+        return local, index
+
+    modeling_more.local_dispatch = counting
+    try:
+        return forward(), seen
+    finally:
+        modeling_more.local_dispatch = local_dispatch
+
+
 def run_case(root, name, mode, inputs):
     model = AutoModelForCausalLM.from_pretrained(os.path.join(root, name), **MODES[mode]).eval()
     with torch.no_grad():
-        logits = model(**inputs).logits
+        logits, expert_rows = counted_rows(lambda: model(**inputs).logits)
         stats = model(**inputs, output_recurrence_stats=True).recurrence_stats
         adaptive = model(**inputs, output_recurrence_stats=True, adaptive_exit_threshold=0.3, num_recurrent_steps=6)
     out = model(**inputs, labels=inputs["input_ids"])
@@ -64,6 +81,7 @@ def run_case(root, name, mode, inputs):
     rank = torch.distributed.get_rank()
     result = {
         "logits": logits,
+        "expert_rows": expert_rows,
         "stats": stats,
         "adaptive_logits": adaptive.logits,
         "adaptive_steps": [

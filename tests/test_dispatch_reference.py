@@ -90,6 +90,7 @@ def reference_forward(block, config, x, token_mask, position_ids):
                 cache_index=tokens % seq_len,
                 batch_size=1,
                 num_experts=1,
+                seq_len=n,
             )
             ctx = modeling_more.MoREExpertContext(
                 num_recurrent_steps=NUM_STEPS, num_backprop_steps=config.num_backprop_steps, batch_size=1

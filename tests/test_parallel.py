@@ -125,6 +125,19 @@ def test_one_rank_case_leaves_an_expert_parallel_rank_without_rows(runs):
         assert owners.unique().numel() == 1
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_expert_parallel_ranks_compute_only_their_rows(runs, name):
+    """Under EP each kept row is computed on exactly one rank, and a rank computes no other rows (one placeholder row
+    when it has none, so its collectives match)."""
+    ranks = [torch.load(os.path.join(runs, f"{name}-ep-rank{rank}.pt"))["expert_rows"] for rank in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) > 0
+    for (rows0, kept0, total0), (rows1, kept1, total1) in zip(*ranks, strict=True):
+        assert total0 == total1 == kept0 + kept1
+        assert rows0 == max(1, kept0) and rows1 == max(1, kept1)
+    if name == "one_rank":
+        assert any(min(kept0, kept1) == 0 for (_, kept0, _), (_, kept1, _) in zip(*ranks, strict=True))
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", list(CASES))
 def test_checkpoint_saved_from_ranks_loads_in_one_process(runs, name, mode):
