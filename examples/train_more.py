@@ -8,7 +8,7 @@ text corpus, logging the research guide's MoE health metrics and optionally foll
         --tokenizer_name_or_path gpt2 --max_length 512 --curriculum "0:128:1,10000:256:2,20000:512:4,30000:512:8" \\
         --output_dir outputs/base --bf16 --activation_checkpointing
     accelerate launch --config_file examples/configs/accelerate_multi_gpu.yaml examples/train_more.py ...
-    torchrun --nproc_per_node 2 examples/train_more.py --tp_size 2 --ep_size 2 ...   # tensor / expert parallel, GPUs
+    torchrun --nproc_per_node 2 examples/train_more.py --tp_size 2 --ep_size 2 --save_only_model true ...  # TP / EP
     python examples/train_more.py train_args.json          # the same arguments from a JSON file
 
 The output directory holds the model (with `configuration_more.py` / `modeling_more.py` for `trust_remote_code`), its
@@ -29,6 +29,8 @@ import datasets
 import torch
 import torch.nn.functional as F
 import transformers
+from accelerate import ParallelismConfig
+from accelerate.utils import DistributedType
 from datasets import DatasetDict
 from huggingface_hub import ModelCard, ModelCardData
 from transformers import (
@@ -179,6 +181,25 @@ class ModelArguments:
     )
 
 
+class ShardedModelParallelismConfig(ParallelismConfig):
+    """accelerate's `ParallelismConfig` for a model that `from_pretrained(distributed_config=...)` already sharded,
+    accepted on CPU ranks (gloo) too.
+
+    `Trainer` fills in the TP size from the model; accelerate then builds the device mesh, gives every rank of the TP
+    group the same batches and does not wrap the model in DDP. None of that needs an accelerator, but accelerate 1.15
+    accepts the config only for accelerator devices, FSDP or DeepSpeed; on CPU ranks this keeps its size check alone.
+    """
+
+    def _validate_accelerator(self, accelerator):
+        if accelerator.distributed_type != DistributedType.MULTI_CPU:
+            return super()._validate_accelerator(accelerator)
+        if self.total_size != accelerator.num_processes:
+            raise ValueError(
+                f"tp_size * data-parallel size = {self.total_size} must equal the number of processes "
+                f"({accelerator.num_processes}): launch as many processes as --tp_size (torchrun --nproc_per_node)."
+            )
+
+
 def load_model(model_args: ModelArguments, config: MoREConfig, training_args: TrainingArguments):
     """The model to train: --model_name_or_path or a new one from `config`; with --tp_size / --ep_size above 1,
     loaded sharded through `from_pretrained(distributed_config=...)` (a new model is written to
@@ -188,14 +209,6 @@ def load_model(model_args: ModelArguments, config: MoREConfig, training_args: Tr
         if path is not None:
             return AutoModelForCausalLM.from_pretrained(path, config=config)
         return AutoModelForCausalLM.from_config(config)
-    if training_args.use_cpu or not torch.cuda.is_available():
-        # Trainer hands accelerate a ParallelismConfig for a TP/EP model, which accelerate 1.15 refuses on CPU ranks
-        # (DistributedType.MULTI_CPU); with that check bypassed the run matches one process (README).
-        raise ValueError(
-            "--tp_size / --ep_size train with the Trainer on GPUs only: accelerate refuses its ParallelismConfig on "
-            "CPU ranks. On CPU, `torchrun --nproc_per_node 2 examples/parallel_more.py train --mode tp|ep` trains "
-            "the sharded model with a plain AdamW loop."
-        )
     distributed_config = DistributedConfig(tp_size=model_args.tp_size, ep_size=model_args.ep_size)
     if path is None:
         path = str(Path(training_args.output_dir) / "initial_model")
@@ -721,6 +734,8 @@ def main():
         raise ValueError("--eval_exact_match needs reasoning data with a test split, not a text corpus")
     tokenizer = build_tokenizer(model_args, data_args, raw_datasets)
     config = build_config(model_args, tokenizer, max_position_embeddings=data_args.max_length)
+    if (model_args.tp_size > 1 or model_args.ep_size > 1) and training_args.parallelism_config is None:
+        training_args.parallelism_config = ShardedModelParallelismConfig()  # Trainer sets its sizes from the model
     model = load_model(model_args, config, training_args)
     if is_deepspeed_zero3_enabled():
         # ZeRO-3 gathers a module's sharded weights for its forward and, through hooks on the tensors it returns,

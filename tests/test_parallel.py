@@ -188,12 +188,47 @@ def test_plans_name_only_what_the_model_has():
     }
 
 
-def test_train_script_refuses_tensor_parallel_trainer_runs_on_cpu(tmp_path):
-    """accelerate refuses the Trainer's ParallelismConfig on CPU ranks: train_more.py says so, naming the CPU path."""
-    sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
-    from train_more import ModelArguments, TrainingArguments, load_model
+TRAINER_ARGS = [
+    "--preset", "tiny",
+    "--expert_type", "recurrent",
+    "--config_overrides", "latent_init_std=0",  # no latent noise: under EP each rank draws it for its own rows
+    "--tasks", "babi1",
+    "--num_train_examples", "64",
+    "--num_validation_examples", "0",
+    "--num_test_examples", "0",
+    "--max_length", "64",
+    "--per_device_train_batch_size", "4",
+    "--max_steps", "4",
+    "--logging_steps", "1",
+    "--save_strategy", "no",
+    "--report_to", "none",
+    "--disable_tqdm", "true",
+    "--use_cpu",
+]  # fmt: skip
 
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
-    with pytest.raises(ValueError, match=r"GPUs only.*parallel_more.py train"):
-        load_model(ModelArguments(tp_size=2), tiny_model().config, args)
-    assert load_model(ModelArguments(), tiny_model().config, args).config.num_experts == 4
+
+def _train_script(output_dir, launcher=(), *extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [*launcher, os.path.join(REPO_ROOT, "examples", "train_more.py"), *TRAINER_ARGS, *extra]
+    result = subprocess.run(
+        [*command, "--output_dir", output_dir], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    with open(os.path.join(output_dir, "trainer_state.json")) as f:
+        losses = [entry["loss"] for entry in json.load(f)["log_history"] if "loss" in entry]
+    return losses, AutoModelForCausalLM.from_pretrained(output_dir)
+
+
+def test_trainer_on_cpu_ranks_follows_one_process(tmp_path):
+    """`train_more.py --tp_size 2 [--ep_size 2]` under torchrun on 2 CPU ranks (Trainer, accelerate, gloo): one
+    process's loss curve, and the saved model loads in one process with one process's weights."""
+    losses, model = _train_script(str(tmp_path / "one"), [sys.executable])
+    reference = model.state_dict()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    for name, extra in (("tp", ["--tp_size", "2"]), ("ep", ["--tp_size", "2", "--ep_size", "2"])):
+        got_losses, got = _train_script(str(tmp_path / name), [*torchrun, str(_free_port())], *extra)
+        assert len(got_losses) == 4
+        torch.testing.assert_close(got_losses, losses, atol=1e-5, rtol=1e-5, msg=name)
+        assert got.state_dict().keys() == reference.keys()
+        for key, tensor in got.state_dict().items():
+            torch.testing.assert_close(tensor, reference[key], atol=1e-5, rtol=1e-4, msg=f"{name}: {key}")
