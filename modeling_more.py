@@ -303,28 +303,52 @@ def grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, offs: torch.Tensor)
     return out[:, :out_features, :in_features]
 
 
+def host_shapes(tensor: torch.Tensor) -> bool:
+    """Whether shapes may follow data read back to the host: on CPU in eager mode, where a read waits for nothing and
+    sizing the work by the data pays. Never on an accelerator or under compile: static shapes, no host syncs."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+@dataclass
+class MoRESegmentLayout:
+    """How attention inside experts groups the routed rows (see `segment_layout`)."""
+
+    kind: str  # "segments", "sequences" or "flat"
+    mask: torch.Tensor | None = None  # bool (batch, 1, q_len, k_len) for "sequences", (1, 1, rows, keys) for "flat"
+    order: torch.Tensor | None = None  # "sequences": (rows,) the rows grouped by sequence
+    inverse: torch.Tensor | None = None  # "sequences": the inverse permutation of `order`
+    slots: tuple | None = None  # "segments": (row's padded index (rows,), segments, longest segment)
+
+
 def segment_layout(segment, position, batch_size, cached=None, complete=True):
     """Attention layout of the routed rows, built once per call and reused by every recurrent step.
 
-    segment, position: (rows,) sorted by (segment, position), segment = expert * batch_size + sequence. In a complete
-    dispatch without a cache every sequence holds exactly top_k * seq_len rows (dropped ones included), so grouping
-    rows by sequence gives a static (batch, top_k * seq_len) layout whose block mask keeps each segment causal: no host
-    sync, static shapes. Otherwise (an expert-parallel rank's own rows, or a cache) one flat mask over all rows: with
-    `cached` = (segment, position) of the cached rows, new rows attend to the cached rows and new rows of their segment
-    at a lower or equal position. Returns (order, inverse, mask): `order` (rows,) the rows grouped by sequence and
-    `inverse` its inverse permutation (both None for the flat mask), `mask` (batch or 1, 1, q_len, k_len) bool.
+    segment, position: (rows,) sorted by (segment, position), segment = expert * batch_size + sequence.
+    - "segments" (no cache, `host_shapes`): the segments padded to the longest one, causal attention within each, so
+      the work follows the segment sizes (one host read of the sizes).
+    - "sequences" (no cache, a complete dispatch otherwise): every sequence holds exactly top_k * seq_len rows (dropped
+      ones included), so grouping rows by sequence gives a static (batch, top_k * seq_len) layout whose block mask
+      keeps each segment causal: no host sync, static shapes.
+    - "flat" (a cache, or an expert-parallel rank's own rows off the CPU): one mask over all rows; with `cached` =
+      (segment, position) of the cached rows, new rows attend to the cached rows and new rows of their segment at a
+      lower or equal position.
     """
+    if cached is None and host_shapes(segment):
+        _, compact, counts = torch.unique_consecutive(segment, return_inverse=True, return_counts=True)
+        slot = torch.arange(segment.shape[0], device=segment.device) - (torch.cumsum(counts, 0) - counts)[compact]
+        longest = int(counts.max())
+        return MoRESegmentLayout("segments", slots=(compact * longest + slot, counts.shape[0], longest))
     if cached is not None or not complete:
         key_segment, key_position = segment, position
         if cached is not None:
             key_segment, key_position = torch.cat([cached[0], segment]), torch.cat([cached[1], position])
         mask = (key_segment[None] == segment[:, None]) & (key_position[None] <= position[:, None])  # (rows, keys)
-        return None, None, mask[None, None]
+        return MoRESegmentLayout("flat", mask=mask[None, None])
     order = torch.argsort(segment % batch_size, stable=True)  # (rows,) by (sequence, expert, position)
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
     seg, pos = segment[order].view(batch_size, -1), position[order].view(batch_size, -1)  # (batch, top_k * seq)
     mask = (seg[:, None, :] == seg[:, :, None]) & (pos[:, None, :] <= pos[:, :, None])  # (batch, q_len, k_len)
-    return order, inverse, mask[:, None]
+    return MoRESegmentLayout("sequences", mask=mask[:, None], order=order, inverse=inverse)
 
 
 def segment_causal_attention(q, k, v, layout, scaling, cached=None):
@@ -334,18 +358,26 @@ def segment_causal_attention(q, k, v, layout, scaling, cached=None):
     optionally holds the keys and values (cached rows, heads, head_dim) of earlier tokens, in the layout's key order.
     Returns (rows, heads, head_dim).
     """
-    order, inverse, mask = layout
-    if order is None:  # flat mask
+    rows, heads, head_dim = q.shape
+    if layout.kind == "flat":
         if cached is not None:
             k, v = (torch.cat([c, new]) for c, new in zip(cached, (k, v), strict=True))
         q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # (1, heads, rows or keys, head_dim)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask, scale=scaling)
         return out[0].transpose(0, 1)  # (rows, heads, head_dim)
-    rows, heads, head_dim = q.shape
-    stacked = torch.cat([q, k, v], dim=-1)[order].view(mask.shape[0], -1, heads, 3 * head_dim)
+    if layout.kind == "segments":
+        # Right-padded segments: plain causal attention keeps every real query off the padding after it.
+        flat, segments, longest = layout.slots  # flat: (rows,) segment * longest + slot of each row
+        pq, pk, pv = (
+            t.new_zeros(segments * longest, heads, head_dim).index_copy(0, flat, t).view(segments, longest, heads, -1)
+            for t in (q, k, v)
+        )
+        out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (pq, pk, pv)), is_causal=True, scale=scaling)
+        return out.transpose(1, 2).reshape(segments * longest, heads, head_dim).index_select(0, flat)
+    stacked = torch.cat([q, k, v], dim=-1)[layout.order].view(layout.mask.shape[0], -1, heads, 3 * head_dim)
     pq, pk, pv = stacked.transpose(1, 2).chunk(3, dim=-1)  # (batch, heads, top_k * seq, head_dim)
-    out = F.scaled_dot_product_attention(pq, pk, pv, attn_mask=mask, scale=scaling)
-    return out.transpose(1, 2).reshape(rows, heads, head_dim)[inverse]
+    out = F.scaled_dot_product_attention(pq, pk, pv, attn_mask=layout.mask, scale=scaling)
+    return out.transpose(1, 2).reshape(rows, heads, head_dim)[layout.inverse]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -483,7 +515,7 @@ class MoREExpertContext:
     exit_min_steps: int = 1
     stats: dict = field(default_factory=dict)
     rotary: tuple | None = None  # (cos, sin) of the routed rows, computed once and reused by every step
-    segment_layout: tuple | None = None  # attention layout inside experts (`segment_layout`), once per call
+    segment_layout: "MoRESegmentLayout | None" = None  # attention layout inside experts, built once per call
     # Adaptive exit: the full dispatch, the rows still iterating, and the latest keys/values of every row.
     full_dispatch: "MoREDispatch | None" = None
     active_index: torch.Tensor | None = None
@@ -1151,7 +1183,7 @@ class MoREParallelExperts(MoREExperts):
         step reads only the weights of experts with a row left: as many steps as the longest segment.
         """
         experts = lengths.shape[0]
-        if lengths.device.type != "cpu" or torch.compiler.is_compiling():
+        if not host_shapes(lengths):
             return None, (experts,) * seq_len
         longest = lengths.amax(1)  # (experts,)
         order = torch.argsort(longest, descending=True, stable=True)

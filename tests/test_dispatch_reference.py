@@ -113,10 +113,15 @@ def count_grouped_mm(monkeypatch):
     return calls
 
 
+@pytest.mark.parametrize("shapes", ["host", "static"])
 @pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("expert_type", EXPERT_TYPES)
-def test_grouped_dispatch_matches_per_expert_loop(expert_type, top_k, mode, monkeypatch):
+def test_grouped_dispatch_matches_per_expert_loop(expert_type, top_k, mode, shapes, monkeypatch):
+    """`shapes`: the CPU eager path, which sizes segment attention and the `parallel` scan by the data, or the static
+    path of accelerators and compile (`host_shapes` patched to False)."""
+    if shapes == "static":
+        monkeypatch.setattr(modeling_more, "host_shapes", lambda tensor: False)
     block, config = build_block(expert_type, top_k, train=mode == "train")
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(BATCH, SEQ, config.hidden_size, generator=generator, requires_grad=True)
