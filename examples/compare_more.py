@@ -57,12 +57,7 @@ from more_stats import bootstrap_accuracy, paired_difference  # noqa: E402
 
 import modeling_more  # noqa: E402
 from configuration_more import MoREConfig  # noqa: E402
-from evaluate_more import (  # noqa: E402
-    REPORT_CONFIG_FIELDS,
-    architecture_checks,
-    perplexity_and_diagnostics,
-    write_outputs,
-)
+from evaluate_more import model_report, perplexity_and_diagnostics, write_outputs  # noqa: E402
 from model_card_more import markdown_table, save_model_card  # noqa: E402
 from more_data import (  # noqa: E402
     IGNORE_INDEX,
@@ -624,15 +619,10 @@ def save_variant(model, tokenizer, data: CompareData, scores: dict, output_dir: 
     difficulty, depth sweeps, routing and recurrence diagnostics of guide §5.1-5.2, with their plots)."""
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
-    config = model.config
     batches = [
         collate([data.test[i] for i in range(s, min(s + 64, len(data.test)))])
         for s in range(0, min(len(data.test), 256), 64)
     ]
-    diagnostics = perplexity_and_diagnostics(model, batches)
-    checks = architecture_checks(diagnostics["routing"], diagnostics["recurrence"], config.num_experts)
-    utilization = diagnostics["expert_utilization"]
-    passed = utilization["checks_passed"] + sum(check["healthy"] for check in checks.values())
 
     def by_cell(hits: list[int]) -> dict[str, float]:
         hits = np.asarray(hits)
@@ -644,25 +634,15 @@ def save_variant(model, tokenizer, data: CompareData, scores: dict, output_dir: 
         accuracy["mean"] = float(hits.mean())
         return accuracy
 
-    report = {
-        "config": {name: getattr(config, name) for name in REPORT_CONFIG_FIELDS},
-        "parameters": {"total": model.num_parameters(), "active": model.num_parameters(active=True)},
-        "perplexity": diagnostics["perplexity"],
-        "perplexity_on": "answers",
-        "exact_match": by_cell(scores["default"]),
-        "multihop_accuracy": None,
-        "arithmetic_accuracy": None,
-        "tokens_per_second": None,
-        "peak_memory_mb": None,
-        "depth_sweep": {
+    report = model_report(
+        model,
+        perplexity_and_diagnostics(model, batches),
+        perplexity_on="answers",
+        exact_match=by_cell(scores["default"]),
+        depth_sweep={
             knob: {int(d): by_cell(h) for d, h in sweep.items()} for knob, sweep in scores.items() if knob != "default"
         },
-        "routing": diagnostics["routing"],
-        "expert_utilization": utilization,
-        "recurrence": diagnostics["recurrence"],
-        "architecture_checks": checks,
-        "health_score": 100.0 * passed / (utilization["num_checks"] + len(checks)),
-    }
+    )
     write_outputs(report, output_dir)
     return report
 

@@ -310,13 +310,41 @@ def evaluate_model(model, tokenizer, dataset, args: EvaluationArguments, data_ar
     """Every metric of this script for one model in eval mode on the test `dataset` (task, prompt, answer, text),
     tokenized as in training (`data_args.max_length`, perplexity on the answers with `data_args.answer_only_loss`)."""
     model.eval()
-    config = model.config
     device = next(model.parameters()).device
     batches = text_batches(
         dataset, tokenizer, args.eval_batch_size, data_args.max_length, device, data_args.answer_only_loss
     )
     diagnostics = perplexity_and_diagnostics(model, batches)
     exact_match = exact_match_by_task(model, tokenizer, dataset, args.eval_batch_size, data_args.max_new_tokens)
+    return model_report(
+        model,
+        diagnostics,
+        perplexity_on="answers" if data_args.answer_only_loss else "texts",
+        exact_match=exact_match,
+        depth_sweep=depth_sweep(model, tokenizer, dataset, args, data_args.max_new_tokens),
+        multihop_accuracy=task_group_accuracy(exact_match, MULTIHOP_TASKS),
+        arithmetic_accuracy=task_group_accuracy(exact_match, ARITHMETIC_TASKS),
+        tokens_per_second=tokens_per_second(model, batches[0], args.throughput_repeats),
+        peak_memory_mb=peak_memory_mb(model, batches[0]),
+    )
+
+
+def model_report(
+    model,
+    diagnostics: dict,
+    *,
+    perplexity_on: str,
+    exact_match: dict,
+    depth_sweep: dict,
+    multihop_accuracy: float | None = None,
+    arithmetic_accuracy: float | None = None,
+    tokens_per_second: float | None = None,
+    peak_memory_mb: float | None = None,
+) -> dict:
+    """The report of one model (what `eval_results.json` holds): its config and parameters, the accuracies and depth
+    sweeps given, `perplexity_and_diagnostics` output with the architecture checks and one health score; what was not
+    measured stays None."""
+    config = model.config
     checks = architecture_checks(diagnostics["routing"], diagnostics["recurrence"], config.num_experts)
     utilization = diagnostics["expert_utilization"]
     # One health score over both sections of the guide: the share of §5.1 (per layer x iteration) and §5.2 checks
@@ -326,13 +354,13 @@ def evaluate_model(model, tokenizer, dataset, args: EvaluationArguments, data_ar
         "config": {name: getattr(config, name) for name in REPORT_CONFIG_FIELDS},
         "parameters": count_parameters(model),
         "perplexity": diagnostics["perplexity"],
-        "perplexity_on": "answers" if data_args.answer_only_loss else "texts",
+        "perplexity_on": perplexity_on,
         "exact_match": exact_match,
-        "multihop_accuracy": task_group_accuracy(exact_match, MULTIHOP_TASKS),
-        "arithmetic_accuracy": task_group_accuracy(exact_match, ARITHMETIC_TASKS),
-        "tokens_per_second": tokens_per_second(model, batches[0], args.throughput_repeats),
-        "peak_memory_mb": peak_memory_mb(model, batches[0]),
-        "depth_sweep": depth_sweep(model, tokenizer, dataset, args, data_args.max_new_tokens),
+        "multihop_accuracy": multihop_accuracy,
+        "arithmetic_accuracy": arithmetic_accuracy,
+        "tokens_per_second": tokens_per_second,
+        "peak_memory_mb": peak_memory_mb,
+        "depth_sweep": depth_sweep,
         "routing": diagnostics["routing"],
         "expert_utilization": utilization,
         "recurrence": diagnostics["recurrence"],

@@ -38,20 +38,26 @@ def _cell(kind, h):
     return gates * (2 * h * h + 2 * h)
 
 
-def test_formulas_cover_every_registered_type():
-    assert set(EXPERT_FORMULAS) == set(EXPERT_TYPES)
-
-
-@pytest.mark.parametrize("expert_type", EXPERT_TYPES)
-def test_expert_parameters_match_formula(expert_type):
-    model = tiny_model(
+def sized_model(expert_type, **overrides):
+    """A tiny model of `expert_type` whose sizes (D, F, FR, E, G) are all different, so a formula mixing them fails."""
+    return tiny_model(
         expert_type=expert_type,
         hidden_size=D,
         intermediate_size=F,
         recurrent_intermediate_size=FR,
         num_experts=E,
         parallel_gate_hidden_size=G,
+        **overrides,
     )
+
+
+def test_formulas_cover_every_registered_type():
+    assert set(EXPERT_FORMULAS) == set(EXPERT_TYPES)
+
+
+@pytest.mark.parametrize("expert_type", EXPERT_TYPES)
+def test_expert_parameters_match_formula(expert_type):
+    model = sized_model(expert_type)
     expected = EXPERT_FORMULAS[expert_type](D, F, FR, E, G)
     for block in moe_blocks(model):
         assert sum(p.numel() for p in block.experts.parameters()) == expected
@@ -100,15 +106,7 @@ def test_compute_formulas_cover_every_registered_type():
 @pytest.mark.parametrize("expert_type", EXPERT_TYPES)
 def test_active_parameters_leave_out_the_unrouted_experts(expert_type):
     top_k = 2
-    model = tiny_model(
-        expert_type=expert_type,
-        hidden_size=D,
-        intermediate_size=F,
-        recurrent_intermediate_size=FR,
-        num_experts=E,
-        num_experts_per_tok=top_k,
-        parallel_gate_hidden_size=G,
-    )
+    model = sized_model(expert_type, num_experts_per_tok=top_k)
     per_expert = EXPERT_FORMULAS[expert_type](D, F, FR, 1, G)
     if expert_type == "shared_recurrent":  # the engine is shared: only the projections belong to one expert
         per_expert = 2 * D * D
@@ -121,15 +119,7 @@ def test_active_parameters_leave_out_the_unrouted_experts(expert_type):
 @pytest.mark.parametrize("steps", [1, 3])
 def test_flops_per_token_follow_the_readme_formulas(expert_type, steps):
     vocab, layers, top_k, iterations = 100, 2, 2, 2
-    model = tiny_model(
-        expert_type=expert_type,
-        hidden_size=D,
-        intermediate_size=F,
-        recurrent_intermediate_size=FR,
-        num_experts=E,
-        num_experts_per_tok=top_k,
-        parallel_gate_hidden_size=G,
-    )
+    model = sized_model(expert_type, num_experts_per_tok=top_k)
     attention, router = 4 * D * D, E * D
     expert = EXPERT_MADDS[expert_type](D, F, FR, G, steps)
     expected = 2 * (vocab * D + layers * (attention + iterations * (router + top_k * expert)))
