@@ -1129,6 +1129,10 @@ class MoREParallelExperts(MoREExperts):
             ctx.stats["recurrent_branch_weight"] = masked_mean(gates[:, 1].detach(), dispatch.kept)
         return gates[:, :1] * ffn_out + gates[:, 1:] * lstm_out
 
+    # A deliberate graph break: the scan is a Python loop over positions, which Dynamo would unroll into a graph that
+    # grows with the sequence (inductor compiled a tiny model at 128 tokens for over 17 minutes). It runs eagerly
+    # between two compiled graphs instead, with the CPU schedule on CPU.
+    @torch.compiler.disable
     def _lstm(self, x, dispatch, ctx):
         # One dtype for the whole scan (the autocast dtype inside autocast): its backward runs outside autocast.
         dtype = matmul_dtype(x, self.lstm_w_hh)
