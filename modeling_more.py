@@ -258,6 +258,12 @@ def _align(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return x, weight
 
 
+def _group_bounds(offs: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, end) row range of each group, read back from the cumulative ends `offs` (a host sync)."""
+    ends = offs.tolist()
+    return list(zip([0] + ends[:-1], ends, strict=True))
+
+
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """`x @ weight[g].T` for the rows of each group.
 
@@ -270,9 +276,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) ->
         return F.linear(x, weight[0])
     if dtype not in GROUPED_MM_DTYPES:
         # float64 (reference tests): the same result, one matmul per group, at the cost of a host sync.
-        ends = offs.tolist()
-        starts = [0] + ends[:-1]
-        return torch.cat([F.linear(x[s:e], weight[g]) for g, (s, e) in enumerate(zip(starts, ends, strict=True))])
+        return torch.cat([F.linear(x[s:e], weight[g]) for g, (s, e) in enumerate(_group_bounds(offs))])
     out_features = weight.shape[1]
     x, weight = _align(x.contiguous(), weight)
     if torch.compiler.is_compiling() and dtype != torch.bfloat16:
@@ -290,9 +294,8 @@ def grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, offs: torch.Tensor)
     if offs.shape[0] == 1:
         return (grad.T @ x)[None]
     if grad.dtype not in GROUPED_MM_DTYPES:
-        ends = offs.tolist()  # float64 (reference tests): one matmul per group, a host sync
-        starts = [0] + ends[:-1]
-        return torch.stack([grad[s:e].T @ x[s:e] for s, e in zip(starts, ends, strict=True)])
+        # float64 (reference tests): one matmul per group, a host sync.
+        return torch.stack([grad[s:e].T @ x[s:e] for s, e in _group_bounds(offs)])
     out_features, in_features = grad.shape[1], x.shape[1]
     step = 16 // x.element_size()
     grad, x = F.pad(grad, (0, -out_features % step)).contiguous(), F.pad(x, (0, -in_features % step)).contiguous()
@@ -303,9 +306,10 @@ def grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, offs: torch.Tensor)
     return out[:, :out_features, :in_features]
 
 
-def host_shapes(tensor: torch.Tensor) -> bool:
-    """Whether shapes may follow data read back to the host: on CPU in eager mode, where a read waits for nothing and
-    sizing the work by the data pays. Never on an accelerator or under compile: static shapes, no host syncs."""
+def host_reads_free(tensor: torch.Tensor) -> bool:
+    """Whether reading `tensor`'s data back to the host costs nothing: on CPU in eager mode, where a read waits for
+    nothing, so work may be sized by the data and inputs checked by value. Never on an accelerator or under compile:
+    static shapes, no host syncs."""
     return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
@@ -324,8 +328,8 @@ def segment_layout(segment, position, batch_size, cached=None, complete=True):
     """Attention layout of the routed rows, built once per call and reused by every recurrent step.
 
     segment, position: (rows,) sorted by (segment, position), segment = expert * batch_size + sequence.
-    - "segments" (no cache, `host_shapes`): the segments padded to the longest one, causal attention within each, so
-      the work follows the segment sizes (one host read of the sizes).
+    - "segments" (no cache, `host_reads_free`): the segments padded to the longest one, causal attention within each,
+      so the work follows the segment sizes (one host read of the sizes).
     - "sequences" (no cache, a complete dispatch otherwise): every sequence holds exactly top_k * seq_len rows (dropped
       ones included), so grouping rows by sequence gives a static (batch, top_k * seq_len) layout whose block mask
       keeps each segment causal: no host sync, static shapes.
@@ -333,7 +337,7 @@ def segment_layout(segment, position, batch_size, cached=None, complete=True):
       (segment, position) of the cached rows, new rows attend to the cached rows and new rows of their segment at a
       lower or equal position.
     """
-    if cached is None and host_shapes(segment):
+    if cached is None and host_reads_free(segment):
         _, compact, counts = torch.unique_consecutive(segment, return_inverse=True, return_counts=True)
         slot = torch.arange(segment.shape[0], device=segment.device) - (torch.cumsum(counts, 0) - counts)[compact]
         longest = int(counts.max())
@@ -1112,7 +1116,6 @@ class MoREParallelExperts(MoREExperts):
         self.gate_in_bias = nn.Parameter(torch.zeros(experts, gate_hidden))
         self.gate_out = nn.Parameter(torch.empty(experts, 2, gate_hidden))
         self.gate_out_bias = nn.Parameter(torch.zeros(experts, 2))
-        self.top_k = config.num_experts_per_tok
 
     @classmethod
     def multiply_adds_per_token(cls, config, num_steps):
@@ -1187,7 +1190,7 @@ class MoREParallelExperts(MoREExperts):
         step reads only the weights of experts with a row left: as many steps as the longest segment.
         """
         experts = lengths.shape[0]
-        if not host_shapes(lengths):
+        if not host_reads_free(lengths):
             return None, (experts,) * seq_len
         longest = lengths.amax(1)  # (experts,)
         order = torch.argsort(longest, descending=True, stable=True)
@@ -2249,10 +2252,10 @@ class MoREModel(MoREPreTrainedModel):
         if input_ids is not None:
             if input_ids.dim() != 2:
                 raise ValueError(f"`input_ids` must have shape (batch, seq_len), got {tuple(input_ids.shape)}.")
-            # Reading the range back is a host sync: checked on CPU in eager mode only (on GPU the embedding's
+            # Reading the range back is a host sync: checked where that is free only (on GPU the embedding's
             # device-side assert catches bad ids).
-            checkable = input_ids.device.type == "cpu" and not torch.compiler.is_compiling()
-            if checkable and input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.vocab_size):
+            checkable = host_reads_free(input_ids) and input_ids.numel()
+            if checkable and (input_ids.min() < 0 or input_ids.max() >= self.vocab_size):
                 raise ValueError(
                     f"`input_ids` must be in [0, {self.vocab_size}) (vocab_size); got values in "
                     f"[{int(input_ids.min())}, {int(input_ids.max())}]."

@@ -86,7 +86,7 @@ def test_autocast_runs_every_grouped_mm_in_bf16(expert_type, monkeypatch):
     tolist = torch.Tensor.tolist
 
     def no_fallback(self):
-        if sys._getframe(1).f_code.co_name in ("grouped_linear", "grouped_weight_grad"):
+        if sys._getframe(1).f_code.co_name == "_group_bounds":  # the per-group fallback's offsets
             pytest.fail("per-group fallback under autocast")
         return tolist(self)  # other host reads (the CPU scan schedule of `parallel`) are not the fallback
 

@@ -119,9 +119,9 @@ def count_grouped_mm(monkeypatch):
 @pytest.mark.parametrize("expert_type", EXPERT_TYPES)
 def test_grouped_dispatch_matches_per_expert_loop(expert_type, top_k, mode, shapes, monkeypatch):
     """`shapes`: the CPU eager path, which sizes segment attention and the `parallel` scan by the data, or the static
-    path of accelerators and compile (`host_shapes` patched to False)."""
+    path of accelerators and compile (`host_reads_free` patched to False)."""
     if shapes == "static":
-        monkeypatch.setattr(modeling_more, "host_shapes", lambda tensor: False)
+        monkeypatch.setattr(modeling_more, "host_reads_free", lambda tensor: False)
     block, config = build_block(expert_type, top_k, train=mode == "train")
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(BATCH, SEQ, config.hidden_size, generator=generator, requires_grad=True)

@@ -3,7 +3,7 @@ backward) and in cached decoding.
 
 On CPU nothing waits, so the test counts the calls that would read a device tensor back to the host on a GPU
 (`.item()`, `.tolist()`, `int()`, `float()`, `bool()`, `__index__`) while a block runs, and during the backward pass.
-It runs the accelerator path: `modeling_more.host_shapes` (True on CPU in eager mode, where MoRE sizes some work by
+It runs the accelerator path: `modeling_more.host_reads_free` (True on CPU in eager mode, where MoRE sizes some work by
 the data) is patched to False, as it is on a GPU and under compile.
 """
 
@@ -23,7 +23,7 @@ SYNC_METHODS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__
 def counting_host_reads(monkeypatch):
     """Yields a list that collects the names of host reads made while `state["on"]` is True."""
     calls, state = [], {"on": False}
-    monkeypatch.setattr(modeling_more, "host_shapes", lambda tensor: False)
+    monkeypatch.setattr(modeling_more, "host_reads_free", lambda tensor: False)
     for name in SYNC_METHODS:
         original = getattr(torch.Tensor, name)
 

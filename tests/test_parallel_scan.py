@@ -125,7 +125,7 @@ def test_cpu_schedule_equals_static_schedule(monkeypatch):
     results = {}
     for name in ("cpu", "static"):
         if name == "static":
-            monkeypatch.setattr(modeling_more, "host_shapes", lambda tensor: False)
+            monkeypatch.setattr(modeling_more, "host_reads_free", lambda tensor: False)
             assert schedule(torch.tensor([[1, 5], [0, 0], [7, 2], [3, 3]]), seq_len) == (None, (4,) * seq_len)
         pool = modeling_more.MoREExpertPool()
         ctx = modeling_more.MoREExpertContext(num_recurrent_steps=1, num_backprop_steps=None, batch_size=3)
