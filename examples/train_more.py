@@ -180,6 +180,11 @@ class ModelArguments:
         metadata={"help": "Expert parallelism: the experts of each layer split over this many ranks (= tp_size)."},
     )
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the model loads sharded over ranks (tensor or expert parallelism)."""
+        return self.tp_size > 1 or self.ep_size > 1
+
 
 class ShardedModelParallelismConfig(ParallelismConfig):
     """accelerate's `ParallelismConfig` for a model that `from_pretrained(distributed_config=...)` already sharded,
@@ -205,7 +210,7 @@ def load_model(model_args: ModelArguments, config: MoREConfig, training_args: Tr
     loaded sharded through `from_pretrained(distributed_config=...)` (a new model is written to
     `output_dir/initial_model` first, by the main process)."""
     path = model_args.model_name_or_path
-    if model_args.tp_size == 1 and model_args.ep_size == 1:
+    if not model_args.sharded:
         if path is not None:
             return AutoModelForCausalLM.from_pretrained(path, config=config)
         return AutoModelForCausalLM.from_config(config)
@@ -734,7 +739,7 @@ def main():
         raise ValueError("--eval_exact_match needs reasoning data with a test split, not a text corpus")
     tokenizer = build_tokenizer(model_args, data_args, raw_datasets)
     config = build_config(model_args, tokenizer, max_position_embeddings=data_args.max_length)
-    if (model_args.tp_size > 1 or model_args.ep_size > 1) and training_args.parallelism_config is None:
+    if model_args.sharded and training_args.parallelism_config is None:
         training_args.parallelism_config = ShardedModelParallelismConfig()  # Trainer sets its sizes from the model
     model = load_model(model_args, config, training_args)
     if is_deepspeed_zero3_enabled():

@@ -436,6 +436,12 @@ def test_capacity_counts_real_tokens_only(expert_type, top_k):
     torch.testing.assert_close(batched.logits[:, pad:], alone.logits, atol=1e-5, rtol=1e-5)
 
 
+def kept_pairs(dispatch):
+    """The (token, expert) assignments a dispatch kept."""
+    rows = zip(dispatch.token_index, dispatch.expert_index, dispatch.kept, strict=True)
+    return {(int(t), int(e)) for t, e, k in rows if k}
+
+
 def test_capacity_gives_first_choices_priority():
     """Switch / GShard priority: every token's first choice is kept before any token's second choice."""
     num_experts, capacity = 3, 2
@@ -445,11 +451,7 @@ def test_capacity_gives_first_choices_priority():
     dispatch = modeling_more.build_dispatch(
         top_k_index, weights, None, torch.arange(3)[None], 0, capacity, num_experts
     )
-    kept = {
-        (int(t), int(e))
-        for t, e, k in zip(dispatch.token_index, dispatch.expert_index, dispatch.kept, strict=True)
-        if k
-    }
+    kept = kept_pairs(dispatch)
     assert kept == {(0, 1), (1, 0), (2, 0), (1, 2), (2, 1)}  # (0, 0), a second choice, is the one dropped
     assert int(dispatch.dropped) == 1
     # Within one choice rank, earlier tokens win.
@@ -457,11 +459,7 @@ def test_capacity_gives_first_choices_priority():
     dispatch = modeling_more.build_dispatch(
         top_k_index, weights, None, torch.arange(3)[None], 0, capacity, num_experts
     )
-    kept = {
-        (int(t), int(e))
-        for t, e, k in zip(dispatch.token_index, dispatch.expert_index, dispatch.kept, strict=True)
-        if k
-    }
+    kept = kept_pairs(dispatch)
     assert (0, 0) in kept and (1, 0) in kept and (2, 0) not in kept
 
 

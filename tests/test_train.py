@@ -228,6 +228,26 @@ def test_curriculum_refuses_the_fixed_depth_sampler():
         CurriculumCallback(parse_curriculum("0:-:2")).on_train_begin(None, None, None, model=model)
 
 
+def train_with_curriculum(model, train, curriculum, output_dir, **args):
+    """A short CPU `MoRETrainer` run (batches of 4, a log entry per step, no checkpoints) under `curriculum`."""
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        **args,
+    )
+    curriculum = CurriculumCallback(parse_curriculum(curriculum))
+    trainer = MoRETrainer(
+        model=model, args=args, train_dataset=train, data_collator=train_more.collate, curriculum=curriculum
+    )
+    trainer.train()
+    return trainer
+
+
 def test_curriculum_changes_length_and_depth_as_scheduled(tokenizer, tmp_path):
     data = build_reasoning_dataset(["babi1"], num_train=32, num_validation=0, num_test=0, seed=0)
     train = tokenize_qa(data["train"], tokenizer, max_length=96)
@@ -241,21 +261,7 @@ def test_curriculum_changes_length_and_depth_as_scheduled(tokenizer, tmp_path):
         seen.append((kwargs["input_ids"].shape[1], float(output.recurrent_steps), kwargs["labels"]))
 
     model.register_forward_hook(record, with_kwargs=True)
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-    )
-    curriculum = CurriculumCallback(parse_curriculum("0:16:1,2:24:2,3:-:-"))
-    trainer = MoRETrainer(
-        model=model, args=args, train_dataset=train, data_collator=train_more.collate, curriculum=curriculum
-    )
-    trainer.train()
+    trainer = train_with_curriculum(model, train, "0:16:1,2:24:2,3:-:-", tmp_path, max_steps=4)
     assert [(width, depth) for width, depth, _ in seen[:3]] == [(16, 1.0), (16, 1.0), (24, 2.0)]
     assert seen[3][0] > 24 and seen[3][1] == 3.0  # the last stage keeps the batch and the configured depth
     for _, _, labels in seen:
@@ -344,22 +350,7 @@ def test_curriculum_loss_is_normalised_by_the_tokens_trained_on(tokenizer, tmp_p
         micro.append((output.loss.detach(), total, count))
 
     model.register_forward_hook(record, with_kwargs=True)
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=2,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-    )
-    curriculum = CurriculumCallback(parse_curriculum("0:16:-"))
-    trainer = MoRETrainer(
-        model=model, args=args, train_dataset=train, data_collator=train_more.collate, curriculum=curriculum
-    )
-    trainer.train()
+    trainer = train_with_curriculum(model, train, "0:16:-", tmp_path, max_steps=2, gradient_accumulation_steps=2)
     assert len(micro) == 4
     logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     for step in range(2):
