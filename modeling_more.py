@@ -18,11 +18,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import DynamicCache
 from transformers.distributed.expert_parallel import ExpertParallelLayer, MoEParamShard, apply_expert_parallelism
-from transformers.distributed.parallel_utils import (
-    ALL_PARALLEL_STYLES,
-    _use_local_dtensor_params,
-    replace_layer_number_by_wildcard,
-)
+from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES, replace_layer_number_by_wildcard
 from transformers.distributed.tensor_parallel import TensorParallelLayer
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
@@ -36,7 +32,6 @@ from transformers.utils.output_capturing import capture_outputs
 
 if torch.distributed.is_available():
     from torch.distributed.tensor import DTensor, Shard
-    from transformers.distributed.parallel_utils import _AllReduceBackward, _AllReduceForward
 
 try:  # remote code: both files live in one `transformers_modules` package
     from .configuration_more import ARCHITECTURE_FIELDS, MoREConfig, register_expert_type
@@ -1826,30 +1821,69 @@ class MoRECache(DynamicCache):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+class MoREAllReduceSum(torch.autograd.Function):
+    """Sum over `group` in forward, identity in backward: partial outputs of the ranks (each ran a share of the
+    work) become the whole output on every rank, whose gradient every rank already holds."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        tensor = tensor.clone()  # all_reduce works in place; the input may be needed by autograd
+        torch.distributed.all_reduce(tensor, group=group)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class MoREAllReduceGrad(torch.autograd.Function):
+    """Identity in forward, sum over `group` in backward: a replicated input (or weight) that each rank used for its
+    own share of the work receives the sum of the ranks' partial gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_grad(tensor: torch.Tensor, group) -> torch.Tensor:
+    """`MoREAllReduceGrad` where a gradient can flow; the tensor itself otherwise (no autograd node at inference)."""
+    return MoREAllReduceGrad.apply(tensor, group) if torch.is_grad_enabled() and tensor.requires_grad else tensor
+
+
 @contextlib.contextmanager
-def _grad_summed_params(module: nn.Module, group):
-    """Replicated parameters of `module` whose gradient is summed over `group` (each rank ran only its rows)."""
-    originals = {
-        name: param
-        for name, param in module.named_parameters(recurse=False)
-        if param.requires_grad and not isinstance(param, DTensor)
-    }
-    module._parameters.update({name: _AllReduceBackward.apply(param, group) for name, param in originals.items()})
+def _swapped_params(module: nn.Module, swap: Callable[[torch.Tensor], torch.Tensor | None]):
+    """`module`'s own parameters replaced by `swap(param)` (where it returns a tensor) for the duration."""
+    originals = dict(module.named_parameters(recurse=False))
+    swapped = {name: new for name, param in originals.items() if (new := swap(param)) is not None}
+    module._parameters.update(swapped)
     try:
         yield
     finally:
-        module._parameters.update(originals)
+        module._parameters.update({name: originals[name] for name in swapped})
 
 
 @contextlib.contextmanager
 def local_expert_params(module: nn.Module, group=None):
     """Run `module` and its submodules on plain tensors: sharded (DTensor) parameters as this rank's shard. With
-    `group`, the replicated parameters' gradients are summed over it."""
+    `group`, the replicated parameters' gradients are summed over it (each rank ran only its rows)."""
+
+    def local(param):
+        if isinstance(param, DTensor):
+            return param.to_local()
+        if group is not None and param.requires_grad:
+            return all_reduce_grad(param, group)
+        return None
+
     with contextlib.ExitStack() as stack:
         for sub in module.modules():
-            if group is not None:  # before the shards turn into plain tensors, which must not be summed
-                stack.enter_context(_grad_summed_params(sub, group))
-            stack.enter_context(_use_local_dtensor_params(sub))
+            stack.enter_context(_swapped_params(sub, local))
         yield
 
 
@@ -1901,7 +1935,7 @@ def expert_parallel_forward(experts_forward, x, dispatch, ctx, first_expert: int
 
     x: (rows, hidden), the routed rows of the whole dispatch, identical on every rank of `group`.
     """
-    x = _AllReduceBackward.apply(x, group)  # each rank's gradient of x covers its own rows only
+    x = all_reduce_grad(x, group)  # each rank's gradient of x covers its own rows only
     local, index = local_dispatch(dispatch, first_expert, num_local)
     valid = local.kept[:, None]  # (rows, 1) only this rank's rows leave it; the others are dropped here
     # Randomness inside experts (latent init, projection dropout) is drawn per rank for its own rows, from a forked
@@ -1910,20 +1944,21 @@ def expert_parallel_forward(experts_forward, x, dispatch, ctx, first_expert: int
         out = experts_forward(x[index], local, ctx) * valid  # (local rows, hidden)
     full = out.new_zeros(x.shape[0], out.shape[-1]).index_copy(0, index, out)
     _combine_expert_context(ctx, index, valid, x.shape[0], local.kept, group)
-    return _AllReduceForward.apply(full, group)
+    return MoREAllReduceSum.apply(full, group)
 
 
 class MoREExpertsTensorParallel(TensorParallelLayer):
     """`more_tp_experts`: FFN experts whose gate/up (`packed_colwise`) and down (`rowwise`) weights each rank holds a
     slice of; every rank runs all routed rows on its slice and the partial outputs are summed."""
 
-    def install_forward(self, module, mesh):
+    def install_forward(self, module, mesh, **kwargs):
+        # Transformers 5.25 added keyword arguments (`config`, `mesh_manager`); MoRE's style needs none of them.
         forward, group = module.forward, mesh.get_group()
 
         def tp_forward(x, dispatch, ctx):
             with local_expert_params(module):
-                out = forward(_AllReduceBackward.apply(x, group), dispatch, ctx)
-            return _AllReduceForward.apply(out, group)
+                out = forward(all_reduce_grad(x, group), dispatch, ctx)
+            return MoREAllReduceSum.apply(out, group)
 
         module.forward = tp_forward
         return module
@@ -1937,7 +1972,7 @@ class MoREExpertsExpertParallel(ExpertParallelLayer):
     the sorted dispatch and the call context (sequence segments, positions, depth, cache pools), hence this style.
     """
 
-    def install_forward(self, module, mesh):
+    def install_forward(self, module, mesh, **kwargs):
         forward, group = module.forward, mesh.get_group()
         num_local = module.num_experts
         first_expert = mesh.get_local_rank() * num_local
@@ -1948,6 +1983,45 @@ class MoREExpertsExpertParallel(ExpertParallelLayer):
 
         module.forward = ep_forward
         return module
+
+
+def expand_plan(model: nn.Module, plan: dict[str, str]) -> dict[str, str]:
+    """`plan`'s rules (layer numbers as `*`) applied to `model`'s modules and parameters, a module's own parameters
+    listed before it: EP styles shard the weights first (which sets the local `num_experts`), then hook the module."""
+    expanded = {}
+    for module_name, module in model.named_modules():
+        for param_name, _ in module.named_parameters(recurse=False):
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            if (style := plan.get(replace_layer_number_by_wildcard(name))) is not None:
+                expanded[name] = style
+        if (style := plan.get(replace_layer_number_by_wildcard(module_name))) is not None:
+            expanded[module_name] = style
+    return expanded
+
+
+def check_parallel_config(config: MoREConfig, distributed_config) -> None:
+    """A clear error before any sharding when the config does not split over the requested groups."""
+    tp_size, ep_size = distributed_config.tp_size, distributed_config.ep_size
+    if ep_size > 1:
+        if config.num_experts % ep_size:
+            raise ValueError(
+                f"Expert parallelism needs `num_experts` divisible by `ep_size`; got num_experts="
+                f"{config.num_experts}, ep_size={ep_size}. Pick an ep_size that divides num_experts."
+            )
+        if ep_size != tp_size or distributed_config.dp_size > 1:
+            raise ValueError(
+                "MoRE's expert parallelism needs every rank of the expert group to hold the same batch: "
+                f"`ep_size` == `tp_size` and `fsdp_size` == `dp_replicate_size` == 1; got ep_size={ep_size}, "
+                f"tp_size={tp_size}, fsdp_size={distributed_config.fsdp_size}, "
+                f"dp_replicate_size={distributed_config.dp_replicate_size}."
+            )
+    if tp_size > 1:
+        for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+            if getattr(config, name) % tp_size:
+                raise ValueError(
+                    f"Tensor parallelism needs `{name}` divisible by `tp_size`; got {name}="
+                    f"{getattr(config, name)}, tp_size={tp_size}."
+                )
 
 
 if torch.distributed.is_available():
@@ -2017,7 +2091,7 @@ class MoREPreTrainedModel(PreTrainedModel):
     # `output_attentions=True` records the backbone's per-layer attention maps (eager attention) through hooks.
     _can_record_outputs = {"attentions": MoREAttention}
 
-    def _activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, *args, **kwargs):
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, *args, **kwargs):
         if (activation_checkpointing_kwargs or {}).get("use_reentrant", False):
             # Reentrant checkpointing only keeps tensors a layer returns directly in the graph; MoRE layers also
             # return router losses and router state, whose gradients it would silently drop.
@@ -2025,7 +2099,7 @@ class MoREPreTrainedModel(PreTrainedModel):
                 "MoRE supports non-reentrant activation checkpointing only; got use_reentrant=True. "
                 "Pass gradient_checkpointing_kwargs={'use_reentrant': False} (the default)."
             )
-        return super()._activation_checkpointing_enable(activation_checkpointing_kwargs, *args, **kwargs)
+        return super().activation_checkpointing_enable(activation_checkpointing_kwargs, *args, **kwargs)
 
     def num_parameters(
         self, only_trainable: bool = False, exclude_embeddings: bool = False, active: bool = False
@@ -2082,38 +2156,20 @@ class MoREPreTrainedModel(PreTrainedModel):
                 for name in plan.keys() - names:
                     del plan[name]
 
-    def _resolve_parallel_plans(self, distributed_config):
-        """Check that the config splits over the requested groups before Transformers builds the plans."""
-        config, tp_size, ep_size = self.config, distributed_config.tp_size, distributed_config.ep_size
-        if ep_size > 1:
-            if config.num_experts % ep_size:
-                raise ValueError(
-                    f"Expert parallelism needs `num_experts` divisible by `ep_size`; got num_experts="
-                    f"{config.num_experts}, ep_size={ep_size}. Pick an ep_size that divides num_experts."
-                )
-            if ep_size != tp_size or distributed_config.dp_size > 1:
-                raise ValueError(
-                    "MoRE's expert parallelism needs every rank of the expert group to hold the same batch: "
-                    f"`ep_size` == `tp_size` and `fsdp_size` == `dp_replicate_size` == 1; got ep_size={ep_size}, "
-                    f"tp_size={tp_size}, fsdp_size={distributed_config.fsdp_size}, "
-                    f"dp_replicate_size={distributed_config.dp_replicate_size}."
-                )
-        if tp_size > 1:
-            for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
-                if getattr(config, name) % tp_size:
-                    raise ValueError(
-                        f"Tensor parallelism needs `{name}` divisible by `tp_size`; got {name}="
-                        f"{getattr(config, name)}, tp_size={tp_size}."
-                    )
-        return super()._resolve_parallel_plans(distributed_config)
-
     @classmethod
     def maybe_distribute_model(cls, model, distributed_config, mesh_manager):
         """Transformers applies the TP plan, and the EP plan only for its own `ep_dispatch_experts` experts (which take
-        top-k ids); MoRE's experts take a dispatch, so their EP plan is applied here, over the TP-sharded backbone."""
+        top-k ids); MoRE's experts take a dispatch, so their EP plan is applied here, over the TP-sharded backbone.
+
+        The one Transformers hook MoRE overrides for parallelism (checked against Transformers 5.24.0 and 5.25.0;
+        `tests/test_parallel.py` runs on both in CI): `from_pretrained` calls it after building the model on the
+        meta device and before loading weights.
+        """
+        if mesh_manager is not None:
+            check_parallel_config(model.config, distributed_config)
         model = super().maybe_distribute_model(model, distributed_config, mesh_manager)
         if mesh_manager is not None and distributed_config.ep_size > 1:
-            _, ep_plan, _ = model._resolve_parallel_plans(distributed_config)
+            ep_plan = expand_plan(model, model.ep_plan)
             apply_expert_parallelism(model, mesh_manager.get_mesh("ep"), mesh_manager.get_mesh("tp"), ep_plan)
         return model
 

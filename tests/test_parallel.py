@@ -16,7 +16,7 @@ from parallel_worker import train_losses
 from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
 
-import modeling_more  # noqa: F401  (registers MoRE with the Auto classes)
+import modeling_more  # registers MoRE with the Auto classes
 
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -166,13 +166,13 @@ def test_expert_parallelism_halves_each_ranks_expert_weights(runs, name):
 
 
 def test_invalid_parallel_sizes_raise_clear_errors():
-    model = tiny_model(num_experts=3)
+    check = modeling_more.check_parallel_config
     with pytest.raises(ValueError, match=r"num_experts.*ep_size.*num_experts=3, ep_size=2"):
-        model._resolve_parallel_plans(DistributedConfig(tp_size=2, ep_size=2))
+        check(tiny_model(num_experts=3).config, DistributedConfig(tp_size=2, ep_size=2))
     with pytest.raises(ValueError, match=r"num_attention_heads.*tp_size=4"):
-        tiny_model(num_attention_heads=2, hidden_size=32)._resolve_parallel_plans(DistributedConfig(tp_size=4))
+        check(tiny_model(num_attention_heads=2, hidden_size=32).config, DistributedConfig(tp_size=4))
     with pytest.raises(ValueError, match=r"ep_size.*tp_size.*fsdp_size"):
-        tiny_model()._resolve_parallel_plans(DistributedConfig(tp_size=1, fsdp_size=2, ep_size=2))
+        check(tiny_model().config, DistributedConfig(tp_size=1, fsdp_size=2, ep_size=2))
 
 
 def test_plans_name_only_what_the_model_has():
