@@ -18,7 +18,7 @@ over seeds x examples with a 95 % bootstrap interval, and every variant is compa
 (`more_stats.py`); a difference whose interval contains 0 reads as no difference.
 
 Writes to `--output_dir` (default `outputs/compare-<preset>`): `comparison.json`, `comparison.md`, plots, and one
-directory per variant with the seed-0 model, its tokenizer, model card and diagnostics.
+directory per variant with the first seed's model, its tokenizer, model card and diagnostics.
 """
 
 import dataclasses
@@ -75,7 +75,10 @@ logger = logging.getLogger(__name__)
 BASELINE = "ffn"
 COMPUTE_MATCHED = "ffn_compute_matched"
 DEPTH_KNOBS = {"num_recurrent_steps": "r", "num_moe_iterations": "T"}
-LEARNING_CURVE_POINTS = 6  # in-distribution accuracy this many times along training
+# In-distribution accuracy this many times along training; a multiple of 5, so that one point sits at 80 % of the
+# steps and the change over the last 20 % tells whether a variant has stopped learning.
+LEARNING_CURVE_POINTS = 10
+FLAT_FROM = 0.8
 PLOTS = ("accuracy.png", "depth.png", "accuracy_vs_flops.png", "learning_curves.png", "training.png")
 
 
@@ -219,7 +222,22 @@ class CompareArguments:
         default=None, metadata={"help": "Comma-separated subset of the variants (default: the preset's)."}
     )
     seeds: int | None = field(default=None, metadata={"help": "Training seeds per variant (default: the preset's)."})
+    seed_offset: int = field(
+        default=0,
+        metadata={
+            "help": "First training seed: jobs use seeds seed_offset .. seed_offset + seeds - 1, so a run with "
+            "--seed_offset 3 replicates the default run on a disjoint seed set (same data, same test examples)."
+        },
+    )
     max_steps: int | None = field(default=None, metadata={"help": "Override the preset's optimizer steps."})
+    learning_rate: float | None = field(default=None, metadata={"help": "Override the preset's learning rate."})
+    split: str = field(
+        default="test",
+        metadata={
+            "help": "Score on 'test', or on 'validation': examples of the same difficulties drawn apart from the test "
+            "split and from training, for protocol choices (e.g. the learning rate) that must never see test."
+        },
+    )
     match_parameters: str = field(
         default="active",
         metadata={"help": "Match each variant's 'active' parameters per token or its 'total' parameters to ffn's."},
@@ -396,12 +414,16 @@ class CompareData:
 
 
 def build_data(preset: Preset, args: CompareArguments, output_dir: Path) -> CompareData:
+    validation = args.split == "validation"
     raw = build_depth_dataset(
         {task: (list(train), list(test)) for task, (train, test) in preset.tasks.items()},
         num_train=preset.num_train_examples,
         num_test_per_difficulty=preset.num_test_per_difficulty,
         seed=args.dataset_seed,
+        num_validation_per_difficulty=preset.num_test_per_difficulty if validation else 0,
     )
+    if validation:  # everything below scores the validation examples in place of the test examples
+        raw = datasets.DatasetDict({"train": raw["train"], "test": raw["validation"]})
     texts = [*raw["train"]["text"], *raw["test"]["text"]]
     corpus = None
     if preset.corpus:
@@ -457,7 +479,7 @@ class Job:
     seed: int
     config: dict
     output_dir: str
-    save_model: bool  # seed 0 keeps its model, tokenizer, model card and diagnostics
+    save_model: bool  # the first seed keeps its model, tokenizer, model card and diagnostics
     training: dict
     corpus_steps: int
     recurrent_depths: tuple[int, ...]
@@ -615,7 +637,7 @@ def is_main_process() -> bool:
 
 
 def save_variant(model, tokenizer, data: CompareData, scores: dict, output_dir: Path) -> dict:
-    """The seed-0 model with its tokenizer, and an `evaluate_more`-style report of it (accuracy per task x
+    """The first seed's model with its tokenizer, and an `evaluate_more`-style report of it (accuracy per task x
     difficulty, depth sweeps, routing and recurrence diagnostics of guide §5.1-5.2, with their plots)."""
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
@@ -648,7 +670,7 @@ def save_variant(model, tokenizer, data: CompareData, scores: dict, output_dir: 
 
 
 def write_card(variant_dir: Path, name: str, result: dict, preset: Preset, run: dict) -> None:
-    """The model card of the variant's seed-0 checkpoint, from its report."""
+    """The model card of the variant's first-seed checkpoint, from its report."""
     report = result["diagnostics"]
     if report is None:
         return
@@ -656,9 +678,9 @@ def write_card(variant_dir: Path, name: str, result: dict, preset: Preset, run: 
         f"Depth-controlled synthetic tasks of the MoRE repository (`examples/more_data.py`): "
         f"{preset.describe_splits()} ({preset.num_train_examples:,} training examples, "
         f"{preset.num_test_per_difficulty} test examples per difficulty); {run['max_steps']} "
-        f"steps of {run['batch_size']} examples, seed 0 of {len(run['seeds'])}; `examples/compare_more.py --preset "
-        f"{run['preset']}` (variant `{name}`). The comparison over all seeds, with confidence intervals, is in "
-        "`comparison.md` next to this directory."
+        f"steps of {run['batch_size']} examples, seed {run['seeds'][0]} of {run['seeds']}; "
+        f"`examples/compare_more.py --preset {run['preset']}` (variant `{name}`). The comparison over all seeds, "
+        "with confidence intervals, is in `comparison.md` next to this directory."
     )
     save_model_card(variant_dir, report, repo_id=f"more-{name}", training_data=training_data)
 
@@ -735,8 +757,38 @@ def summarise(runs: dict[str, list[dict]], data: CompareData, preset: Preset) ->
                     depth: estimates(_hit_matrix(variant_runs, lambda s, k=knob, d=depth: s[k][d]), None)
                     for depth in variant_runs[0]["scores"][knob]
                 }
-        summary[name] = {"accuracy": estimates(hits, paired), "depth_curves": curves}
+        accuracy = estimates(hits, paired)
+        summary[name] = {
+            "accuracy": accuracy,
+            "depth_curves": curves,
+            "convergence": convergence(variant_runs, accuracy),
+        }
     return summary
+
+
+def convergence(variant_runs: list[dict], accuracy: dict) -> dict:
+    """Whether a variant had stopped learning: the change of its in-distribution accuracy (mean over seeds) over the
+    last 20 % of the steps, against the half-width of its final in-distribution 95 % CI (the narrowest over tasks).
+    A change inside that half-width reads as flat; a comparison of variants still learning measures how fast they
+    escape a plateau, not what they can do."""
+    curves = [run["learning_curve"] for run in variant_runs]
+    steps = np.array([point["step"] for point in curves[0]])
+    mean = np.mean([[point["accuracy"] for point in curve] for curve in curves], axis=0)  # (points,)
+    start = int(np.searchsorted(steps, FLAT_FROM * steps[-1]))
+    change = float(mean[-1] - mean[start])
+    half_widths = [
+        (entry["in_distribution"]["ci95"][1] - entry["in_distribution"]["ci95"][0]) / 2
+        for entry in accuracy.values()
+        if "in_distribution" in entry
+    ]
+    half_width = min(half_widths) if half_widths else float("nan")
+    return {
+        "from_step": int(steps[start]),
+        "to_step": int(steps[-1]),
+        "change": change,
+        "ci_half_width": half_width,
+        "flat": bool(abs(change) <= half_width),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -764,8 +816,11 @@ def _delta(entry: dict | None) -> str:
 
 def variant_rows(results: dict, preset: Preset) -> tuple[list[str], list[list]]:
     headers = ["variant", "active params", "total params", "FLOPs/token (inference)", "training FLOPs", "train s"]
+    headers.append(f"last {100 - round(100 * FLAT_FROM)} % of steps: Δ in-distribution (CI half-width)")
     rows = []
     for name, result in results.items():
+        flat = result["convergence"]
+        change = f"{flat['change']:+.3f} ({flat['ci_half_width']:.3f})"
         rows.append(
             [
                 name,
@@ -774,6 +829,7 @@ def variant_rows(results: dict, preset: Preset) -> tuple[list[str], list[list]]:
                 result["flops_per_token"],
                 f"{result['training_flops']:.2e}",
                 round(float(np.mean(result["train_seconds"])), 1),
+                f"{change} flat" if flat["flat"] else f"**{change} still learning**",
             ]
         )
     return headers, rows
@@ -1066,7 +1122,11 @@ def main():
     training = {**preset.training}
     if args.max_steps is not None:
         training["max_steps"] = args.max_steps
-    num_seeds = args.seeds or preset.seeds
+    if args.learning_rate is not None:
+        training["learning_rate"] = args.learning_rate
+    if args.split not in ("test", "validation"):
+        raise ValueError(f"--split must be 'test' or 'validation', got {args.split!r}")
+    seeds = range(args.seed_offset, args.seed_offset + (args.seeds or preset.seeds))
     names = resolve_variants(args, preset)
     output_dir = Path(args.output_dir or f"outputs/compare-{args.preset}")
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -1093,14 +1153,14 @@ def main():
             seed=seed,
             config=config.to_dict(),
             output_dir=str(output_dir / name),
-            save_model=seed == 0,
+            save_model=seed == args.seed_offset,
             training=training,
             corpus_steps=corpus_steps,
             recurrent_depths=preset.recurrent_depths,
             moe_iterations=preset.moe_iterations,
         )
         for name, config in configs.items()
-        for seed in range(num_seeds)
+        for seed in seeds
     ]
     # A finished job leaves its result file; `--resume` loads it instead of training again (the guide preset is long).
     done = {
@@ -1139,7 +1199,7 @@ def main():
         )
     run = {
         **dataclasses.asdict(args),
-        "seeds": list(range(num_seeds)),
+        "seeds": list(seeds),
         "max_steps": training["max_steps"],
         "batch_size": training["per_device_train_batch_size"],
         "preset_settings": dataclasses.asdict(preset),

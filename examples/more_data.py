@@ -575,6 +575,7 @@ def build_depth_dataset(
     num_train: int,
     num_test_per_difficulty: int,
     seed: int = 0,
+    num_validation_per_difficulty: int = 0,
 ) -> DatasetDict:
     """Train and test splits of depth-controlled tasks, split by difficulty (e.g. train on 1..K, test on 1..2K).
 
@@ -582,20 +583,23 @@ def build_depth_dataset(
         difficulties: task name -> (training difficulties, test difficulties).
         num_train: Training examples; they cycle through every task x training difficulty (balanced).
         num_test_per_difficulty: Test examples of every task x test difficulty (distinct prompts).
-        seed: Seed of both splits.
+        seed: Seed of every split.
+        num_validation_per_difficulty: With a positive count, a `validation` split of the test cells, disjoint from
+            the test split and from training prompts: for choices such as the learning rate, never made on test.
 
-    No training prompt is a test prompt (a training prompt may repeat where a difficulty has few distinct prompts).
+    No training prompt is a test or validation prompt (a training prompt may repeat where a difficulty has few distinct
+    prompts), and no validation prompt is a test prompt.
     The test split is drawn first from its own seeded stream, so it depends only on `seed` and the test cells: every
     variant and every training seed is scored on the same examples.
 
     Returns:
-        A `DatasetDict` with `train` and `test` splits and the columns `task`, `difficulty`, `prompt`, `answer`,
-        `text`.
+        A `DatasetDict` with `train`, `test` (and `validation`) splits and the columns `task`, `difficulty`,
+        `prompt`, `answer`, `text`.
     """
     if not difficulties or any(not train or not test for train, test in difficulties.values()):
         raise ValueError(f"every task needs training and test difficulties, got {difficulties}")
     generators = {task: get_depth_task_generator(task) for task in difficulties}
-    test_prompts: set[str] = set()
+    held_out: set[str] = set()  # test and validation prompts
 
     def draw(split: str, cells: list[tuple[str, int]], size: int) -> Dataset:
         rng = random.Random(f"more-depth/{seed}/{split}")
@@ -603,17 +607,19 @@ def build_depth_dataset(
         for index in range(size):
             task, difficulty = cells[index % len(cells)]
             generate = lambda r, t=task, d=difficulty: generators[t](r, d)  # noqa: E731
-            if split == "test":
-                example = _draw_unseen(task, generate, rng, test_prompts)
+            if split != "train":
+                example = _draw_unseen(task, generate, rng, held_out)
             else:
-                example = _draw_outside(task, generate, rng, test_prompts)
+                example = _draw_outside(task, generate, rng, held_out)
             examples.append({**_with_text(example), "difficulty": difficulty})
         return Dataset.from_dict({c: [e[c] for e in examples] for c in DEPTH_COLUMNS}, features=DEPTH_FEATURES)
 
     test_cells = [(task, d) for task, (_, test) in difficulties.items() for d in test]
     train_cells = [(task, d) for task, (train, _) in difficulties.items() for d in train]
-    test = draw("test", test_cells, num_test_per_difficulty * len(test_cells))
-    return DatasetDict({"train": draw("train", train_cells, num_train), "test": test})
+    splits = {"test": draw("test", test_cells, num_test_per_difficulty * len(test_cells))}
+    if num_validation_per_difficulty:  # after the test split, so the test split does not change with it
+        splits["validation"] = draw("validation", test_cells, num_validation_per_difficulty * len(test_cells))
+    return DatasetDict({"train": draw("train", train_cells, num_train), **splits})
 
 
 def _draw_outside(task: str, generate: TaskGenerator, rng: random.Random, excluded: set[str]) -> Example:

@@ -193,6 +193,8 @@ class ShardedModelParallelismConfig(ParallelismConfig):
     `Trainer` fills in the TP size from the model; accelerate then builds the device mesh, gives every rank of the TP
     group the same batches and does not wrap the model in DDP. None of that needs an accelerator, but accelerate 1.15
     accepts the config only for accelerator devices, FSDP or DeepSpeed; on CPU ranks this keeps its size check alone.
+    `_validate_accelerator` is accelerate's private hook, the one the project overrides there: checked against
+    accelerate 1.15.0 and 1.16.0 (CI runs `tests/test_parallel.py`'s Trainer case on the oldest and the newest).
     """
 
     def _validate_accelerator(self, accelerator):

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from transformers import AutoTokenizer
 
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
@@ -208,3 +209,45 @@ def test_a_registered_expert_type_joins_the_comparison(tmp_path, monkeypatch):
     # The toy has no width knob (`intermediate_size` does not size it), so it runs at its own size, reported as such.
     assert 0 < toy["active_params"] < comparison["results"]["ffn"]["active_params"]
     assert "vs_ffn" in toy["accuracy"]["pointer"] and (output_dir / "toy" / "README.md").exists()
+
+
+def test_seed_offset_runs_a_disjoint_seed_set(tmp_path, monkeypatch):
+    _, first = _run(tmp_path / "a", monkeypatch, "--variants=ffn", "--seeds=2", "--num_workers=1")
+    output_dir, shifted = _run(tmp_path / "b", monkeypatch, "--variants=ffn", "--seeds=2", "--seed_offset=3")
+    assert shifted["run"]["seeds"] == [3, 4] and shifted["run"]["seed_offset"] == 3
+    assert sorted(p.name for p in (output_dir / "ffn").glob("result-seed*.json")) == [
+        "result-seed3.json",
+        "result-seed4.json",
+    ]
+    assert (output_dir / "ffn" / "model.safetensors").exists()  # the first seed of the set keeps its model
+    # Other seeds train differently: other initialisation and data order, hence another loss curve.
+    assert shifted["training_logs"]["ffn"][0] != first["training_logs"]["ffn"][0]
+
+
+def test_validation_split_is_scored_apart_from_the_test_split(tmp_path):
+    preset = compare_more.PRESETS["smoke"]
+
+    def prompts(split):
+        args = compare_more.CompareArguments(split=split)
+        data = compare_more.build_data(preset, args, tmp_path / split)
+        tokenizer = AutoTokenizer.from_pretrained(data.tokenizer_dir)
+        return {tokenizer.decode([i for i in ids if i > 3]) for ids in data.test["input_ids"]}
+
+    test, validation = prompts("test"), prompts("validation")
+    assert len(validation) == len(test) and not test & validation
+
+
+def _curve_runs(accuracies):
+    steps = [100 * (i + 1) for i in range(len(accuracies[0]))]
+    return [
+        {"learning_curve": [{"step": s, "accuracy": a} for s, a in zip(steps, acc, strict=True)]} for acc in accuracies
+    ]
+
+
+def test_convergence_reads_the_last_fifth_of_training_against_the_ci_half_width():
+    accuracy = {"addition": {"in_distribution": {"ci95": [0.90, 0.96]}}}  # half-width 0.03
+    still = compare_more.convergence(_curve_runs([[0.1] * 7 + [0.5, 0.7, 0.95]] * 2), accuracy)
+    assert (still["from_step"], still["to_step"]) == (800, 1000)
+    assert not still["flat"] and still["change"] == pytest.approx(0.45)
+    flat = compare_more.convergence(_curve_runs([[0.2] * 7 + [0.93, 0.94, 0.95], [0.2] * 10]), accuracy)
+    assert flat["flat"] and flat["change"] == pytest.approx(0.01) and flat["ci_half_width"] == pytest.approx(0.03)

@@ -138,3 +138,16 @@ def test_word_level_tokenizer_round_trips_one_token_per_word(tmp_path):
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert loaded(texts[0])["input_ids"] == tokenizer(texts[0])["input_ids"]
     assert more_data.train_word_level_tokenizer(list(reversed(texts))).get_vocab() == tokenizer.get_vocab()
+
+
+def test_validation_split_is_disjoint_from_test_and_train_and_leaves_test_unchanged():
+    cells = {"pointer": ([1, 2], [1, 2, 3]), "addition": ([2], [2, 3])}
+    plain = more_data.build_depth_dataset(cells, num_train=300, num_test_per_difficulty=20)
+    dataset = more_data.build_depth_dataset(
+        cells, num_train=300, num_test_per_difficulty=20, seed=0, num_validation_per_difficulty=10
+    )
+    assert "validation" not in plain and dataset["test"]["prompt"] == plain["test"]["prompt"]
+    validation = set(dataset["validation"]["prompt"])
+    assert len(validation) == len(dataset["validation"]) == 10 * 5
+    assert not validation & set(dataset["test"]["prompt"]) and not validation & set(dataset["train"]["prompt"])
+    assert sorted(set(dataset["validation"]["difficulty"])) == [1, 2, 3]
