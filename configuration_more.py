@@ -4,7 +4,11 @@ This file depends on `transformers` only; `save_pretrained` copies it next to th
 with `trust_remote_code=True` where MoRE is not installed.
 """
 
-from transformers import PreTrainedConfig
+import difflib
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from transformers import GenerationConfig, PreTrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters
 from transformers.utils import logging
 
@@ -43,6 +47,48 @@ ARCHITECTURE_FIELDS = (
     "parallel_gate_hidden_size",
     "projection_dropout",
     "rope_parameters",
+)
+# Keys a config.json (or `to_dict()`) may hold that are not MoRE fields but Transformers' own: what
+# `PreTrainedConfig` reads in its post-init or writes on save, and attributes Transformers 4 saved in every config.
+# Several look like MoRE fields (`sep_token_id` / `pad_token_id`, `max_length` / `max_seq_length`), so they are never
+# taken for a misspelt field. Generation parameters (also Transformers' own) are added from `GenerationConfig`.
+TRANSFORMERS_KEYS = frozenset(
+    {
+        "_name_or_path",
+        "name_or_path",
+        "_commit_hash",
+        "model_type",
+        "auto_map",
+        "torch_dtype",
+        "num_labels",
+        "output_attentions",
+        "attn_implementation",
+        "experts_implementation",
+        "_attn_implementation",
+        "_attn_implementation_internal",
+        "_experts_implementation",
+        "_experts_implementation_internal",
+        "per_layer_config",
+        "rope_scaling",
+        "rope_theta",
+        "partial_rotary_factor",
+        "quantization_config",
+        "transformers_weights",
+        "is_decoder",
+        "add_cross_attention",
+        "cross_attention_hidden_size",
+        "tie_encoder_decoder",
+        "pruned_heads",
+        "torchscript",
+        "use_bfloat16",
+        "tf_legacy_loss",
+        "tokenizer_class",
+        "prefix",
+        "sep_token_id",
+        "decoder_start_token_id",
+        "task_specific_params",
+        "finetuning_task",
+    }
 )
 
 
@@ -214,6 +260,9 @@ class MoREConfig(PreTrainedConfig):
         # parameter (it is dropped on load and refused on save), so it is accepted as a constructor argument only.
         if "top_k" in kwargs:
             self.num_experts_per_tok = kwargs.pop("top_k")
+        self._warn_misspelt_keys(kwargs)
+        # Transformers' post-init folds legacy RoPE keys into `rope_parameters` and fails obscurely on a non-dict.
+        self._check_fields(["rope_parameters"])
         super().__post_init__(**kwargs)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
@@ -225,43 +274,112 @@ class MoREConfig(PreTrainedConfig):
             self.mlp_only_layers = []
         self._validate()
 
+    def _warn_misspelt_keys(self, kwargs):
+        """One warning for the keys (constructor arguments, config.json entries) that look like a misspelt field.
+
+        Such a key is kept as a plain attribute and the field it meant silently keeps its value. A key warns when it
+        is close to a MoRE field or alias (a misspelling is close to what it misspells) and is not one of Transformers'
+        own keys (`TRANSFORMERS_KEYS`, generation parameters), several of which look like MoRE fields. Other unknown
+        keys are kept silently, as Transformers keeps them: other versions and tools write keys MoRE does not read.
+        """
+        names = [*self._field_rules(), *self.attribute_map]
+        known = TRANSFORMERS_KEYS | set(GenerationConfig._get_default_generation_params()) | set(self.attribute_map)
+        # Cutoff 0.8: a letter or two off (`num_recurent_steps` scores 0.97), not merely a shared word.
+        closest = {key: difflib.get_close_matches(key, names, n=1, cutoff=0.8) for key in kwargs if key not in known}
+        misspelt = [f"`{key}` (did you mean `{match[0]}`?)" for key, match in closest.items() if match]
+        if misspelt:
+            logger.warning(
+                f"{type(self).__name__}: unknown keys that look like misspelt fields: {', '.join(misspelt)}. They "
+                "are kept as plain attributes and set no field."
+            )
+
+    def _field_rules(self) -> dict[str, "_Rule"]:
+        """What each MoRE field accepts on its own (a test checks that every field has a rule). Built per call: the
+        expert types grow with `register_expert_type` and the layer indices depend on `num_hidden_layers`."""
+        layers = self.num_hidden_layers
+        return {
+            "vocab_size": _POSITIVE_INT,
+            "hidden_size": _POSITIVE_INT,
+            "intermediate_size": _POSITIVE_INT,
+            "num_hidden_layers": _POSITIVE_INT,
+            "num_attention_heads": _POSITIVE_INT,
+            "num_key_value_heads": _POSITIVE_INT,
+            "head_dim": _optional(_POSITIVE_INT, "hidden_size / num_attention_heads"),
+            "hidden_act": _one_of(HIDDEN_ACTS),
+            "max_position_embeddings": _POSITIVE_INT,
+            "rms_norm_eps": _POSITIVE,
+            "rope_parameters": _Rule(
+                "a dict of RoPE parameters or None (default RoPE)", lambda v: v is None or isinstance(v, dict)
+            ),
+            "attention_dropout": _FRACTION,
+            "attention_bias": _BOOL,
+            "initializer_range": _NON_NEGATIVE,
+            "use_cache": _BOOL,
+            "tie_word_embeddings": _BOOL,
+            "pad_token_id": _TOKEN_ID,
+            "bos_token_id": _TOKEN_ID,
+            "eos_token_id": _Rule(
+                "an integer token id, a list of them or None",
+                lambda v: _TOKEN_ID.accepts(v) or (isinstance(v, list) and all(map(_is_int, v))),
+            ),
+            "expert_type": _one_of(EXPERT_TYPES),
+            "num_experts": _POSITIVE_INT,
+            "num_experts_per_tok": _POSITIVE_INT,
+            "norm_topk_prob": _BOOL,
+            "router_type": _one_of(ROUTER_TYPES),
+            "router_jitter_noise": _NON_NEGATIVE,
+            "router_hidden_size": _POSITIVE_INT,
+            "capacity_factor": _optional(_POSITIVE, "dropless"),
+            "eval_capacity_factor": _optional(_POSITIVE, "dropless"),
+            "router_aux_loss_coef": _NON_NEGATIVE,
+            "router_z_loss_coef": _NON_NEGATIVE,
+            "output_router_logits": _BOOL,
+            "shared_expert_intermediate_size": _Rule(
+                "an integer >= 0 (0 = no shared expert)", lambda v: _is_int(v) and v >= 0
+            ),
+            "shared_expert_gate": _one_of(SHARED_EXPERT_GATES),
+            "shared_expert_weight": _NON_NEGATIVE,
+            "moe_weight": _NON_NEGATIVE,
+            "mlp_only_layers": _Rule(
+                f"a list of layer indices in [0, {layers}) (num_hidden_layers)",
+                lambda v: isinstance(v, (list, tuple)) and all(_is_int(i) and 0 <= i < layers for i in v),
+            ),
+            "expert_dropout": _FRACTION,
+            "router_entropy_floor": _NON_NEGATIVE,
+            "router_entropy_coef": _NON_NEGATIVE,
+            "num_recurrent_steps": _POSITIVE_INT,
+            "train_recurrent_steps_min": _POSITIVE_INT,
+            "train_recurrent_steps_max": _POSITIVE_INT,
+            "recurrent_steps_sampler": _one_of(RECURRENT_STEPS_SAMPLERS),
+            "num_backprop_steps": _optional(_POSITIVE_INT, "all steps"),
+            "latent_init_std": _NON_NEGATIVE,
+            "recurrent_intermediate_size": _POSITIVE_INT,
+            "recurrent_num_heads": _POSITIVE_INT,
+            "projection_dropout": _FRACTION,
+            "projection_orthogonality_coef": _NON_NEGATIVE,
+            "parallel_gate_hidden_size": _POSITIVE_INT,
+            "adaptive_exit_threshold": _optional(_POSITIVE, "off"),
+            "adaptive_exit_min_steps": _POSITIVE_INT,
+            "num_moe_iterations": _POSITIVE_INT,
+            "train_moe_iterations_min": _optional(_POSITIVE_INT, "no draw"),
+            "train_moe_iterations_max": _optional(_POSITIVE_INT, "no draw"),
+            "num_backprop_iterations": _optional(_POSITIVE_INT, "all iterations"),
+            "router_logits_ema": _FRACTION,
+            "moe_residual_scale": _NON_NEGATIVE,
+        }
+
+    def _check_fields(self, names=None):
+        """Raise a `ValueError` naming the field, the bad value and what is allowed (`_field_rules`; default all)."""
+        rules = self._field_rules()
+        for name in rules if names is None else names:
+            value = getattr(self, name)
+            if not rules[name].accepts(value):
+                raise ValueError(f"`{name}` must be {rules[name].allowed}, got {value!r}.")
+
     def _validate(self):
-        """Raise a `ValueError` naming the field, the bad value and what is allowed."""
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "max_position_embeddings",
-            "num_experts",
-            "num_experts_per_tok",
-            "num_recurrent_steps",
-            "train_recurrent_steps_min",
-            "train_recurrent_steps_max",
-            "recurrent_intermediate_size",
-            "recurrent_num_heads",
-            "parallel_gate_hidden_size",
-            "router_hidden_size",
-            "num_moe_iterations",
-            "adaptive_exit_min_steps",
-        ):
-            _check_positive_int(name, getattr(self, name))
-        for name in (
-            "head_dim",
-            "num_backprop_steps",
-            "num_backprop_iterations",
-            "train_moe_iterations_min",
-            "train_moe_iterations_max",
-        ):
-            if getattr(self, name) is not None:
-                _check_positive_int(name, getattr(self, name))
-        _check_choice("expert_type", self.expert_type, EXPERT_TYPES)
-        _check_choice("router_type", self.router_type, ROUTER_TYPES)
-        _check_choice("recurrent_steps_sampler", self.recurrent_steps_sampler, RECURRENT_STEPS_SAMPLERS)
-        _check_choice("shared_expert_gate", self.shared_expert_gate, SHARED_EXPERT_GATES)
-        _check_choice("hidden_act", self.hidden_act, HIDDEN_ACTS)
+        """Raise a `ValueError` naming the field, the bad value and what is allowed: each field on its own (type and
+        range), then the constraints between fields."""
+        self._check_fields()
         if self.num_experts_per_tok > self.num_experts:
             raise ValueError(
                 f"`num_experts_per_tok` (top_k) must be <= `num_experts` ({self.num_experts}), "
@@ -297,57 +415,18 @@ class MoREConfig(PreTrainedConfig):
                 f"`train_moe_iterations_min` ({self.train_moe_iterations_min}) must be <= "
                 f"`train_moe_iterations_max` ({self.train_moe_iterations_max})."
             )
-        if self.adaptive_exit_threshold is not None and not (
-            isinstance(self.adaptive_exit_threshold, (int, float)) and self.adaptive_exit_threshold > 0
-        ):
-            raise ValueError(
-                f"`adaptive_exit_threshold` must be a number > 0 or None (off), got {self.adaptive_exit_threshold!r}."
-            )
-        if self.shared_expert_intermediate_size < 0:
-            raise ValueError(
-                f"`shared_expert_intermediate_size` must be >= 0 (0 = no shared expert), "
-                f"got {self.shared_expert_intermediate_size}."
-            )
-        for name in ("capacity_factor", "eval_capacity_factor"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"`{name}` must be > 0 or None (dropless), got {value}.")
-        for name in (
-            "router_jitter_noise",
-            "router_aux_loss_coef",
-            "router_z_loss_coef",
-            "latent_init_std",
-            "projection_orthogonality_coef",
-            "shared_expert_weight",
-            "moe_weight",
-            "moe_residual_scale",
-            "router_entropy_floor",
-            "router_entropy_coef",
-        ):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value >= 0):
-                raise ValueError(f"`{name}` must be a number >= 0, got {value!r}.")
-        for name in ("attention_dropout", "projection_dropout", "expert_dropout", "router_logits_ema"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0 <= value < 1):
-                raise ValueError(f"`{name}` must be in [0, 1), got {value!r}.")
         self._validate_rope()
-        if not self.rms_norm_eps > 0:
-            raise ValueError(f"`rms_norm_eps` must be > 0, got {self.rms_norm_eps}.")
-        bad_layers = [i for i in self.mlp_only_layers if not (isinstance(i, int) and 0 <= i < self.num_hidden_layers)]
-        if bad_layers:
-            raise ValueError(
-                f"`mlp_only_layers` must hold layer indices in [0, {self.num_hidden_layers}), got {bad_layers}."
-            )
 
     def _validate_rope(self):
-        rope_type = self.rope_parameters.get("rope_type") if isinstance(self.rope_parameters, dict) else None
         allowed = ["default", *ROPE_INIT_FUNCTIONS]
-        if rope_type not in allowed:
+        if self.rope_parameters.get("rope_type") not in allowed:
             raise ValueError(
                 f"`rope_parameters` must be a dict whose 'rope_type' is one of {allowed}, "
                 f"got {self.rope_parameters!r}."
             )
+        theta = self.rope_parameters.get("rope_theta")
+        if not (_is_number(theta) and theta > 0):  # every RoPE type uses it; Transformers does not check it
+            raise ValueError(f"`rope_parameters`'s 'rope_theta' must be a number > 0, got {theta!r}.")
         try:
             self.validate_rope()
         except KeyError as err:  # Transformers reports missing keys as KeyError
@@ -360,14 +439,35 @@ def register_expert_type(name: str) -> None:
         EXPERT_TYPES.append(name)
 
 
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+class _Rule(NamedTuple):
+    """What a field accepts: `accepts(value)` checks a value, `allowed` says it in the error message."""
+
+    allowed: str
+    accepts: Callable[[Any], bool]
 
 
-def _check_choice(name, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not a count
+
+
+def _is_number(value) -> bool:
+    return _is_int(value) or isinstance(value, float)  # an int is fine where a float is expected
+
+
+def _optional(rule: _Rule, none_means: str) -> _Rule:
+    return _Rule(f"{rule.allowed} or None ({none_means})", lambda v: v is None or rule.accepts(v))
+
+
+def _one_of(choices) -> _Rule:
+    return _Rule(f"one of {list(choices)}", lambda v: v in choices)
+
+
+_POSITIVE_INT = _Rule("a positive integer", lambda v: _is_int(v) and v >= 1)
+_POSITIVE = _Rule("a number > 0", lambda v: _is_number(v) and v > 0)
+_NON_NEGATIVE = _Rule("a number >= 0", lambda v: _is_number(v) and v >= 0)
+_FRACTION = _Rule("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1)
+_BOOL = _Rule("a bool", lambda v: isinstance(v, bool))
+_TOKEN_ID = _Rule("an integer token id or None", lambda v: v is None or _is_int(v))
 
 
 __all__ = ["MoREConfig"]

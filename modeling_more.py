@@ -2305,18 +2305,27 @@ class MoREModel(MoREPreTrainedModel):
     def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_length):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
-        if input_ids is not None:
-            if input_ids.dim() != 2:
-                raise ValueError(f"`input_ids` must have shape (batch, seq_len), got {tuple(input_ids.shape)}.")
-            # Reading the range back is a host sync: checked where that is free only (on GPU the embedding's
-            # device-side assert catches bad ids).
-            checkable = host_reads_free(input_ids) and input_ids.numel()
-            if checkable and (input_ids.min() < 0 or input_ids.max() >= self.vocab_size):
+        if input_ids is not None and input_ids.dim() != 2:
+            raise ValueError(f"`input_ids` must have shape (batch, seq_len), got {tuple(input_ids.shape)}.")
+        if inputs_embeds is not None and inputs_embeds.dim() != 3:
+            raise ValueError(
+                f"`inputs_embeds` must have shape (batch, seq_len, hidden_size), got {tuple(inputs_embeds.shape)}."
+            )
+        name, inputs = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds)
+        shape = inputs.shape[:2]
+        if 0 in shape:
+            raise ValueError(
+                f"`{name}` has shape {tuple(inputs.shape)}: at least one sequence of at least one token is needed "
+                "(to generate from nothing, start from the BOS token)."
+            )
+        # Reading the range back is a host sync: checked where that is free only (on GPU the embedding's device-side
+        # assert catches bad ids).
+        if input_ids is not None and host_reads_free(input_ids):
+            if input_ids.min() < 0 or input_ids.max() >= self.vocab_size:
                 raise ValueError(
                     f"`input_ids` must be in [0, {self.vocab_size}) (vocab_size); got values in "
                     f"[{int(input_ids.min())}, {int(input_ids.max())}]."
                 )
-        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
         if attention_mask is not None:
             expected = (shape[0], past_length + shape[1])
             if attention_mask.dim() != 2 or tuple(attention_mask.shape) != expected:
@@ -2524,7 +2533,12 @@ class MoREForCausalLM(MoREPreTrainedModel, GenerationMixin):
             if tuple(labels.shape) != expected:
                 raise ValueError(f"`labels` must have shape (batch, seq_len) = {expected}, got {tuple(labels.shape)}.")
             num_items = kwargs.get("num_items_in_batch")
-            loss = self.loss_function(logits, labels, self.vocab_size, num_items_in_batch=num_items)
+            if num_items is not None:  # Trainer's label tokens over the accumulated micro-batches: 0 if none has any
+                num_items = torch.as_tensor(num_items).clamp_min(1)
+            # The summed loss over the label tokens / their count, taken as at least 1: a batch without label tokens
+            # (all -100) has LM loss 0 and zero LM gradients, where a mean would be 0 / 0 = NaN. No host read.
+            count = (labels[:, 1:] != -100).sum().clamp_min(1) if num_items is None else num_items
+            loss = self.loss_function(logits, labels, self.vocab_size, num_items_in_batch=count)
             loss = loss + self.regularisation(outputs, labels, num_items)
         return MoRECausalLMOutputWithPast(
             loss=loss,

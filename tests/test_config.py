@@ -1,12 +1,22 @@
-"""MoREConfig: validation names the bad field, guide aliases, save/load round trip, registries in sync."""
+"""MoREConfig: validation names the bad field (also for wrong types, from every entry point), misspelt keys warn,
+guide aliases, save/load round trip, registries in sync."""
+
+import inspect
+import json
+import os
+import sys
 
 import pytest
-from helpers import tiny_config
-from transformers import AutoConfig
+from helpers import tiny_config, tiny_model
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.testing_utils import CaptureLogger
 
 import configuration_more
 import modeling_more
 from configuration_more import MoREConfig
+
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
 
 BAD_VALUES = [
@@ -34,6 +44,7 @@ BAD_VALUES = [
     ("capacity_factor", {"capacity_factor": 0.0}),
     ("capacity_factor", {"capacity_factor": -1.0}),
     ("eval_capacity_factor", {"eval_capacity_factor": 0.0}),
+    ("rope_parameters", {"rope_parameters": {"rope_type": "default", "rope_theta": "1e4"}}),
 ]
 
 
@@ -54,12 +65,115 @@ def test_bad_value_raises_naming_field(field, overrides):
         {"capacity_factor": 0.25, "eval_capacity_factor": 2.0},
         {"router_aux_loss_coef": 0.0, "router_z_loss_coef": 0.0},
         {"num_experts": 2, "num_experts_per_tok": 2},
+        {"capacity_factor": 2, "rms_norm_eps": 1, "router_logits_ema": 0},  # ints where floats are expected
+        {"eos_token_id": [2, 3], "pad_token_id": None},
+        {"mlp_only_layers": (1,)},
     ],
 )
 def test_boundary_values_accepted(overrides):
     config = tiny_config(**overrides)
     for name, value in overrides.items():
         assert getattr(config, name) == value
+
+
+# (field, value of a wrong type, what the error says is allowed)
+WRONG_TYPES = [
+    ("capacity_factor", "abc", "a number > 0 or None"),
+    ("rms_norm_eps", "abc", "a number > 0"),
+    ("mlp_only_layers", 5, "a list of layer indices"),
+    ("mlp_only_layers", [0.5], "a list of layer indices"),
+    ("num_experts", 2.0, "a positive integer"),
+    ("num_experts", True, "a positive integer"),
+    ("num_backprop_steps", "all", "a positive integer or None"),
+    ("router_aux_loss_coef", [0.1], "a number >= 0"),
+    ("router_z_loss_coef", True, "a number >= 0"),
+    ("attention_dropout", "0.1", "a number in [0, 1)"),
+    ("norm_topk_prob", "yes", "a bool"),
+    ("expert_type", ["ffn"], "one of"),
+    ("eos_token_id", "eos", "an integer token id"),
+    ("rope_parameters", 5, "a dict of RoPE parameters"),
+]
+
+
+def _from_constructor(field, value, tmp_path):
+    return tiny_config(**{field: value})
+
+
+def _from_config_overrides(field, value, tmp_path):
+    """As `train_more.build_config` does with `--config_overrides field=value`."""
+    if EXAMPLES not in sys.path:
+        sys.path.insert(0, EXAMPLES)
+    from train_more import ModelArguments, config_updates  # here: the other tests do not need the training stack
+
+    return tiny_config(**config_updates(ModelArguments(config_overrides=f"{field}={json.dumps(value)}")))
+
+
+def _from_config_json(loader):
+    def load(field, value, tmp_path):
+        tiny_config().save_pretrained(tmp_path)
+        _edit_config_json(tmp_path, **{field: value})
+        return loader.from_pretrained(tmp_path)
+
+    return load
+
+
+def _edit_config_json(directory, **entries):
+    path = directory / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **entries}))
+
+
+ENTRY_POINTS = {
+    "constructor": _from_constructor,
+    "config_overrides": _from_config_overrides,
+    "MoREConfig.from_pretrained": _from_config_json(MoREConfig),
+    "AutoConfig.from_pretrained": _from_config_json(AutoConfig),
+}
+
+
+@pytest.mark.parametrize("entry_point", ENTRY_POINTS)
+@pytest.mark.parametrize(("field", "value", "allowed"), WRONG_TYPES, ids=[f"{f}={v!r}" for f, v, _ in WRONG_TYPES])
+def test_wrong_type_raises_naming_field_value_and_allowed(field, value, allowed, entry_point, tmp_path):
+    with pytest.raises(ValueError) as excinfo:
+        ENTRY_POINTS[entry_point](field, value, tmp_path)
+    message = str(excinfo.value)
+    assert f"`{field}` must be {allowed}" in message and f"got {value!r}" in message
+
+
+def test_every_field_has_a_rule():
+    assert list(tiny_config()._field_rules()) == list(inspect.get_annotations(MoREConfig))
+
+
+@pytest.mark.parametrize("loader", [MoREConfig, AutoConfig])
+def test_misspelt_config_json_key_warns(loader, tmp_path):
+    tiny_config().save_pretrained(tmp_path)
+    _edit_config_json(tmp_path, num_recurent_steps=8)
+    with CaptureLogger(configuration_more.logger) as captured:
+        config = loader.from_pretrained(tmp_path)
+    assert "`num_recurent_steps`" in captured.out and "`num_recurrent_steps`" in captured.out
+    assert captured.out.count("misspelt") == 1
+    assert config.num_recurrent_steps == 4  # the default: the misspelt key set nothing
+
+
+def test_saving_and_loading_does_not_warn(tmp_path):
+    """Transformers' own keys (also those Transformers 4 saved), aliases and keys unlike any field stay silent."""
+    with CaptureLogger(configuration_more.logger) as captured:
+        model = tiny_model(expert_type="recurrent", d_ff=48, top_k=2)
+        model.save_pretrained(tmp_path)
+        config = MoREConfig.from_pretrained(tmp_path)
+        AutoConfig.from_pretrained(tmp_path)
+        AutoModelForCausalLM.from_pretrained(tmp_path, dtype="bfloat16", attn_implementation="eager")
+        MoREConfig(**config.to_dict())  # as `train_more --model_name_or_path` builds it
+        _edit_config_json(
+            tmp_path,
+            torch_dtype="float32",
+            sep_token_id=3,
+            max_length=20,
+            is_decoder=False,
+            rope_theta=500000.0,
+            training_notes="kept as is",
+        )
+        assert MoREConfig.from_pretrained(tmp_path).training_notes == "kept as is"
+    assert captured.out == ""
 
 
 ALIASES = {"d_model": 64, "n_layers": 3, "n_heads": 8, "d_ff": 96, "aux_loss_weight": 0.05}

@@ -1,5 +1,7 @@
 """Bad inputs raise a clear ValueError naming the problem (not an IndexError deep inside the model)."""
 
+import re
+
 import pytest
 import torch
 from helpers import VOCAB, random_ids, tiny_model
@@ -75,3 +77,27 @@ def test_input_ids_and_embeds_together(model):
 def test_input_ids_wrong_rank(model):
     with pytest.raises(ValueError, match="input_ids"):
         model(random_ids(2, 6).reshape(-1))
+
+
+@pytest.mark.parametrize("shape", [(1, 0), (0, 5), (0, 0)])
+def test_empty_input_ids(model, shape):
+    with pytest.raises(ValueError, match=re.escape(f"`input_ids` has shape {shape}: at least one sequence")):
+        model(torch.zeros(shape, dtype=torch.long))
+
+
+@pytest.mark.parametrize("shape", [(1, 0), (0, 5)])
+def test_empty_inputs_embeds(model, shape):
+    embeds = torch.zeros(*shape, model.config.hidden_size)
+    with pytest.raises(ValueError, match=re.escape(f"`inputs_embeds` has shape {tuple(embeds.shape)}")):
+        model(inputs_embeds=embeds)
+
+
+@pytest.mark.parametrize("shape", [(1, 0), (0, 5)])
+def test_generate_empty_prompt(model, shape):
+    with pytest.raises(ValueError, match=re.escape(f"`input_ids` has shape {shape}: at least one sequence")):
+        model.generate(torch.zeros(shape, dtype=torch.long), max_new_tokens=2, do_sample=False)
+
+
+def test_inputs_embeds_wrong_rank(model):
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        model(inputs_embeds=torch.zeros(6, model.config.hidden_size))

@@ -190,3 +190,34 @@ def test_gradient_accumulation_unequal_micro_batches():
     expected = sum(share * term for share, term in zip(shares, terms, strict=True))
     torch.testing.assert_close(sum(parts), expected, atol=1e-5, rtol=0)
     assert min(terms) - 1e-6 <= sum(parts) <= max(terms) + 1e-6
+
+
+@pytest.mark.parametrize("num_items_in_batch", [None, torch.tensor(5), torch.tensor(0)], ids=["alone", "5", "0"])
+@pytest.mark.parametrize("regularised", [True, False])
+def test_batch_without_label_tokens(num_items_in_batch, regularised):
+    """All labels -100: LM loss 0 with zero gradients, not NaN. Alone the batch keeps its router terms; under
+    accumulation its share of the label tokens, and so of the router terms, is 0 (also when no micro-batch has any)."""
+    coef = 0.1 if regularised else 0.0
+    model = tiny_model(
+        train=True,
+        expert_type="shared_recurrent",
+        router_aux_loss_coef=coef,
+        router_z_loss_coef=coef,
+        router_entropy_floor=1.0,
+        router_entropy_coef=coef,
+        projection_orthogonality_coef=coef,
+    )
+    ids = random_ids(2, 6)
+    out = model(ids, labels=torch.full_like(ids, -100), num_items_in_batch=num_items_in_batch)
+    terms = torch.stack([out.aux_loss, out.z_loss, out.entropy_loss])
+    assert torch.isfinite(terms).all()
+    weighted = coef * terms.sum()
+    if out.expert_loss is not None:  # None with the orthogonality penalty off
+        weighted = weighted + out.expert_loss
+    expected = weighted if num_items_in_batch is None else torch.zeros(())
+    assert torch.isfinite(out.loss)
+    torch.testing.assert_close(out.loss, expected, atol=1e-7, rtol=0)
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert any(g.any() for g in grads) == (regularised and num_items_in_batch is None)
