@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.activations import ACT2FN
+from transformers.activations import ACT2FN, SiLUActivation
 from transformers.cache_utils import DynamicCache
 from transformers.distributed.expert_parallel import ExpertParallelLayer, MoEParamShard, apply_expert_parallelism
 from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES, replace_layer_number_by_wildcard
@@ -189,6 +189,32 @@ class MoREMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+class MoRESwiGLU(torch.autograd.Function):
+    """`silu(gate) * up` of the packed (rows, 2 * inter) gate/up projection as one autograd node: its backward
+    writes both halves' gradients with the kernels autograd would run (bit for bit the same), without the three
+    nodes of the chunk, the activation and the product."""
+
+    @staticmethod
+    def forward(ctx, packed):
+        gate, up = packed.chunk(2, dim=-1)
+        ctx.save_for_backward(packed)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        (packed,) = ctx.saved_tensors
+        gate, up = packed.chunk(2, dim=-1)
+        return torch.cat([torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)], dim=-1)
+
+
+def gated_activation(packed: torch.Tensor, act_fn) -> torch.Tensor:
+    """`act(gate) * up` for the packed (rows, 2 * inter) gate/up output, fused for SiLU (SwiGLU)."""
+    if isinstance(act_fn, (nn.SiLU, SiLUActivation)) and torch.is_grad_enabled() and packed.requires_grad:
+        return MoRESwiGLU.apply(packed)
+    gate, up = packed.chunk(2, dim=-1)
+    return act_fn(gate) * up
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Grouped kernels: rows sorted by expert, stacked weights, no Python loop over experts
 # ---------------------------------------------------------------------------------------------------------------------
@@ -313,30 +339,60 @@ class MoRESegmentLayout:
     """How attention inside experts groups the routed rows (see `segment_layout`)."""
 
     kind: str  # "segments", "sequences" or "flat"
-    mask: torch.Tensor | None = None  # bool (batch, 1, q_len, k_len) for "sequences", (1, 1, rows, keys) for "flat"
+    # bool (batch, 1, q_len, k_len) for "sequences", (1, 1, rows, keys) for "flat", (groups, 1, longest, longest) for
+    # "segments" whose groups are whole sequences (None: one segment per group, plain causal attention)
+    mask: torch.Tensor | None = None
     order: torch.Tensor | None = None  # "sequences": (rows,) the rows grouped by sequence
     inverse: torch.Tensor | None = None  # "sequences": the inverse permutation of `order`
-    slots: tuple | None = None  # "segments": (row's padded index (rows,), segments, longest segment)
+    slots: tuple | None = None  # "segments": (row's padded index (rows,), groups, longest group)
+
+
+# Cost of a padded attention row besides its query-key pairs (copies in and out), in query-key pairs.
+SEGMENT_ROW_COST = 16
 
 
 def segment_layout(segment, position, batch_size, cached=None, complete=True):
     """Attention layout of the routed rows, built once per call and reused by every recurrent step.
 
     segment, position: (rows,) sorted by (segment, position), segment = expert * batch_size + sequence.
-    - "segments" (no cache, `host_reads_free`): the segments padded to the longest one, causal attention within each,
-      so the work follows the segment sizes (one host read of the sizes).
-    - "sequences" (no cache, a complete dispatch otherwise): every sequence holds exactly top_k * seq_len rows (dropped
-      ones included), so grouping rows by sequence gives a static (batch, top_k * seq_len) layout whose block mask
-      keeps each segment causal: no host sync, static shapes.
+    - "sequences" (no cache, a complete dispatch): every sequence holds exactly top_k * seq_len rows (dropped ones
+      included), so grouping rows by sequence gives a static (batch, top_k * seq_len) layout whose block mask keeps
+      each segment causal: no host sync, static shapes.
+    - "segments" (no cache, `host_reads_free`): groups of rows padded to the longest group. The groups are either the
+      segments (causal attention within each: the work follows the segment sizes, good for long sequences) or the
+      sequences (a block mask keeps each segment causal: few, dense groups, good for many short segments); on the
+      CPU the layout with the fewer padded query-key pairs wins (a "sequences" layout when that one is complete).
     - "flat" (a cache, or an expert-parallel rank's own rows off the CPU): one mask over all rows; with `cached` =
       (segment, position) of the cached rows, new rows attend to the cached rows and new rows of their segment at a
       lower or equal position.
     """
     if cached is None and host_reads_free(segment):
         _, compact, counts = torch.unique_consecutive(segment, return_inverse=True, return_counts=True)
-        slot = torch.arange(segment.shape[0], device=segment.device) - (torch.cumsum(counts, 0) - counts)[compact]
         longest = int(counts.max())
-        return MoRESegmentLayout("segments", slots=(compact * longest + slot, counts.shape[0], longest))
+        sequence = segment % batch_size
+        per_sequence = torch.bincount(sequence, minlength=batch_size)
+        longest_sequence = int(per_sequence.max())
+        # Padded query-key pairs plus a per-row cost: causal segments compute about half their pairs, masked sequences
+        # all of theirs.
+        by_segment = counts.shape[0] * longest * ((longest + 1) // 2 + SEGMENT_ROW_COST)
+        by_sequence = batch_size * longest_sequence * (longest_sequence + SEGMENT_ROW_COST)
+        if by_segment <= by_sequence:
+            slot = torch.arange(segment.shape[0], device=segment.device) - (torch.cumsum(counts, 0) - counts)[compact]
+            return MoRESegmentLayout("segments", slots=(compact * longest + slot, counts.shape[0], longest))
+        if not complete:
+            # Rows grouped by sequence, each sequence padded to the longest; a padding slot attends to itself only.
+            order = torch.argsort(sequence, stable=True)
+            starts = torch.cumsum(per_sequence, 0) - per_sequence
+            slot = torch.empty_like(order).scatter_(
+                0, order, torch.arange(order.shape[0], device=order.device) - starts[sequence[order]]
+            )
+            flat = sequence * longest_sequence + slot
+            padded = batch_size * longest_sequence
+            seg = (-1 - torch.arange(padded, device=segment.device)).index_copy(0, flat, segment)
+            pos = torch.zeros_like(seg).index_copy(0, flat, position.to(seg.dtype))
+            seg, pos = seg.view(batch_size, -1), pos.view(batch_size, -1)
+            mask = (seg[:, None, :] == seg[:, :, None]) & (pos[:, None, :] <= pos[:, :, None])
+            return MoRESegmentLayout("segments", mask=mask[:, None], slots=(flat, batch_size, longest_sequence))
     if cached is not None or not complete:
         key_segment, key_position = segment, position
         if cached is not None:
@@ -365,13 +421,15 @@ def segment_causal_attention(q, k, v, layout, scaling, cached=None):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask, scale=scaling)
         return out[0].transpose(0, 1)  # (rows, heads, head_dim)
     if layout.kind == "segments":
-        # Right-padded segments: plain causal attention keeps every real query off the padding after it.
-        flat, segments, longest = layout.slots  # flat: (rows,) segment * longest + slot of each row
+        # Right-padded segments: plain causal attention keeps every real query off the padding after it (sequences:
+        # the block mask does).
+        flat, segments, longest = layout.slots  # flat: (rows,) group * longest + slot of each row
         pq, pk, pv = (
             t.new_zeros(segments * longest, heads, head_dim).index_copy(0, flat, t).view(segments, longest, heads, -1)
             for t in (q, k, v)
         )
-        out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (pq, pk, pv)), is_causal=True, scale=scaling)
+        causal = dict(is_causal=True) if layout.mask is None else dict(attn_mask=layout.mask)
+        out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (pq, pk, pv)), scale=scaling, **causal)
         return out.transpose(1, 2).reshape(segments * longest, heads, head_dim).index_select(0, flat)
     stacked = torch.cat([q, k, v], dim=-1)[layout.order].view(layout.mask.shape[0], -1, heads, 3 * head_dim)
     pq, pk, pv = stacked.transpose(1, 2).chunk(3, dim=-1)  # (batch, heads, top_k * seq, head_dim)
@@ -390,7 +448,8 @@ class MoREDispatch:
 
     Rows whose assignment was dropped (padding, capacity, expert dropout) are sorted last, carry expert id
     `num_experts` and gate weight 0, and ride in the last expert's group so every kernel sees whole groups without a
-    host sync; they never reach an output, a statistic or a cache.
+    host sync; they never reach an output, a statistic or a cache. On the CPU in eager mode, where a host read is
+    free, `build_dispatch` leaves them out instead (`complete=False` when it did).
     """
 
     token_index: torch.Tensor  # (rows,) flat token index into (batch * seq)
@@ -405,6 +464,7 @@ class MoREDispatch:
     seq_len: int  # tokens per sequence in this call
     dropped: torch.Tensor | None = None  # () real (token, expert) pairs dropped by the capacity limit
     complete: bool = True  # every (token, slot) pair is a row: each sequence holds top_k * seq_len rows
+    rows_cut: int = 0  # dropped rows `build_dispatch` left out (CPU eager only), after the rows here
 
     @property
     def kept(self) -> torch.Tensor:
@@ -449,7 +509,15 @@ def _group_ends(expert: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 
 def build_dispatch(
-    top_k_index, top_k_weights, token_mask, position_ids, cache_offset, capacity, num_experts, assignment_mask=None
+    top_k_index,
+    top_k_weights,
+    token_mask,
+    position_ids,
+    cache_offset,
+    capacity,
+    num_experts,
+    assignment_mask=None,
+    keep_dropped=False,
 ):
     """Sort (token, slot) pairs once by (expert, sequence, position).
 
@@ -457,7 +525,8 @@ def build_dispatch(
     (batch, seq). `capacity` (int, () tensor or None) caps the rows kept per expert. Priority (Switch / GShard): every
     token's first choice before any token's second choice, and so on; within one choice rank, earlier tokens (in
     flat batch-major order) first. `assignment_mask` (tokens, top_k) bool drops single assignments (expert dropout)
-    before the capacity count; padding (False in `token_mask`) never takes a slot.
+    before the capacity count; padding (False in `token_mask`) never takes a slot. On the CPU in eager mode the
+    dropped rows are left out unless `keep_dropped` (the static layout every other device runs).
     """
     batch_size, seq_len = position_ids.shape
     num_tokens, top_k = top_k_index.shape
@@ -480,10 +549,17 @@ def build_dispatch(
         dropped = overflow.sum()
         expert = torch.where(overflow, num_experts, expert)
     order = torch.argsort(expert * num_tokens + token_index, stable=True)
+    offs = _group_ends(expert[order], num_experts)
+    complete, rows_cut = True, 0
+    if not keep_dropped and host_reads_free(order):
+        # CPU eager: the dropped rows (sorted last; padding, capacity, expert dropout) are cut off for one free host
+        # read, so no expert spends work on them. Off the CPU and under compile they stay (static shapes, no sync).
+        kept = int(offs[-1])
+        if 0 < kept < order.shape[0]:
+            order, complete, rows_cut = order[:kept], False, order.shape[0] - kept
     expert, token_index = expert[order], token_index[order]
     weights = torch.where(expert < num_experts, weights[order], 0.0)
-    offs = _group_ends(expert, num_experts)
-    offs[-1] = expert.shape[0]  # dropped rows ride in the last group
+    offs[-1] = expert.shape[0]  # dropped rows (if any) ride in the last group
     batch_index = torch.div(token_index, seq_len, rounding_mode="floor")
     cache_index = token_index % seq_len + cache_offset
     return MoREDispatch(
@@ -498,6 +574,8 @@ def build_dispatch(
         num_experts=num_experts,
         seq_len=seq_len,
         dropped=dropped,
+        complete=complete,
+        rows_cut=rows_cut,
     )
 
 
@@ -520,6 +598,7 @@ class MoREExpertContext:
     active_index: torch.Tensor | None = None
     latest_kv: tuple | None = None
     steps_taken: torch.Tensor | None = None  # (rows,) steps each routed row actually ran
+    row_norms: tuple | None = None  # (dispatch, per-row norm weights): gathered once per call, not once per step
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -613,8 +692,8 @@ class MoREFFNExperts(MoREExperts):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x, dispatch, ctx):
-        gate, up = grouped_linear(x, self.gate_up_proj, dispatch.offs).chunk(2, dim=-1)  # (rows, inter) each
-        return grouped_linear(self.act_fn(gate) * up, self.down_proj, dispatch.offs)
+        hidden = gated_activation(grouped_linear(x, self.gate_up_proj, dispatch.offs), self.act_fn)  # (rows, inter)
+        return grouped_linear(hidden, self.down_proj, dispatch.offs)
 
     @classmethod
     def multiply_adds_per_token(cls, config, num_steps):
@@ -637,6 +716,13 @@ class MoRERecurrentExperts(MoREExperts):
     def initial_state(self, static):
         std = self.config.latent_init_std
         if self.training and std > 0:
+            # Drawn for the dropped rows `build_dispatch` left out too (they come last): the same values and the same
+            # RNG stream with and without them.
+            rows_cut = getattr(self, "_rows_cut", 0)
+            if rows_cut:
+                rows = static.shape[0]
+                noise = torch.randn(rows + rows_cut, *static.shape[1:], dtype=static.dtype, device=static.device)
+                return noise[:rows] * std
             return torch.randn_like(static) * std
         return torch.zeros_like(static)
 
@@ -653,6 +739,7 @@ class MoRERecurrentExperts(MoREExperts):
 
     def forward(self, x, dispatch, ctx):
         static = self.encode(x, dispatch)
+        self._rows_cut = dispatch.rows_cut
         state = initial = self.initial_state(static)
         steps = ctx.num_recurrent_steps
         first_grad_step = 0 if ctx.num_backprop_steps is None else max(0, steps - ctx.num_backprop_steps)
@@ -784,18 +871,25 @@ class MoREHuginnExperts(MoRERecurrentExperts):
     def _group_offs(self, dispatch):
         return dispatch.offs
 
-    def _norm(self, x, which, dispatch):
-        weight = self.norms[which]
-        weight = weight[0] if weight.shape[0] == 1 else weight[dispatch.group_index]  # (d,) or (rows, d)
-        return rms_norm(x, weight, self.eps)
+    def _norm(self, x, which, dispatch, ctx):
+        # The four norm weights of every row, (d,) each with one group, (rows, d) otherwise, gathered once per call
+        # (per step under adaptive exit, whose dispatch changes) rather than at every norm of every step.
+        # Truncated backprop: the steps without a graph gather their own, the first step with one gathers again.
+        grad = torch.is_grad_enabled()
+        if ctx.row_norms is None or ctx.row_norms[0] is not dispatch or ctx.row_norms[1] != grad:
+            norms = self.norms[:, 0] if self.norms.shape[1] == 1 else self.norms[:, dispatch.group_index]
+            ctx.row_norms = (dispatch, grad, norms.unbind(0))
+        return rms_norm(x, ctx.row_norms[2][which], self.eps)
 
     def step(self, state, static, dispatch, ctx, step_idx):
         offs = self._group_offs(dispatch)
         state = grouped_linear(torch.cat([state, static], dim=-1), self.adapter, offs)
-        attn = self._attention(self._norm(state, 0, dispatch), dispatch, ctx, step_idx, offs)
-        state = self._norm(attn + state, 1, dispatch)
-        gate, up = grouped_linear(self._norm(state, 2, dispatch), self.gate_up_proj, offs).chunk(2, dim=-1)
-        state = self._norm(grouped_linear(self.act_fn(gate) * up, self.down_proj, offs) + state, 3, dispatch)
+        attn = self._attention(self._norm(state, 0, dispatch, ctx), dispatch, ctx, step_idx, offs)
+        state = self._norm(attn + state, 1, dispatch, ctx)
+        hidden = gated_activation(
+            grouped_linear(self._norm(state, 2, dispatch, ctx), self.gate_up_proj, offs), self.act_fn
+        )
+        state = self._norm(grouped_linear(hidden, self.down_proj, offs) + state, 3, dispatch, ctx)
         return state
 
     def _attention(self, x, dispatch, ctx, step_idx, offs):

@@ -17,6 +17,11 @@ Suites:
                (fp32 weights) and, with `--compile`, through `torch.compile`; `parallel` and `sequential` share
                their rounds (target: parallel / sequential <= 1.0).
     decode     greedy decoding tokens/s with and without the cache at growing context lengths.
+    tiny       the comparison job's own step (`compare_more.py` preset "default": its configs, its 32-example batches
+               of the addition task, AdamW as Trainer runs it) for `ffn`, `recurrent` (training depth 1-3),
+               `shared_recurrent`, `ffn_synthesis2` and Transformers' Mixtral and Llama of the `ffn` model's size,
+               single-thread medians, ratios to Llama (targets: ffn <= 1.1, recurrent <= 2.5), and the share of a
+               Trainer step spent outside the bare step (data path, callbacks, scheduler; target < 5 %).
 
 Candidates of a measurement are timed side by side, interleaved round by round (each round runs every candidate
 once), so load from other processes hits them alike; tables report the minimum over `--repeats` rounds and the spread
@@ -45,7 +50,14 @@ import transformers
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser, MixtralConfig, MixtralForCausalLM, set_seed
+from transformers import (
+    HfArgumentParser,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    set_seed,
+)
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 
@@ -58,7 +70,7 @@ from model_card_more import markdown_table  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-SUITES = ("moe-layer", "recurrent", "model", "decode")
+SUITES = ("moe-layer", "recurrent", "model", "decode", "tiny")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Model sizes: the research guide's base configuration (§3.1) and a tiny one for quick runs.
 MODEL_SIZES = {
@@ -132,6 +144,10 @@ class BenchmarkArguments:
     decode_size: str = field(default="guide", metadata={"help": f"decode: model size, one of {list(MODEL_SIZES)}."})
     contexts: str = field(default="64,256,512", metadata={"help": "decode: comma-separated context lengths."})
     new_tokens: int = field(default=16, metadata={"help": "decode: greedy tokens generated per measurement."})
+    tiny_rounds: int = field(default=40, metadata={"help": "tiny: timed rounds (medians over them)."})
+    tiny_train_examples: int = field(
+        default=4096, metadata={"help": "tiny: training examples built for the batches (the job builds 40000)."}
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -997,6 +1013,209 @@ def bench_decode(args, device, dtype):
     }
 
 
+TINY_VARIANTS = ("ffn", "recurrent", "shared_recurrent", "ffn_synthesis2")
+TINY_TARGETS = {"ffn": 1.1, "recurrent": 2.5}  # step time / same-size Llama's, medians of the same rounds
+
+
+def tiny_job_data(args):
+    """The comparison job's data at its main shapes: the preset "default" configs of `TINY_VARIANTS` (sized to the
+    `ffn` model as the job sizes them), its word-level tokenizer and tokenized addition examples (fewer than the
+    job's)."""
+    import compare_more  # the presets live with the comparison job
+    from more_data import build_depth_dataset, tokenize_qa, train_word_level_tokenizer
+
+    preset = compare_more.PRESETS["default"]
+    raw = build_depth_dataset(
+        {task: (list(train), list(test)) for task, (train, test) in preset.tasks.items()},
+        num_train=args.tiny_train_examples,
+        num_test_per_difficulty=8,
+        seed=args.seed,
+    )
+    tokenizer = train_word_level_tokenizer([*raw["train"]["text"], *raw["test"]["text"]], preset.max_length)
+    train = tokenize_qa(raw["train"], tokenizer, preset.max_length, answer_only_loss=True)
+    configs = compare_more.build_variant_configs(preset, list(TINY_VARIANTS), tokenizer, "active")
+    return preset, configs, tokenizer, train
+
+
+def same_size_baselines(config: MoREConfig) -> dict[str, torch.nn.Module]:
+    """Transformers' Llama (SDPA attention) and Mixtral of the `ffn` config's vocabulary, width, expert width, depth
+    and heads."""
+    common = dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        tie_word_embeddings=config.tie_word_embeddings,
+        pad_token_id=config.pad_token_id,
+        attn_implementation="sdpa",
+    )
+    mixtral = MixtralConfig(
+        **common,
+        num_local_experts=config.num_experts,
+        num_experts_per_tok=config.num_experts_per_tok,
+        output_router_logits=True,  # its load-balancing loss, as MoRE's
+        router_aux_loss_coef=config.router_aux_loss_coef,
+    )
+    return {"Llama": LlamaForCausalLM(LlamaConfig(**common)), "Mixtral": MixtralForCausalLM(mixtral)}
+
+
+def job_step(model, batches, learning_rate: float) -> Callable:
+    """One optimizer step as the job's Trainer runs it (fused AdamW, weight decay 0.01, gradient clipping at 1.0, no
+    cache), on the next of `batches`."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01, fused=True)
+    state = {"next": 0}
+
+    def step():
+        batch = batches[state["next"] % len(batches)]
+        state["next"] += 1
+        model(**batch, use_cache=False).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+class _StepClock(transformers.TrainerCallback):
+    def __init__(self):
+        self.ends = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(time.perf_counter())
+
+
+def trainer_step_seconds(model, train, tokenizer, preset, steps: int, output_dir: Path) -> list[float]:
+    """Seconds between consecutive optimizer steps of the job's `MoRETrainer` (its collator, callbacks, logging every
+    steps / 20, cosine schedule): the bare step plus the loop around it."""
+    from train_more import MoRETrainer, collate
+
+    clock = _StepClock()
+    training_args = transformers.TrainingArguments(
+        output_dir=str(output_dir),
+        logging_steps=max(1, steps // 20),
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        lr_scheduler_type="cosine",
+        weight_decay=0.01,
+        warmup_steps=max(1, steps // 20),
+        **preset.training | {"max_steps": steps},
+    )
+    trainer = MoRETrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        data_collator=collate,
+        callbacks=[clock],
+    )
+    trainer.remove_callback(transformers.PrinterCallback)
+    trainer.train()
+    return [b - a for a, b in zip(clock.ends, clock.ends[1:], strict=False)]
+
+
+def bench_tiny(args, device):
+    """The comparison job's step, side by side with Llama and Mixtral of the same size (CPU, fp32, one thread)."""
+    from train_more import collate
+
+    if device.type != "cpu":
+        raise ValueError("--suite tiny measures the CPU job (one thread per job): run it with --device cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the job runs one single-thread process per core
+    preset, configs, tokenizer, train = tiny_job_data(args)
+    generator = torch.Generator().manual_seed(args.seed)
+    batch_size = preset.training["per_device_train_batch_size"]
+    indices = [torch.randperm(len(train), generator=generator)[:batch_size].tolist() for _ in range(16)]
+    batches = [collate(train.__getitems__(index)) for index in indices]
+    learning_rate = preset.training["learning_rate"]
+    models = {}
+    for name, config in configs.items():
+        torch.manual_seed(args.seed)
+        models[name] = modeling_more.MoREForCausalLM(config).train()
+    torch.manual_seed(args.seed)
+    models.update({name: model.train() for name, model in same_size_baselines(configs["ffn"]).items()})
+    candidates = {name: job_step(model, batches, learning_rate) for name, model in models.items()}
+    # The data path of one step as Trainer's DataLoader runs it: one batched read of the examples, then the collator.
+    data_state = {"next": 0}
+
+    def data_path():
+        data_state["next"] += 1
+        collate(train.__getitems__(indices[data_state["next"] % len(indices)]))
+
+    candidates["data path"] = data_path
+    times = time_interleaved(candidates, args.tiny_rounds, device, "tiny")
+    medians = {name: summary(seconds)["median_s"] for name, seconds in times.items()}
+    llama = medians["Llama"]
+    rows, records, targets = [], [], []
+    for name, model in models.items():
+        stats = summary(times[name])
+        parameters = sum(p.numel() for p in model.parameters())
+        active = model.num_parameters(active=True) if isinstance(model, modeling_more.MoREForCausalLM) else "-"
+        limit = TINY_TARGETS.get(name, "-")
+        rows.append(
+            [name, parameters, active, 1e3 * stats["median_s"], 1e3 * stats["min_s"], stats["median_s"] / llama, limit]
+        )
+        records.append({"model": name, "parameters": parameters, **stats, "over_llama": stats["median_s"] / llama})
+        if name in TINY_TARGETS:
+            targets.append(target(f"{name} step / Llama's (medians) <= {limit}", medians[name] / llama, limit, False))
+    # Loop overhead: Trainer steps of the ffn model vs its bare steps, in alternating blocks.
+    steps = max(20, args.tiny_rounds)
+    trainer_times, bare_times = [], []
+    for _ in range(3):
+        torch.manual_seed(args.seed)
+        model = modeling_more.MoREForCausalLM(configs["ffn"]).train()
+        trainer_times += trainer_step_seconds(model, train, tokenizer, preset, steps, Path(args.output_dir) / "tiny")[
+            2:
+        ]
+        bare = job_step(model, batches, learning_rate)
+        for _ in range(steps):
+            start = time.perf_counter()
+            bare()
+            bare_times.append(time.perf_counter() - start)
+    trainer_median, bare_median = summary(trainer_times)["median_s"], summary(bare_times)["median_s"]
+    overhead = (trainer_median - bare_median) / trainer_median
+    data_share = medians["data path"] / (medians["ffn"] + medians["data path"])
+    targets.append(
+        target(
+            "ffn: Trainer step outside the bare step (loop overhead), share of the step < 5 %", overhead, 0.05, False
+        )
+    )
+    torch.set_num_threads(threads)
+    return {
+        "tables": [
+            (
+                f"The comparison job's training step (preset default, {batch_size} examples of up to "
+                f"{batches[0]['input_ids'].shape[1]} tokens, fused AdamW, clipping), one thread, "
+                f"{args.tiny_rounds} interleaved rounds",
+                ["model", "params", "active params", "median ms/step", "min ms/step", "median / Llama's", "target"],
+                rows,
+            ),
+            (
+                "Loop overhead (ffn): Trainer step (data path, callbacks, scheduler, logging) vs the bare step, "
+                "medians of alternating blocks",
+                ["Trainer ms/step", "bare ms/step", "overhead share", "data path ms", "data path share"],
+                [[1e3 * trainer_median, 1e3 * bare_median, overhead, 1e3 * medians["data path"], data_share]],
+            ),
+        ],
+        "records": records
+        + [
+            {
+                "measurement": "loop overhead",
+                "trainer_median_s": trainer_median,
+                "bare_median_s": bare_median,
+                "overhead_share": overhead,
+                "data_path_median_s": medians["data path"],
+                "data_path_share": data_share,
+            }
+        ],
+        "targets": targets,
+    }
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1051,6 +1270,8 @@ def main():
             result = bench_recurrent(args, device, DTYPES[other_dtype])
         elif suite == "model":
             result = bench_model(args, device, DTYPES[other_dtype])
+        elif suite == "tiny":
+            result = bench_tiny(args, device)
         else:
             result = bench_decode(args, device, DTYPES[other_dtype])
         report = [

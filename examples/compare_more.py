@@ -6,6 +6,7 @@ equal compute, and does thinking longer at inference help?
     python examples/compare_more.py --preset full             # every registered variant, the default protocol
     accelerate launch examples/compare_more.py --preset guide --corpus_name wikitext  # GPU: the guide's protocol
     python examples/compare_more.py --variants ffn,recurrent --seeds 5
+    python examples/compare_more.py --preset parity           # prefix parity, a target at every bit (~10 min)
     python examples/compare_more.py compare_args.json         # the same arguments from a JSON file
 
 Protocol. Every variant is trained on the same examples (depth-controlled tasks of `more_data.py`: pointer chasing,
@@ -21,20 +22,26 @@ Writes to `--output_dir` (default `outputs/compare-<preset>`): `comparison.json`
 directory per variant with the first seed's model, its tokenizer, model card and diagnostics.
 """
 
+import contextlib
 import dataclasses
 import json
 import logging
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import Empty
 
 import datasets
 import matplotlib
 import numpy as np
 import torch
+from tqdm import std as tqdm_std
 from tqdm.auto import tqdm
 from transformers import (
     AutoModelForCausalLM,
@@ -64,7 +71,7 @@ from more_data import (  # noqa: E402
     build_depth_dataset,
     chunk_corpus,
     load_text_corpus,
-    tokenize_qa,
+    tokenize_depth_tasks,
     train_word_level_tokenizer,
 )
 from train_more import MoRETrainer, collate  # noqa: E402
@@ -125,12 +132,14 @@ TINY_MODEL = dict(
 RANDOM_DEPTH = dict(
     recurrent_steps_sampler="uniform", train_recurrent_steps_min=1, train_recurrent_steps_max=3, num_recurrent_steps=3
 )
+# The guide's questions (recurrent vs FFN experts at equal active parameters and at equal compute, Synthesis II, a
+# recurrent router) within 15 minutes on 2 cores at a step count where the models have stopped learning; the other
+# expert types (`sandwich`, `parallel`, `sequential`) are in the `full` preset.
 DEFAULT_VARIANTS = (
     "ffn",
     COMPUTE_MATCHED,
     "recurrent",
     "shared_recurrent",
-    "sequential",
     "ffn_synthesis2",
     "ffn_gru_router",
 )
@@ -150,7 +159,7 @@ PRESETS = {
         variants=None,
         max_length=48,
     ),
-    # The main job on 2 CPU cores in <= 15 minutes: 7 variants x 3 seeds as parallel single-thread processes.
+    # The main job on 2 CPU cores in <= 15 minutes: 6 variants x 3 seeds as parallel single-thread processes.
     "default": Preset(
         model=TINY_MODEL,
         recurrence=RANDOM_DEPTH,
@@ -159,7 +168,10 @@ PRESETS = {
         tasks={"addition": ((1, 2, 3), (2, 3, 4, 5, 6))},
         num_train_examples=40000,
         num_test_per_difficulty=200,
-        training=dict(max_steps=1500, per_device_train_batch_size=32, learning_rate=3e-3),
+        # 3,000 steps: every variant sits on an answer-loss plateau until a seed-dependent step (450-1,200 measured)
+        # and then learns fast; at 1,500 steps the comparison measured plateau escape. lr 3e-3 is shared by every
+        # variant, chosen over {1e-3, 3e-3} on the validation split (`--split validation`, README).
+        training=dict(max_steps=3000, per_device_train_batch_size=32, learning_rate=3e-3),
         seeds=3,
         recurrent_depths=(1, 2, 4, 8, 16, 32),
         moe_iterations=(1, 2, 4, 8),
@@ -188,6 +200,23 @@ PRESETS["guide"] = Preset(
     variants=None,
     max_length=512,
     corpus=True,
+)
+# `parity`: prefix parity scored at every bit (issue 19), whose last target takes as many sequential steps as there
+# are bits: can experts trained at r <= 4 on short strings solve longer ones by iterating longer at inference?
+PRESETS["parity"] = Preset(
+    model=TINY_MODEL,
+    recurrence=dict(RANDOM_DEPTH, train_recurrent_steps_max=4, num_recurrent_steps=4),
+    # Tested from 8 bits, the shortest string with more than 200 distinct prompts (2^8) for the test split. Trained on
+    # 4-8 bits: at 8-12 bits the recurrent variant was still learning its training strings after 1500 steps.
+    tasks={"parity": ((4, 5, 6, 7, 8), (8, 12, 16, 24, 32, 48))},
+    num_train_examples=20000,
+    num_test_per_difficulty=200,
+    training=dict(max_steps=1500, per_device_train_batch_size=32, learning_rate=3e-3),
+    seeds=3,
+    recurrent_depths=(1, 2, 4, 8, 16, 32),
+    moe_iterations=(1, 2, 4, 8),
+    variants=("ffn", COMPUTE_MATCHED, "recurrent", "shared_recurrent", "ffn_synthesis2"),
+    max_length=64,
 )
 # Optimisation shared by every preset: AdamW, cosine schedule, 5 % warm-up.
 TRAINING_DEFAULTS = dict(lr_scheduler_type="cosine", weight_decay=0.01)
@@ -257,7 +286,11 @@ class CompareArguments:
     corpus_file: str | None = field(default=None, metadata={"help": "guide preset: a local .txt corpus instead."})
     corpus_steps: int = field(default=10000, metadata={"help": "guide preset: optimizer steps of corpus pretraining."})
     resume: bool = field(
-        default=False, metadata={"help": "Load the results of jobs (variant x seed) that finished in an earlier run."}
+        default=False,
+        metadata={
+            "help": "Load the results of jobs (variant x seed) that finished in an earlier run with the same settings "
+            "(model, training, seed, depths, data); run the others."
+        },
     )
     dry_run: bool = field(
         default=False, metadata={"help": "Run the preset's pipeline with 2 steps and a few examples (for tests)."}
@@ -325,30 +358,35 @@ def training_flops_per_token(config: MoREConfig) -> float:
     return 3 * forward(steps, iterations)
 
 
+WIDTH_MULTIPLE = 4  # matched widths: fp32 rows of 16 bytes, as grouped_mm needs
+
+
 def matched_config(config: MoREConfig, target: int, which: str) -> MoREConfig:
     """`config` with its size knob set so that its `which` ("active" or "total") parameter count is closest to
     `target`.
 
-    Counts grow with the knob, so a bisection finds the first width at or above the target; the closer of it and the
-    width below wins. A type that is larger than the target even at width 1 keeps width 1 (reported as a mismatch).
+    Widths are multiples of `WIDTH_MULTIPLE` (fp32 rows of 16 bytes: grouped_mm then needs no zero-padding of the
+    weights at every call). Counts grow with the knob, so a bisection finds the first width at or above the target;
+    the closer of it and the width below wins. A type that is larger than the target even at the smallest width keeps
+    that width (reported as a mismatch).
     """
     knob = size_knob(config.expert_type)
     fields = config.to_dict()
 
-    def resized(width: int) -> MoREConfig:
-        return MoREConfig(**{**fields, knob: width})
+    def resized(units: int) -> MoREConfig:
+        return MoREConfig(**{**fields, knob: WIDTH_MULTIPLE * units})
 
-    def count(width: int) -> int:
-        return parameter_counts(resized(width))[which]
+    def count(units: int) -> int:
+        return parameter_counts(resized(units))[which]
 
-    low, high = 1, 16 * config.hidden_size
+    low, high = 1, 16 * config.hidden_size // WIDTH_MULTIPLE
     if count(low) == count(high):
         logger.warning(f"`{knob}` does not size {config.expert_type!r} experts: they run unmatched, at their own size")
         return config
     while low < high:
         middle = (low + high) // 2
         low, high = (middle + 1, high) if count(middle) < target else (low, middle)
-    return resized(min((low, max(low - 1, 1)), key=lambda width: abs(count(width) - target)))
+    return resized(min((low, max(low - 1, 1)), key=lambda units: abs(count(units) - target)))
 
 
 def compute_matched_config(config: MoREConfig, target_flops: float) -> MoREConfig:
@@ -432,7 +470,7 @@ def build_data(preset: Preset, args: CompareArguments, output_dir: Path) -> Comp
     tokenizer = train_word_level_tokenizer(texts, model_max_length=preset.max_length)
     tokenizer_dir = output_dir / "tokenizer"
     tokenizer.save_pretrained(tokenizer_dir)
-    tokenized = tokenize_qa(raw, tokenizer, preset.max_length, answer_only_loss=True)
+    tokenized = tokenize_depth_tasks(raw, tokenizer, preset.max_length)  # in order: test_tasks etc. stay aligned
     data = CompareData(
         tokenizer_dir=str(tokenizer_dir),
         train=tokenized["train"],
@@ -450,6 +488,21 @@ def build_data(preset: Preset, args: CompareArguments, output_dir: Path) -> Comp
         if "validation" in corpus:
             data.corpus_validation = chunk_corpus(corpus["validation"], tokenizer, preset.max_length)
     return data
+
+
+def data_settings(preset: Preset, args: CompareArguments) -> dict:
+    """What `build_data` builds the examples, the tokenizer and the corpus blocks from (keep the two in step)."""
+    settings = {
+        "tasks": preset.tasks,
+        "num_train_examples": preset.num_train_examples,
+        "num_test_per_difficulty": preset.num_test_per_difficulty,
+        "max_length": preset.max_length,
+        "dataset_seed": args.dataset_seed,
+        "split": args.split,
+    }
+    if preset.corpus:
+        settings["corpus"] = [args.corpus_name, args.corpus_config_name, args.corpus_file]
+    return settings
 
 
 def load_corpus(args: CompareArguments):
@@ -484,6 +537,7 @@ class Job:
     corpus_steps: int
     recurrent_depths: tuple[int, ...]
     moe_iterations: tuple[int, ...]
+    data_settings: dict  # what its training and test examples are built from (`data_settings`)
 
 
 class _ProgressCallback(TrainerCallback):
@@ -618,17 +672,76 @@ def run_job(job: Job, data: CompareData, queue=None) -> dict:
         "scores": scores,
         "training_log": logs,
         "learning_curve": curve.curve,
+        "settings": job_settings(job),
     }
     if is_main_process():
         if job.save_model:
             result["diagnostics"] = save_variant(model, tokenizer, data, scores, output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        Path(job_result_path(job)).write_text(json.dumps(result))
+        write_atomically(Path(job_result_path(job)), json.dumps(result))
     return result
 
 
 def job_result_path(job: Job) -> str:
     return str(Path(job.output_dir) / f"result-seed{job.seed}.json")
+
+
+def job_settings(job: Job) -> dict:
+    """Everything a job's result follows from, as JSON (tuples read back as lists): not where it is written, nor the
+    version of the code (transformers' included)."""
+    settings = dataclasses.asdict(job)
+    del settings["output_dir"]
+    settings["config"].pop("transformers_version", None)
+    return json.loads(json.dumps(settings))
+
+
+def finished_result(job: Job) -> dict | None:
+    """The result an earlier run left for `job` if it was produced with the job's settings, else None (saying why:
+    the job has to run again)."""
+    path = Path(job_result_path(job))
+    if not path.exists():
+        return None
+    try:
+        result = json.loads(path.read_text())
+        produced_with = result.get("settings")
+    except (ValueError, AttributeError) as error:  # not JSON (cut short by a crash), or not a result object
+        logger.warning(
+            "Running %s seed %d again: its result file %s is unreadable (%s)", job.variant, job.seed, path, error
+        )
+        return None
+    changes = ["none recorded"] if produced_with is None else setting_changes(produced_with, job_settings(job))
+    if changes:
+        logger.info(
+            "Running %s seed %d again: %s has other settings (%s)", job.variant, job.seed, path, "; ".join(changes)
+        )
+        return None
+    return result
+
+
+def setting_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """`name: old -> new` for every setting that differs, nested ones by dotted names."""
+    changes = []
+    for key in sorted(old.keys() | new.keys()):
+        before, after = old.get(key), new.get(key)
+        if isinstance(before, dict) and isinstance(after, dict):
+            changes += setting_changes(before, after, f"{prefix}{key}.")
+        elif before != after:
+            changes.append(f"{prefix}{key}: {before!r} -> {after!r}")
+    return changes
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replaces `path` by `text` in one step: a crash or Ctrl-C while writing leaves the old file (or none), never a
+    part of the new one."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same directory: os.replace does not copy
+    try:
+        with open(temporary, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())  # on disk before the rename, so a power cut does not leave an empty file either
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def is_main_process() -> bool:
@@ -685,10 +798,24 @@ def write_card(variant_dir: Path, name: str, result: dict, preset: Preset, run: 
     save_model_card(variant_dir, report, repo_id=f"more-{name}", training_data=training_data)
 
 
-def _worker_init(modules: list[str]) -> None:
+_progress_queue = None  # a worker's queue to the main process's progress bar, set by `_worker_init`
+
+
+def _worker_init(modules: list[str], queue) -> None:
+    # Ctrl-C reaches every process of the terminal's group: the main process alone decides, and ends the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A worker's bars are off: a thread lock spares tqdm its multiprocessing one, which an ended worker would leak.
+    tqdm_std.tqdm.set_lock(threading.RLock())
     torch.set_num_threads(1)
     for name in modules:
         __import__(name)
+    global _progress_queue
+    _progress_queue = queue
+
+
+def _run_job_in_worker(job: Job, data: CompareData) -> dict:
+    """`run_job` in a worker, its steps sent to the main process's progress bar."""
+    return run_job(job, data, _progress_queue)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1060,35 +1187,76 @@ def run_jobs(jobs: list[Job], data: CompareData, num_workers: int, modules: list
         progress.close()
         return results
     context = multiprocessing.get_context("spawn")
-    manager = context.Manager()
-    queue = manager.Queue()
+    queue = context.Queue()  # one item per optimizer step of any worker
     # Costliest jobs first (training FLOPs per token), so the last minutes do not wait on one slow variant.
     costs = [training_flops_per_token(MoREConfig(**job.config)) for job in jobs]
     order = sorted(range(len(jobs)), key=lambda i: -costs[i])
-    # Workers inherit the environment: their own bars (weights saving, diagnostics) stay off; this process's bar is
-    # already built (tqdm reads the variable when it is imported).
-    previous = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
-    pool = context.Pool(num_workers, initializer=_worker_init, initargs=(modules,))
-    if previous is None:
-        os.environ.pop("TQDM_DISABLE")
-    else:
-        os.environ["TQDM_DISABLE"] = previous
-    with pool:
-        pending = {i: pool.apply_async(run_job, (jobs[i], data, queue)) for i in order}
-        results = {}
+    executor = ProcessPoolExecutor(
+        num_workers, mp_context=context, initializer=_worker_init, initargs=(modules, queue)
+    )
+    results = {}
+    try:
+        # Workers start on submit and inherit the environment: their own bars (weights saving, diagnostics) stay off;
+        # this process's bar is already built (tqdm reads the variable when it is imported).
+        with _environment(TQDM_DISABLE="1"):
+            futures = {executor.submit(_run_job_in_worker, jobs[i], data): i for i in order}
+        pending = set(futures)
         while pending:
-            while not queue.empty():
-                progress.update(queue.get())
-            for i in [i for i, handle in pending.items() if handle.ready()]:
-                results[i] = pending.pop(i).get()  # re-raises a worker's exception here
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            _drain(queue, progress)
+            for future in done:
+                i = futures[future]
+                results[i] = future.result()  # re-raises a worker's exception here
                 progress.set_postfix_str(f"done {jobs[i].variant} seed {jobs[i].seed}")
-            time.sleep(0.2)
-    while not queue.empty():
-        progress.update(queue.get())
-    progress.close()
-    manager.shutdown()
+        # The workers exit on their own, having sent every step (ended, they would leak what they hold: semaphores).
+        executor.shutdown()
+        _drain(queue, progress)
+    except BaseException:  # Ctrl-C or a failed job: stop now, keeping the result files of the finished jobs
+        _stop_workers(executor)
+        finished = ", ".join(f"{jobs[i].variant} seed {jobs[i].seed}" for i in sorted(results)) or "none"
+        logger.warning(
+            "Stopped with %d of %d jobs finished (%s); --resume reuses them", len(results), len(jobs), finished
+        )
+        raise
+    finally:
+        queue.close()
+        progress.close()
     return [results[i] for i in range(len(jobs))]
+
+
+@contextlib.contextmanager
+def _environment(**variables: str):
+    """Environment variables set for the duration (and for the processes started meanwhile)."""
+    previous = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
+
+
+def _drain(queue, progress) -> None:
+    """Moves the steps the workers reported so far to the progress bar."""
+    while True:
+        try:
+            progress.update(queue.get_nowait())
+        except Empty:
+            return
+
+
+def _stop_workers(executor: ProcessPoolExecutor) -> None:
+    """Ends the running jobs at once and cancels the others. ProcessPoolExecutor would wait for running jobs (an hour
+    on the guide preset); Python 3.14's `terminate_workers` does this."""
+    workers = list((executor._processes or {}).values())  # None once shut down
+    for process in workers:
+        process.terminate()
+    for process in workers:
+        process.join()
+    executor.shutdown(cancel_futures=True)
 
 
 class _InlineProgress:
@@ -1158,19 +1326,18 @@ def main():
             corpus_steps=corpus_steps,
             recurrent_depths=preset.recurrent_depths,
             moe_iterations=preset.moe_iterations,
+            data_settings=data_settings(preset, args),
         )
         for name, config in configs.items()
         for seed in seeds
     ]
-    # A finished job leaves its result file; `--resume` loads it instead of training again (the guide preset is long).
-    done = {
-        i: json.loads(Path(job_result_path(job)).read_text())
-        for i, job in enumerate(jobs)
-        if args.resume and Path(job_result_path(job)).exists()
-    }
+    # A finished job leaves its result file; `--resume` loads it instead of training again (the guide preset is long),
+    # if it was produced with the same settings.
+    done = {}
+    if args.resume:
+        done = {i: result for i, job in enumerate(jobs) if (result := finished_result(job)) is not None}
+        logger.info("Resuming: %d of %d jobs already finished with these settings", len(done), len(jobs))
     todo = [job for i, job in enumerate(jobs) if i not in done]
-    if done:
-        logger.info("Resuming: %d of %d jobs already finished", len(done), len(jobs))
     # On GPUs (and under `accelerate launch`) jobs run one after another in this process, on its device(s).
     num_workers = 1 if torch.cuda.is_available() or "LOCAL_RANK" in os.environ else args.num_workers
     fresh = iter(run_jobs(todo, data, num_workers, modules))

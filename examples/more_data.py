@@ -5,15 +5,17 @@ Everything here runs without the Hugging Face Hub and is seeded and deterministi
 - **Reasoning tasks** (`TASK_GENERATORS`, `build_reasoning_dataset`): bAbI-style stories (tasks 1, 2, 3, 7, 14, 15,
   16 and 19 of Weston et al., 2015, in the numbered story/question shape of the bAbI v1.2 files), the research guide's
   2-4 digit arithmetic and word problems, and simple linear equations. Answers are correct by construction.
-- **Depth-controlled tasks** (`DEPTH_TASK_GENERATORS`, `build_depth_dataset`): pointer chasing (difficulty = hops)
-  and digit addition (difficulty = digits), split by difficulty, with a word-level tokenizer
-  (`train_word_level_tokenizer`); the main job (`compare_more.py`) uses them. Their prompts end where the answer
-  starts (no `Answer:` cue), so the first computation step happens where the answer is predicted.
+- **Depth-controlled tasks** (`DEPTH_TASK_GENERATORS`, `build_depth_dataset`): pointer chasing (difficulty = hops),
+  digit addition (difficulty = digits) and prefix parity (difficulty = bits), split by difficulty, with a word-level
+  tokenizer (`train_word_level_tokenizer`); the main job (`compare_more.py`) uses them. Their prompts end where the
+  answer starts (no `Answer:` cue), so the first computation step happens where the answer is predicted. Prefix
+  parity has a target at every prompt position instead (`PER_POSITION_TASKS`, `tokenize_per_position`).
 - **Original bAbI files** (`parse_babi_file`, `load_babi_dir`): the `qaN_*_train.txt` / `qaN_*_test.txt` files of
   bAbI v1.2, turned into the same prompt/answer examples.
 - **Text corpora** (`load_text_corpus`, `chunk_corpus`): a Hub dataset such as WikiText-103 or local `.txt` files,
   tokenized, joined with an eos token at each document boundary and cut into fixed-length blocks.
-- **Tokenizers** (`train_bpe_tokenizer`, `load_tokenizer`) and **QA tokenization** (`tokenize_qa`).
+- **Tokenizers** (`train_bpe_tokenizer`, `load_tokenizer`) and **QA tokenization** (`tokenize_qa`, and
+  `tokenize_depth_tasks` for splits that mix prompt/answer and per-position tasks).
 
 Prompt/answer convention: every reasoning example is a dict with `task`, `prompt` and `answer`. The prompt ends with
 `"Answer:"` (no trailing space), the answer is one short word or number without surrounding spaces, and the training
@@ -29,6 +31,7 @@ The space before the answer belongs to the answer side, which is how a byte-leve
 (`"Ġbathroom"`) and what a model generates after the prompt `"...Answer:"`.
 """
 
+import itertools
 import operator
 import random
 import re
@@ -37,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from datasets import Dataset, DatasetDict, Features, Value, load_dataset
+from datasets import Dataset, DatasetDict, Features, Value, concatenate_datasets, load_dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.utils import logging
@@ -553,10 +556,27 @@ def generate_digit_addition(rng: random.Random, digits: int) -> Example:
     return {"task": "addition", "prompt": prompt, "answer": reversed_digits(a + b, digits + 1)}
 
 
+def generate_prefix_parity(rng: random.Random, bits: int) -> Example:
+    """Prefix parity (cumulative XOR) of `bits` random bits, `"1 0 1 1"` -> `"1 1 0 1"`: the target of each bit is the
+    parity of the bits up to it (Schwarzschild et al., 2021), so the last one takes `bits` sequential XORs.
+
+    The answer has one target per prompt bit and is scored at the bits themselves (`PER_POSITION_TASKS`): the model
+    never reads the earlier targets, from which each target would be one XOR away, whatever the string's length.
+    """
+    if bits < 1:
+        raise ValueError(f"bits must be >= 1, got {bits}")
+    string = [rng.randint(0, 1) for _ in range(bits)]
+    targets = itertools.accumulate(string, operator.xor)
+    return {"task": "parity", "prompt": " ".join(map(str, string)), "answer": " ".join(map(str, targets))}
+
+
 DEPTH_TASK_GENERATORS: dict[str, DifficultyGenerator] = {
     "pointer": generate_pointer_chase,
     "addition": generate_digit_addition,
+    "parity": generate_prefix_parity,
 }
+# Tasks whose answer holds one target per prompt token, tokenized by `tokenize_per_position` instead of `tokenize_qa`.
+PER_POSITION_TASKS = frozenset({"parity"})
 
 
 def get_depth_task_generator(name: str) -> DifficultyGenerator:
@@ -942,9 +962,13 @@ def load_tokenizer(name_or_path: str | Path, **kwargs) -> PreTrainedTokenizerBas
 
 
 def tokenize_qa(
-    dataset: Dataset | DatasetDict, tokenizer: PreTrainedTokenizerBase, max_length: int, answer_only_loss: bool = True
+    dataset: Dataset | DatasetDict,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    answer_only_loss: bool = True,
+    pad_to_longest: bool = True,
 ) -> Dataset | DatasetDict:
-    """Turns prompt/answer examples into fixed-length causal LM inputs: bos + prompt + " " + answer + eos, then pads.
+    """Turns prompt/answer examples into equal-length causal LM inputs: bos + prompt + " " + answer + eos, then pads.
 
     The prompt and `" " + answer` are tokenized separately and concatenated, so the prompt/answer boundary is exact
     and the answer tokens are those a model generates after the prompt. A prompt too long for `max_length` loses its
@@ -953,15 +977,22 @@ def tokenize_qa(
     Args:
         dataset: Has `prompt` and `answer` columns (`build_reasoning_dataset`, `load_babi_dir`).
         tokenizer: Needs pad and eos tokens (`load_tokenizer` provides pad); bos is added when it has one.
-        max_length: Length of every example (right padding with the pad token).
+        max_length: The most tokens an example keeps (and, without `pad_to_longest`, the length of every example).
         answer_only_loss: Labels are -100 on bos and prompt tokens, so the loss covers only the answer and eos.
             Without it every real token is a label. Padding is always -100.
+        pad_to_longest: Right-pad to the longest example of the dataset (of each split of a `DatasetDict`) rather
+            than to `max_length`: the same rows up to that length, so batches cut to their longest row (`fit_batch`)
+            are the same, for a fraction of the loading work when examples are short. False pads to `max_length`.
 
     Returns:
         The dataset with only `input_ids`, `attention_mask` and `labels`.
     """
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
         raise ValueError("tokenize_qa needs a tokenizer with pad and eos tokens (load_tokenizer adds a pad token)")
+    if pad_to_longest and isinstance(dataset, DatasetDict):
+        return DatasetDict(
+            {name: tokenize_qa(split, tokenizer, max_length, answer_only_loss) for name, split in dataset.items()}
+        )
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
 
@@ -992,4 +1023,78 @@ def tokenize_qa(
 
     columns = dataset.column_names
     remove_columns = next(iter(columns.values())) if isinstance(columns, dict) else columns
-    return dataset.map(encode, batched=True, remove_columns=remove_columns, desc="Tokenizing prompt/answer pairs")
+    tokenized = dataset.map(encode, batched=True, remove_columns=remove_columns, desc="Tokenizing prompt/answer pairs")
+    if not pad_to_longest or len(tokenized) == 0:
+        return tokenized
+    longest = max(map(sum, tokenized["attention_mask"]))
+    if longest == max_length:
+        return tokenized
+    return tokenized.map(
+        lambda batch: {name: [row[:longest] for row in rows] for name, rows in batch.items()},
+        batched=True,
+        desc="Cutting the padding no example uses",
+    )
+
+
+def tokenize_per_position(
+    dataset: Dataset | DatasetDict, tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> Dataset | DatasetDict:
+    """Turns per-position examples (`PER_POSITION_TASKS`) into fixed-length causal LM inputs bos + prompt + eos, with
+    the answer's k-th token as the target of the prompt's k-th token.
+
+    The logits at position t predict the label at t + 1, so `bos b1 ... bn eos` gets the labels
+    `-100 -100 p1 ... pn` (`-100 p1 ... pn` without bos): each target is predicted at its own bit from the prompt up
+    to it, never from earlier targets, and the eos only carries the last target. Columns and padding as `tokenize_qa`,
+    so the loss trains on every target and `compare_more.score_answers` asks for all of them.
+
+    Raises:
+        ValueError: An answer has not one token per prompt token, or bos + prompt + eos exceed `max_length` (cutting
+            the prompt would cut targets).
+    """
+    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+        raise ValueError("tokenize_per_position needs a tokenizer with pad and eos tokens")
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+    def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+        prompts = tokenizer(batch["prompt"], add_special_tokens=False)["input_ids"]
+        answers = tokenizer(batch["answer"], add_special_tokens=False)["input_ids"]
+        columns: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
+        for prompt_ids, answer_ids in zip(prompts, answers, strict=True):
+            if len(answer_ids) != len(prompt_ids):
+                raise ValueError(f"{len(answer_ids)} targets for {len(prompt_ids)} prompt tokens: need one per token")
+            input_ids = [*bos, *prompt_ids, eos]
+            padding = max_length - len(input_ids)
+            if padding < 0:
+                raise ValueError(f"max_length={max_length} cannot hold bos, {len(prompt_ids)} prompt tokens and eos")
+            columns["input_ids"].append(input_ids + [pad] * padding)
+            columns["attention_mask"].append([1] * len(input_ids) + [0] * padding)
+            columns["labels"].append([IGNORE_INDEX] * (len(bos) + 1) + answer_ids + [IGNORE_INDEX] * padding)
+        return columns
+
+    columns = dataset.column_names
+    remove_columns = next(iter(columns.values())) if isinstance(columns, dict) else columns
+    return dataset.map(encode, batched=True, remove_columns=remove_columns, desc="Tokenizing per-position targets")
+
+
+def tokenize_depth_tasks(
+    dataset: Dataset | DatasetDict, tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> Dataset | DatasetDict:
+    """Depth-task examples (`build_depth_dataset`) as model inputs in their order: per-position tasks by
+    `tokenize_per_position`, the others by `tokenize_qa` (answer-only loss), so a split may mix both."""
+    if isinstance(dataset, DatasetDict):
+        return DatasetDict({name: tokenize_depth_tasks(part, tokenizer, max_length) for name, part in dataset.items()})
+    per_position = [task in PER_POSITION_TASKS for task in dataset["task"]]
+    mixed = len(set(per_position)) == 2
+    parts, order = [], []
+    for tokenize, kind in ((tokenize_qa, False), (tokenize_per_position, True)):
+        index = [i for i, flag in enumerate(per_position) if flag == kind]
+        if index:
+            # Concatenated rows need one length: that of `tokenize_per_position`'s rows, max_length.
+            extra = {"pad_to_longest": False} if mixed and not kind else {}
+            parts.append(tokenize(dataset.select(index), tokenizer, max_length, **extra))
+            order += index
+    if len(parts) == 1:
+        return parts[0]
+    # The concatenation groups the examples by tokenization: each goes back to its place in the dataset.
+    return concatenate_datasets(parts).select(sorted(range(len(order)), key=order.__getitem__))

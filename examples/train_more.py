@@ -46,6 +46,8 @@ from transformers import (
 )
 from transformers.distributed import DistributedConfig
 from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import IntervalStrategy, sort_checkpoints
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -540,12 +542,14 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 class MoRETrainer(Trainer):
     """`Trainer` that logs the MoE health metrics of training (guide §5.1) and applies a `CurriculumCallback`.
 
-    Every training micro-batch runs with `output_router_logits=True`; between two logging steps the trainer sums, on
-    device: the language-model loss (`lm_loss`, token-weighted; the objective `loss` also holds the weighted router
-    terms), the unweighted `aux_loss` and `z_loss`, the routing statistics of every MoE layer and iteration
-    (`load_cv`, `effective_experts`, `router_entropy`) and the mean recurrent depth used (`recurrent_steps`, not for
-    FFN experts). `log` adds their means over the window, averaged over data-parallel ranks, to the training logs,
-    together with the curriculum's current length and depth. Evaluation reports the LM loss only, so
+    Between two logging steps the trainer sums, on device: the language-model loss (`lm_loss`, token-weighted; the
+    objective `loss` also holds the weighted router terms), the unweighted `aux_loss` and `z_loss` and the mean
+    recurrent depth used (`recurrent_steps`, not for FFN experts) of every training micro-batch, and the routing
+    statistics of every MoE layer and iteration (`load_cv`, `effective_experts`, `router_entropy`) of the micro-batches
+    of logging steps only (they run with `output_router_logits=True`; every step would cost a few percent of a tiny
+    model's step), so those three are means over the logged steps, the others over the whole window. `log` adds the
+    means, averaged over data-parallel ranks, to the training logs, together with the curriculum's current length and
+    depth. Training runs without a cache (`use_cache=False`: no step reads it). Evaluation reports the LM loss only, so
     `perplexity = exp(eval_loss)`.
     """
 
@@ -571,11 +575,20 @@ class MoRETrainer(Trainer):
             total, count = lm_loss_sum(outputs.logits, inputs["labels"])
             loss = total / count.clamp_min(1)
             return (loss, outputs) if return_outputs else loss
+        flags = {"use_cache": False, "output_router_logits": self._logs_next_step()}
         loss, outputs = super().compute_loss(
-            model, {**inputs, "output_router_logits": True}, return_outputs=True, num_items_in_batch=num_items_in_batch
+            model, {**inputs, **flags}, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
         self._record_metrics(outputs, inputs["labels"])
         return (loss, outputs) if return_outputs else loss
+
+    def _logs_next_step(self) -> bool:
+        """Whether the optimizer step being computed ends with a training log (`DefaultFlowCallback`'s rule); always
+        True unless logging follows steps."""
+        args, step = self.args, self.state.global_step + 1
+        if args.logging_strategy != IntervalStrategy.STEPS:
+            return True
+        return (step == 1 and args.logging_first_step) or step % max(1, int(self.state.logging_steps or 1)) == 0
 
     def _add_metric(self, name: str, value: torch.Tensor) -> None:
         value = value.detach().float()
@@ -709,6 +722,31 @@ def data_summary(data_args: DataArguments, raw_datasets: DatasetDict) -> str:
     return f"Reasoning tasks {data_args.tasks} ({source}; {sizes} examples), loss on {loss}."
 
 
+def last_complete_checkpoint(output_dir: str) -> str:
+    """The newest `checkpoint-N` of `output_dir` that training can resume from (`--resume_from_checkpoint true`).
+
+    Trainer writes a checkpoint's `trainer_state.json` last, after the weights, optimizer, scheduler and RNG states, so
+    a checkpoint without a readable one was cut short (say, by kill -9 while saving): it is skipped with a warning,
+    where Trainer would pick it and fail. Without any complete checkpoint this is an error, as it is for Trainer: the
+    run asked to resume, and starting over instead would silently redo (and overwrite) the training.
+    """
+    skipped = []
+    for checkpoint in reversed(sort_checkpoints(output_dir)):
+        try:
+            json.loads((Path(checkpoint) / TRAINER_STATE_NAME).read_text())
+        except (OSError, ValueError):  # missing, or cut short while being written
+            skipped.append(checkpoint)
+            continue
+        if skipped:
+            logger.warning(f"Resuming from {checkpoint}, skipping incomplete {skipped} (no {TRAINER_STATE_NAME})")
+        return checkpoint
+    incomplete = f" (only incomplete ones: {skipped})" if skipped else ""
+    raise ValueError(
+        f"No complete checkpoint to resume from in {output_dir}{incomplete}: pass --resume_from_checkpoint a "
+        "checkpoint directory, or leave it out to train from scratch"
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------------------------------
@@ -773,7 +811,7 @@ def main():
 
     resume = training_args.resume_from_checkpoint
     if resume is not None and resume.lower() in ("true", "last"):
-        resume = True  # the last checkpoint in output_dir
+        resume = last_complete_checkpoint(training_args.output_dir)
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     trainer.save_state()

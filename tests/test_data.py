@@ -597,18 +597,22 @@ def test_chunk_corpus_on_a_directory_of_documents(tokenizer, reasoning_texts, tm
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("pad_to_longest", [True, False])
 @pytest.mark.parametrize("answer_only_loss", [True, False])
-def test_tokenize_qa_masks_exactly_the_prompt(tokenizer, answer_only_loss):
+def test_tokenize_qa_masks_exactly_the_prompt(tokenizer, answer_only_loss, pad_to_longest):
     dataset = build_reasoning_dataset(ALL_TASKS, 44, 0, 0, seed=12)["train"]
     max_length = 256
-    tokenized = tokenize_qa(dataset, tokenizer, max_length=max_length, answer_only_loss=answer_only_loss)
+    tokenized = tokenize_qa(
+        dataset, tokenizer, max_length=max_length, answer_only_loss=answer_only_loss, pad_to_longest=pad_to_longest
+    )
     assert tokenized.column_names == ["input_ids", "attention_mask", "labels"]
+    width = max(map(sum, tokenized["attention_mask"])) if pad_to_longest else max_length
     for example, row in zip(dataset, tokenized, strict=True):
         prompt = tokenizer(example["prompt"], add_special_tokens=False)["input_ids"]
         answer = tokenizer(" " + example["answer"], add_special_tokens=False)["input_ids"]
         real = 1 + len(prompt) + len(answer) + 1
         assert real < max_length, "this test wants no truncation"
-        padding = max_length - real
+        padding = width - real
         assert row["input_ids"] == [1, *prompt, *answer, 2] + [0] * padding
         assert row["attention_mask"] == [1] * real + [0] * padding
         context_labels = [-100] * (1 + len(prompt)) if answer_only_loss else [1, *prompt]
@@ -628,7 +632,11 @@ def test_tokenize_qa_truncates_the_prompt_start_and_keeps_the_answer(tokenizer):
         row = tokenize_qa(dataset["train"].select([index]), tokenizer, max_length)[0]
         assert row["input_ids"] == [1, *prompt[-5:], *answer, 2]
         assert row["labels"] == [-100] * 6 + [*answer, 2]
-    splits = tokenize_qa(dataset, tokenizer, max_length=64)
+    splits = tokenize_qa(dataset, tokenizer, max_length=64, pad_to_longest=False)
     assert set(splits) == {"train", "validation", "test"} and len(splits["train"][0]["input_ids"]) == 64
+    # Padded to the longest example of each split by default.
+    splits = tokenize_qa(dataset, tokenizer, max_length=64)
+    for split in (split for split in splits.values() if len(split)):
+        assert len(split[0]["input_ids"]) == max(map(sum, split["attention_mask"])) <= 64
     with pytest.raises(ValueError, match="max_length"):
         tokenize_qa(dataset["train"], tokenizer, max_length=2)

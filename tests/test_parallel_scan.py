@@ -57,7 +57,14 @@ def routed(top_k, capacity, batch=3, seq=7, seed=0):
     token_mask[0, :3] = False  # left padding
     position_ids = (token_mask.long().cumsum(-1) - 1).clamp_min(0)
     dispatch = modeling_more.build_dispatch(
-        index, weights.double(), token_mask.reshape(-1), position_ids, 0, capacity, config.num_experts
+        index,
+        weights.double(),
+        token_mask.reshape(-1),
+        position_ids,
+        0,
+        capacity,
+        config.num_experts,
+        keep_dropped=True,
     )
     x = torch.randn(tokens, config.hidden_size, dtype=torch.float64)[dispatch.token_index].requires_grad_()
     return experts, dispatch, x

@@ -5,6 +5,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -393,6 +394,10 @@ def test_resumed_training_matches_uninterrupted_training(trained, tmp_path):
     resumed = str(tmp_path / "resumed")
     shutil.copytree(os.path.join(trained, "checkpoint-10"), os.path.join(resumed, "checkpoint-10"))
     train_script(resumed, "--resume_from_checkpoint", os.path.join(resumed, "checkpoint-10"))
+    assert_resumed_from_step_10(trained, resumed)
+
+
+def assert_resumed_from_step_10(trained, resumed):
     # Steps 11-20 come from the resumed process: data order, depth draws and latent init replay exactly (Trainer
     # restores the RNG states; the curriculum stage follows from the step).
     expected, actual = log_history(trained), log_history(resumed)
@@ -403,6 +408,47 @@ def test_resumed_training_matches_uninterrupted_training(trained, tmp_path):
     resumed_weights = load_file(os.path.join(resumed, "model.safetensors"))
     for name, tensor in load_file(os.path.join(trained, "model.safetensors")).items():
         torch.testing.assert_close(resumed_weights[name], tensor, rtol=0, atol=1e-5)
+
+
+def _fake_checkpoint(output_dir, step, *files, state="{}"):
+    checkpoint = output_dir / f"checkpoint-{step}"
+    checkpoint.mkdir(parents=True)
+    for name in files:
+        (checkpoint / name).write_text(state if name == "trainer_state.json" else "weights")
+    return str(checkpoint)
+
+
+def test_resume_true_skips_checkpoints_cut_short_while_saving(tmp_path, caplog):
+    """kill -9 while Trainer saves leaves the newest checkpoint without its trainer_state.json (written last) or with
+    a truncated one: `--resume_from_checkpoint true` resumes from the newest complete one and says what it skipped."""
+    complete = _fake_checkpoint(tmp_path, 2, "model.safetensors", "optimizer.pt", "trainer_state.json")
+    _fake_checkpoint(tmp_path, 1, "model.safetensors", "trainer_state.json")
+    weights_only = _fake_checkpoint(tmp_path, 4, "model.safetensors")
+    truncated = _fake_checkpoint(tmp_path, 10, "model.safetensors", "trainer_state.json", state='{"global_st')
+    with caplog.at_level("WARNING", logger="train_more"):
+        assert train_more.last_complete_checkpoint(str(tmp_path)) == complete
+    (warning,) = caplog.messages
+    assert complete in warning and weights_only in warning and truncated in warning
+
+
+def test_resume_true_without_a_complete_checkpoint_is_an_error(tmp_path):
+    half_written = _fake_checkpoint(tmp_path, 4, "model.safetensors")
+    with pytest.raises(ValueError, match=f"No complete checkpoint.*{re.escape(half_written)}.*train from scratch"):
+        train_more.last_complete_checkpoint(str(tmp_path))
+    with pytest.raises(ValueError, match="No complete checkpoint"):
+        train_more.last_complete_checkpoint(str(tmp_path / "missing"))
+
+
+def test_resume_true_after_a_kill_while_saving_continues_from_the_last_complete_checkpoint(trained, tmp_path):
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(os.path.join(trained, "checkpoint-10"), os.path.join(resumed, "checkpoint-10"))
+    # The process died after writing checkpoint-20's weights, before its optimizer and trainer state.
+    half_written = os.path.join(resumed, "checkpoint-20")
+    os.makedirs(half_written)
+    shutil.copy(os.path.join(trained, "checkpoint-20", "model.safetensors"), half_written)
+    stdout = train_script(resumed, "--resume_from_checkpoint", "true").stdout
+    assert "skipping incomplete" in stdout and half_written in stdout
+    assert_resumed_from_step_10(trained, resumed)
 
 
 @pytest.mark.slow
@@ -440,7 +486,8 @@ record_metrics = train_more.MoRETrainer._record_metrics
 
 def spy(self, outputs, labels):
     record["depth"].append(float(outputs.recurrent_steps))
-    record["empty"] += sum(int((stats["load"] == 0).any()) for stats in outputs.routing_stats)
+    # Routing statistics come with the micro-batches of logging steps only.
+    record["empty"] += sum(int((stats["load"] == 0).any()) for stats in outputs.routing_stats or ())
     record["rng"].append(torch.rand(1).item())
     record["world_size"] = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     record_metrics(self, outputs, labels)

@@ -1,0 +1,49 @@
+"""The training data path: examples tokenized to their real length give the same batches as examples padded to
+`max_length` (after `collate` cuts the padding no row uses), for the comparison job's data and a reasoning task."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+from more_data import (  # noqa: E402
+    build_depth_dataset,
+    build_reasoning_dataset,
+    tokenize_qa,
+    train_bpe_tokenizer,
+    train_word_level_tokenizer,
+)
+from train_more import collate  # noqa: E402
+
+
+def assert_same_batches(raw, tokenizer, max_length, answer_only_loss=True):
+    short = tokenize_qa(raw, tokenizer, max_length, answer_only_loss=answer_only_loss)
+    full = tokenize_qa(raw, tokenizer, max_length, answer_only_loss=answer_only_loss, pad_to_longest=False)
+    assert len(full[0]["input_ids"]) == max_length
+    assert len(short[0]["input_ids"]) == max(map(sum, full["attention_mask"])) < max_length
+    generator = torch.Generator().manual_seed(0)
+    for size in (1, 7, 32):
+        for _ in range(5):
+            index = torch.randperm(len(raw), generator=generator)[:size].tolist()
+            # As Trainer's DataLoader fetches a batch: one batched read, then the collator.
+            new, old = collate(short.__getitems__(index)), collate(full.__getitems__(index))
+            assert new.keys() == old.keys() == {"input_ids", "attention_mask", "labels"}
+            for name in new:
+                assert torch.equal(new[name], old[name]), name
+
+
+def test_compare_job_batches_are_unchanged():
+    raw = build_depth_dataset({"addition": ([1, 2, 3], [2, 3])}, num_train=300, num_test_per_difficulty=4, seed=0)
+    tokenizer = train_word_level_tokenizer([*raw["train"]["text"], *raw["test"]["text"]], model_max_length=128)
+    assert_same_batches(raw["train"], tokenizer, 128)
+
+
+@pytest.mark.parametrize("answer_only_loss", [True, False])
+def test_reasoning_batches_are_unchanged(answer_only_loss):
+    raw = build_reasoning_dataset(["babi1"], 48, 0, 0, seed=3)["train"]
+    tokenizer = train_bpe_tokenizer(raw["text"], vocab_size=300, model_max_length=256)
+    assert_same_batches(raw, tokenizer, 256, answer_only_loss)
