@@ -598,7 +598,7 @@ class MoREExpertContext:
     active_index: torch.Tensor | None = None
     latest_kv: tuple | None = None
     steps_taken: torch.Tensor | None = None  # (rows,) steps each routed row actually ran
-    row_norms: tuple | None = None  # (dispatch, per-row norm weights): gathered once per call, not once per step
+    row_norms: tuple | None = None  # (dispatch, grad enabled, per-row norm weights): gathered once per call
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1087,34 +1087,14 @@ class _StepClock(transformers.TrainerCallback):
         self.ends.append(time.perf_counter())
 
 
-def trainer_step_seconds(model, train, tokenizer, preset, steps: int, output_dir: Path) -> list[float]:
-    """Seconds between consecutive optimizer steps of the job's `MoRETrainer` (its collator, callbacks, logging every
-    steps / 20, cosine schedule): the bare step plus the loop around it."""
-    from train_more import MoRETrainer, collate
+def trainer_step_seconds(model, train, tokenizer, preset, steps: int, output_dir: Path, seed: int) -> list[float]:
+    """Seconds between consecutive optimizer steps of the job's `MoRETrainer`, built as the job builds it
+    (`compare_more.training_arguments` and `train_model`): the bare step plus the loop around it."""
+    import compare_more
 
     clock = _StepClock()
-    training_args = transformers.TrainingArguments(
-        output_dir=str(output_dir),
-        logging_steps=max(1, steps // 20),
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        use_cpu=True,
-        lr_scheduler_type="cosine",
-        weight_decay=0.01,
-        warmup_steps=max(1, steps // 20),
-        **preset.training | {"max_steps": steps},
-    )
-    trainer = MoRETrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train,
-        processing_class=tokenizer,
-        data_collator=collate,
-        callbacks=[clock],
-    )
-    trainer.remove_callback(transformers.PrinterCallback)
-    trainer.train()
+    training_args = compare_more.training_arguments(preset.training, seed, output_dir, steps)
+    compare_more.train_model(model, train, training_args, tokenizer, None, clock)
     return [b - a for a, b in zip(clock.ends, clock.ends[1:], strict=False)]
 
 
@@ -1168,9 +1148,8 @@ def bench_tiny(args, device):
     for _ in range(3):
         torch.manual_seed(args.seed)
         model = modeling_more.MoREForCausalLM(configs["ffn"]).train()
-        trainer_times += trainer_step_seconds(model, train, tokenizer, preset, steps, Path(args.output_dir) / "tiny")[
-            2:
-        ]
+        output_dir = Path(args.output_dir) / "tiny"
+        trainer_times += trainer_step_seconds(model, train, tokenizer, preset, steps, output_dir, args.seed)[2:]
         bare = job_step(model, batches, learning_rate)
         for _ in range(steps):
             start = time.perf_counter()

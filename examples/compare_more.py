@@ -575,16 +575,17 @@ class _LearningCurve(TrainerCallback):
         self.eval_seconds += time.perf_counter() - start
 
 
-def _training_arguments(job: Job, output_dir: Path, max_steps: int) -> TrainingArguments:
+def training_arguments(training: dict, seed: int, output_dir: Path, max_steps: int) -> TrainingArguments:
+    """A job's `TrainingArguments`: the preset's `training` fields over the shared optimisation defaults."""
     training = {
         **TRAINING_DEFAULTS,
         "warmup_steps": max(1, round(WARMUP_FRACTION * max_steps)),
-        **job.training,
+        **training,
         "max_steps": max_steps,
     }
     return TrainingArguments(
         output_dir=str(output_dir),
-        seed=job.seed,
+        seed=seed,
         logging_steps=max(1, max_steps // 20),
         save_strategy="no",
         report_to=[],
@@ -594,14 +595,15 @@ def _training_arguments(job: Job, output_dir: Path, max_steps: int) -> TrainingA
     )
 
 
-def _train(model, dataset, training_args: TrainingArguments, tokenizer, queue, curve=None) -> list[dict]:
+def train_model(model, dataset, training_args: TrainingArguments, tokenizer, queue, callback=None) -> list[dict]:
+    """Trains `model` as a job does (`MoRETrainer`, steps reported to `queue`, plus `callback`); the loss logs."""
     trainer = MoRETrainer(
         model=model,
         args=training_args,
         train_dataset=dataset,
         processing_class=tokenizer,
         data_collator=collate,
-        callbacks=[_ProgressCallback(queue)] + ([curve] if curve is not None else []),
+        callbacks=[_ProgressCallback(queue)] + ([callback] if callback is not None else []),
     )
     trainer.remove_callback(PrinterCallback)  # the main process shows one progress bar for every job
     trainer.train()
@@ -656,11 +658,12 @@ def run_job(job: Job, data: CompareData, queue=None) -> dict:
     start = time.perf_counter()
     logs = []
     if data.corpus_train is not None:  # guide preset: language-model pretraining first
-        args = _training_arguments(job, output_dir / f"pretrain-seed{job.seed}", job.corpus_steps)
-        logs += _train(model, data.corpus_train, args, tokenizer, queue)
-    args = _training_arguments(job, output_dir / f"trainer-seed{job.seed}", job.training["max_steps"])
+        args = training_arguments(job.training, job.seed, output_dir / f"pretrain-seed{job.seed}", job.corpus_steps)
+        logs += train_model(model, data.corpus_train, args, tokenizer, queue)
+    max_steps = job.training["max_steps"]
+    args = training_arguments(job.training, job.seed, output_dir / f"trainer-seed{job.seed}", max_steps)
     curve = _LearningCurve(data.test.select(data.in_distribution), LEARNING_CURVE_POINTS)
-    logs += _train(model, data.train, args, tokenizer, queue, curve)
+    logs += train_model(model, data.train, args, tokenizer, queue, curve)
     train_seconds = time.perf_counter() - start - curve.eval_seconds
     scores = {"default": score_answers(model, data.test).tolist()}
     for knob, depths in depth_sweeps(config, job).items():

@@ -982,7 +982,7 @@ def tokenize_qa(
             Without it every real token is a label. Padding is always -100.
         pad_to_longest: Right-pad to the longest example of the dataset (of each split of a `DatasetDict`) rather
             than to `max_length`: the same rows up to that length, so batches cut to their longest row (`fit_batch`)
-            are the same, for a fraction of the loading work when examples are short. False pads to `max_length`.
+            are the same, and the collator stacks short rows when examples are short. False pads to `max_length`.
 
     Returns:
         The dataset with only `input_ids`, `attention_mask` and `labels`.
