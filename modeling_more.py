@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
-from transformers.activations import ACT2FN, SiLUActivation
+from transformers.activations import ACT2FN
 from transformers.cache_utils import DynamicCache
 from transformers.distributed.expert_parallel import ExpertParallelLayer, MoEParamShard, apply_expert_parallelism
 from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES, replace_layer_number_by_wildcard
@@ -189,28 +189,8 @@ class MoREMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-class MoRESwiGLU(torch.autograd.Function):
-    """`silu(gate) * up` of the packed (rows, 2 * inter) gate/up projection as one autograd node: its backward
-    writes both halves' gradients with the kernels autograd would run (bit for bit the same), without the three
-    nodes of the chunk, the activation and the product."""
-
-    @staticmethod
-    def forward(ctx, packed):
-        gate, up = packed.chunk(2, dim=-1)
-        ctx.save_for_backward(packed)
-        return F.silu(gate) * up
-
-    @staticmethod
-    def backward(ctx, grad):
-        (packed,) = ctx.saved_tensors
-        gate, up = packed.chunk(2, dim=-1)
-        return torch.cat([torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)], dim=-1)
-
-
 def gated_activation(packed: torch.Tensor, act_fn) -> torch.Tensor:
-    """`act(gate) * up` for the packed (rows, 2 * inter) gate/up output, fused for SiLU (SwiGLU)."""
-    if isinstance(act_fn, (nn.SiLU, SiLUActivation)) and torch.is_grad_enabled() and packed.requires_grad:
-        return MoRESwiGLU.apply(packed)
+    """`act(gate) * up` for the packed (rows, 2 * inter) gate/up output."""
     gate, up = packed.chunk(2, dim=-1)
     return act_fn(gate) * up
 
@@ -548,7 +528,7 @@ def build_dispatch(
         overflow = (rank >= capacity) & (expert < num_experts)
         dropped = overflow.sum()
         expert = torch.where(overflow, num_experts, expert)
-    order = torch.argsort(expert * num_tokens + token_index, stable=True)
+    order = torch.argsort(expert, stable=True)  # token_index ascends already: stable keeps (sequence, position)
     offs = _group_ends(expert[order], num_experts)
     complete, rows_cut = True, 0
     if not keep_dropped and host_reads_free(order):
@@ -1457,14 +1437,17 @@ def load_balancing_loss(probs, top_k_index, token_mask=None):
 
     probs: (tokens, experts); top_k_index: (tokens, top_k); token_mask: (tokens,) bool or None.
     """
-    num_experts = probs.shape[-1]
-    mask = probs.new_ones(probs.shape[0]) if token_mask is None else token_mask.to(probs.dtype)
-    counts = torch.zeros_like(probs).scatter_add_(
-        1, top_k_index, mask[:, None].expand_as(top_k_index).to(probs.dtype)
-    )  # (tokens, experts)
-    denom = mask.sum().clamp_min(1)
-    fraction = counts.sum(0) / (denom * top_k_index.shape[1])  # share of assignments per expert
-    mean_prob = (probs * mask[:, None]).sum(0) / denom
+    (num_tokens, top_k), num_experts = top_k_index.shape, probs.shape[-1]
+    if token_mask is None:
+        weight, denom = probs.new_ones(num_tokens * top_k), max(num_tokens, 1)
+        mean_prob = probs.mean(0)  # (experts,)
+    else:
+        mask = token_mask.to(probs.dtype)
+        weight, denom = mask.repeat_interleave(top_k), mask.sum().clamp_min(1)
+        mean_prob = (probs * mask[:, None]).sum(0) / denom
+    # Assignments per expert, counted on an (experts,) vector: no (tokens, experts) one-hot, nothing to backpropagate.
+    counts = probs.new_zeros(num_experts).scatter_add_(0, top_k_index.reshape(-1), weight)
+    fraction = counts / (denom * top_k)  # share of assignments per expert
     return num_experts * (fraction * mean_prob).sum()
 
 
@@ -1577,7 +1560,8 @@ class MoRESparseMoeBlock(nn.Module):
             self.num_experts,
             assignment_mask,
         )
-        rows = self.experts(x[dispatch.token_index], dispatch, ctx)  # (rows, hidden)
+        # index_select rather than x[index]: its backward is one index_add, not an accumulating index_put.
+        rows = self.experts(x.index_select(0, dispatch.token_index), dispatch, ctx)  # (rows, hidden)
         out = torch.zeros_like(x).index_add_(0, dispatch.token_index, rows * dispatch.weights[:, None])
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
@@ -1611,7 +1595,7 @@ class MoRESparseMoeBlock(nn.Module):
         state = hidden_states.reshape(-1, hidden)
         flat_mask = None if token_mask is None else token_mask.reshape(-1)
         out = MoREBlockOutput()
-        total = torch.zeros_like(state)
+        total = None
         iterations = settings.num_moe_iterations
         backprop = self.config.num_backprop_iterations
         # Truncated backprop through iterations: the first ones run without building a graph.
@@ -1637,9 +1621,11 @@ class MoRESparseMoeBlock(nn.Module):
                     state, flat_mask, position_ids, cache_offset, ctx, router_state, logits
                 )
             logits = routing.logits
-            delta = self.config.moe_residual_scale * delta
-            total = total + delta
-            state = state + delta
+            if self.config.moe_residual_scale != 1.0:
+                delta = self.config.moe_residual_scale * delta
+            if iteration + 1 < iterations:
+                state = state + delta
+            total = delta if total is None else total + delta  # state_T - state_0, without a zeros-plus-delta
             self._record(out, routing, dispatch, ctx, flat_mask, settings)
         if settings.output_router_logits and iterations > 1:
             entropy = torch.stack([s["router_entropy"] for s in out.routing_stats])  # (iterations,)
@@ -2145,8 +2131,9 @@ class MoREModelOutputWithPast(MoeModelOutputWithPast):
 
 @dataclass
 class MoRECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
-    """`loss` = LM loss + weighted aux terms (`aux_loss`, `z_loss`, `entropy_loss`) + `expert_loss` (the experts' own
-    weighted penalties, e.g. `shared_recurrent`'s orthogonality term, mean over MoE layers).
+    """`loss` = `lm_loss` + weighted aux terms (`aux_loss`, `z_loss`, `entropy_loss`) + `expert_loss` (the experts' own
+    weighted penalties, e.g. `shared_recurrent`'s orthogonality term, mean over MoE layers). `lm_loss` is the
+    cross-entropy summed over the label tokens and divided by their count (by `num_items_in_batch` when given).
     `dropped_tokens` counts (token, expert) assignments dropped by the capacity limit; `recurrent_steps` is the mean
     number of expert steps actually run per routed token.
 
@@ -2157,6 +2144,7 @@ class MoRECausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     `final_step_contribution`, `refinement_magnitude`, `refinement_consistency` (+ `projection_orthogonality` and
     `projection_divergence` for `shared_recurrent`, `recurrent_branch_weight` for `parallel`)."""
 
+    lm_loss: torch.FloatTensor | None = None
     z_loss: torch.FloatTensor | None = None
     entropy_loss: torch.FloatTensor | None = None
     expert_loss: torch.FloatTensor | None = None
@@ -2621,7 +2609,7 @@ class MoREForCausalLM(MoREPreTrainedModel, GenerationMixin):
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])
 
-        loss = None
+        loss = lm_loss = None
         if labels is not None:
             expected = tuple(hidden_states.shape[:2])
             if tuple(labels.shape) != expected:
@@ -2632,10 +2620,11 @@ class MoREForCausalLM(MoREPreTrainedModel, GenerationMixin):
             # The summed loss over the label tokens / their count, taken as at least 1: a batch without label tokens
             # (all -100) has LM loss 0 and zero LM gradients, where a mean would be 0 / 0 = NaN. No host read.
             count = (labels[:, 1:] != -100).sum().clamp_min(1) if num_items is None else num_items
-            loss = self.loss_function(logits, labels, self.vocab_size, num_items_in_batch=count)
-            loss = loss + self.regularisation(outputs, labels, num_items)
+            lm_loss = self.loss_function(logits, labels, self.vocab_size, num_items_in_batch=count)
+            loss = lm_loss + self.regularisation(outputs, labels, num_items)
         return MoRECausalLMOutputWithPast(
             loss=loss,
+            lm_loss=lm_loss,
             aux_loss=outputs.aux_loss,
             z_loss=outputs.z_loss,
             entropy_loss=outputs.entropy_loss,

@@ -1022,7 +1022,7 @@ def tiny_job_data(args):
     `ffn` model as the job sizes them), its word-level tokenizer and tokenized addition examples (fewer than the
     job's)."""
     import compare_more  # the presets live with the comparison job
-    from more_data import build_depth_dataset, tokenize_qa, train_word_level_tokenizer
+    from more_data import TensorExamples, build_depth_dataset, tokenize_qa, train_word_level_tokenizer
 
     preset = compare_more.PRESETS["default"]
     raw = build_depth_dataset(
@@ -1032,7 +1032,7 @@ def tiny_job_data(args):
         seed=args.seed,
     )
     tokenizer = train_word_level_tokenizer([*raw["train"]["text"], *raw["test"]["text"]], preset.max_length)
-    train = tokenize_qa(raw["train"], tokenizer, preset.max_length, answer_only_loss=True)
+    train = TensorExamples.from_dataset(tokenize_qa(raw["train"], tokenizer, preset.max_length, answer_only_loss=True))
     configs = compare_more.build_variant_configs(preset, list(TINY_VARIANTS), tokenizer, "active")
     return preset, configs, tokenizer, train
 

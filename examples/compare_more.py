@@ -68,6 +68,7 @@ from evaluate_more import model_report, perplexity_and_diagnostics, write_output
 from model_card_more import markdown_table, save_model_card  # noqa: E402
 from more_data import (  # noqa: E402
     IGNORE_INDEX,
+    TensorExamples,
     build_depth_dataset,
     chunk_corpus,
     load_text_corpus,
@@ -221,6 +222,7 @@ PRESETS["parity"] = Preset(
 # Optimisation shared by every preset: AdamW, cosine schedule, 5 % warm-up.
 TRAINING_DEFAULTS = dict(lr_scheduler_type="cosine", weight_decay=0.01)
 WARMUP_FRACTION = 0.05
+DECAY_FRACTION = 0.2  # `warmup_stable_decay`: the learning rate decays over the last 20 % of steps
 
 
 def comparison_variants() -> dict[str, dict]:
@@ -260,6 +262,13 @@ class CompareArguments:
     )
     max_steps: int | None = field(default=None, metadata={"help": "Override the preset's optimizer steps."})
     learning_rate: float | None = field(default=None, metadata={"help": "Override the preset's learning rate."})
+    lr_scheduler_type: str | None = field(
+        default=None,
+        metadata={
+            "help": "Override the preset's learning-rate schedule (a Transformers `lr_scheduler_type`; "
+            "`warmup_stable_decay` decays over the last 20 % of steps)."
+        },
+    )
     split: str = field(
         default="test",
         metadata={
@@ -442,7 +451,7 @@ class CompareData:
     (with its task and difficulty per example) and, for the guide preset, corpus blocks to pretrain on."""
 
     tokenizer_dir: str
-    train: object  # datasets.Dataset of input_ids / attention_mask / labels
+    train: TensorExamples  # input_ids / attention_mask / labels, one tensor each: no per-step collation
     test: object
     test_tasks: list[str]
     test_difficulties: list[int]
@@ -473,7 +482,7 @@ def build_data(preset: Preset, args: CompareArguments, output_dir: Path) -> Comp
     tokenized = tokenize_depth_tasks(raw, tokenizer, preset.max_length)  # in order: test_tasks etc. stay aligned
     data = CompareData(
         tokenizer_dir=str(tokenizer_dir),
-        train=tokenized["train"],
+        train=TensorExamples.from_dataset(tokenized["train"]),
         test=tokenized["test"],
         test_tasks=list(raw["test"]["task"]),
         test_difficulties=list(raw["test"]["difficulty"]),
@@ -484,7 +493,7 @@ def build_data(preset: Preset, args: CompareArguments, output_dir: Path) -> Comp
         ],
     )
     if corpus is not None:
-        data.corpus_train = chunk_corpus(corpus["train"], tokenizer, preset.max_length)
+        data.corpus_train = TensorExamples.from_dataset(chunk_corpus(corpus["train"], tokenizer, preset.max_length))
         if "validation" in corpus:
             data.corpus_validation = chunk_corpus(corpus["validation"], tokenizer, preset.max_length)
     return data
@@ -583,6 +592,8 @@ def training_arguments(training: dict, seed: int, output_dir: Path, max_steps: i
         **training,
         "max_steps": max_steps,
     }
+    if training["lr_scheduler_type"] == "warmup_stable_decay":
+        training["lr_scheduler_kwargs"] = {"num_decay_steps": max(1, round(DECAY_FRACTION * max_steps))}
     return TrainingArguments(
         output_dir=str(output_dir),
         seed=seed,
@@ -590,6 +601,7 @@ def training_arguments(training: dict, seed: int, output_dir: Path, max_steps: i
         save_strategy="no",
         report_to=[],
         disable_tqdm=True,
+        remove_unused_columns=False,  # the data are `TensorExamples`, which hold the model's columns only
         use_cpu=not torch.cuda.is_available(),
         **training,
     )
@@ -1295,6 +1307,8 @@ def main():
         training["max_steps"] = args.max_steps
     if args.learning_rate is not None:
         training["learning_rate"] = args.learning_rate
+    if args.lr_scheduler_type is not None:
+        training["lr_scheduler_type"] = args.lr_scheduler_type
     if args.split not in ("test", "validation"):
         raise ValueError(f"--split must be 'test' or 'validation', got {args.split!r}")
     seeds = range(args.seed_offset, args.seed_offset + (args.seeds or preset.seeds))
@@ -1352,7 +1366,7 @@ def main():
     # 4. Statistics, tables, plots, model cards.
     results = summarise(runs, data, preset)
     tokens_per_step = (
-        float(np.mean([sum(row) for row in data.train["attention_mask"]])) * training["per_device_train_batch_size"]
+        data.train.columns["attention_mask"].sum(1).float().mean().item() * training["per_device_train_batch_size"]
     )
     for name, config in configs.items():
         model = meta_model(config)

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import torch
 from datasets import Dataset, DatasetDict, Features, Value, concatenate_datasets, load_dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -57,6 +58,7 @@ QA_FEATURES = Features({column: Value("string") for column in QA_COLUMNS})
 # Insertion order fixes the ids: pad 0, bos 1, eos 2, unk 3.
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 IGNORE_INDEX = -100
+MODEL_COLUMNS = ("input_ids", "attention_mask", "labels")  # what tokenization keeps: the causal LM's inputs
 
 # Rejection sampling (a story with nothing to ask, a prompt already drawn) gives up after this many draws, so a
 # request the generator cannot satisfy fails loudly instead of looping forever.
@@ -1034,6 +1036,41 @@ def tokenize_qa(
         batched=True,
         desc="Cutting the padding no example uses",
     )
+
+
+class TensorExamples(torch.utils.data.Dataset):
+    """Equal-length tokenized examples held as one tensor per column (`input_ids`, `attention_mask`, `labels`).
+
+    For training tiny models, where the data path is a visible share of a step: a DataLoader batch is one
+    `index_select` per column (`__getitems__` returns the batch itself), where a `datasets.Dataset` hands the
+    collator Python lists to stack at every step. `train_more.collate` takes either. With `Trainer`, set
+    `remove_unused_columns=False` (its column filter expects a list of examples; these columns are the model's).
+
+    >>> examples = TensorExamples.from_dataset(tokenize_qa(raw, tokenizer, 64))
+    >>> examples.__getitems__([0, 5])["input_ids"].shape  # (2, longest example)
+    """
+
+    def __init__(self, columns: dict[str, torch.Tensor]):
+        sizes = {name: tensor.shape[0] for name, tensor in columns.items()}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"Every column needs one row per example; got rows per column {sizes}.")
+        self.columns = columns
+
+    @classmethod
+    def from_dataset(cls, dataset: Dataset, columns: Iterable[str] = MODEL_COLUMNS) -> "TensorExamples":
+        """The `columns` of a tokenized dataset whose rows have one length (`tokenize_qa`, `chunk_corpus`)."""
+        return cls(dict(dataset.with_format("torch", columns=list(columns))[:]))
+
+    def __len__(self) -> int:
+        return next(iter(self.columns.values())).shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {name: tensor[index] for name, tensor in self.columns.items()}
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """The batch of `indices`: (len(indices), length) per column."""
+        index = torch.as_tensor(indices)
+        return {name: tensor.index_select(0, index) for name, tensor in self.columns.items()}
 
 
 def tokenize_per_position(

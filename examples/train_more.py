@@ -22,6 +22,7 @@ import logging
 import math
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -444,9 +445,10 @@ def fit_batch(batch: dict[str, torch.Tensor], max_length: int | None = None) -> 
     return {name: tensor.gather(1, index) for name, tensor in batch.items()}
 
 
-def collate(features: list[dict]) -> dict[str, torch.Tensor]:
-    """Stacks examples and drops the padding columns no example of the batch needs (most stories are short)."""
-    return fit_batch(default_data_collator(features))
+def collate(features: list[dict] | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stacks examples (or takes a batch `TensorExamples` already stacked) and drops the padding columns no example of
+    the batch needs (most stories are short)."""
+    return fit_batch(dict(features) if isinstance(features, Mapping) else default_data_collator(features))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -560,6 +562,7 @@ class MoRETrainer(Trainer):
             self.add_callback(curriculum)
         self._metric_sums: dict[str, torch.Tensor] = {}
         self._metric_counts: dict[str, int] = {}
+        self._flop_parameters: int | None = None
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Cuts the batches of the coming optimizer step to the curriculum length before Trainer counts their label
@@ -571,16 +574,24 @@ class MoRETrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
-            total, count = lm_loss_sum(outputs.logits, inputs["labels"])
-            loss = total / count.clamp_min(1)
-            return (loss, outputs) if return_outputs else loss
+            _, outputs = super().compute_loss(model, inputs, return_outputs=True)
+            return (outputs.lm_loss, outputs) if return_outputs else outputs.lm_loss
         flags = {"use_cache": False, "output_router_logits": self._logs_next_step()}
         loss, outputs = super().compute_loss(
             model, {**inputs, **flags}, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
-        self._record_metrics(outputs, inputs["labels"])
+        self._record_metrics(outputs, inputs["labels"], num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
+
+    def floating_point_ops(self, inputs) -> int:
+        """Transformers' estimate (6 x tokens x non-embedding parameters) with the parameters counted once per
+        run: Trainer asks every step, and counting walks every module (a few percent of a tiny model's step)."""
+        main_input = getattr(self.model, "main_input_name", "input_ids")
+        if main_input not in inputs:
+            return 0
+        if self._flop_parameters is None:
+            self._flop_parameters = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main_input].numel() * self._flop_parameters
 
     def _logs_next_step(self) -> bool:
         """Whether the optimizer step being computed ends with a training log (`DefaultFlowCallback`'s rule); always
@@ -595,9 +606,12 @@ class MoRETrainer(Trainer):
         self._metric_sums[name] = self._metric_sums.get(name, 0) + value
         self._metric_counts[name] = self._metric_counts.get(name, 0) + 1
 
-    def _record_metrics(self, outputs, labels: torch.Tensor) -> None:
-        total, count = lm_loss_sum(outputs.logits.detach(), labels)
-        self._add_metric("lm_loss_sum", total)
+    def _record_metrics(self, outputs, labels: torch.Tensor, num_items_in_batch=None) -> None:
+        # The model's `lm_loss` is the summed cross-entropy over `num_items_in_batch` (the label tokens of every
+        # accumulated micro-batch) when given, else over this batch's own label tokens: no second cross-entropy here.
+        count = (labels[:, 1:] != IGNORE_INDEX).sum()
+        divisor = count if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
+        self._add_metric("lm_loss_sum", outputs.lm_loss * divisor.clamp_min(1))
         self._add_metric("lm_tokens", count)
         for name in ("aux_loss", "z_loss", "recurrent_steps"):
             value = getattr(outputs, name)

@@ -14,7 +14,8 @@ import time
 
 import numpy as np
 import pytest
-from transformers import AutoTokenizer
+import torch
+from transformers import AutoTokenizer, get_scheduler
 
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
@@ -231,6 +232,21 @@ def test_seed_offset_runs_a_disjoint_seed_set(tmp_path, monkeypatch):
     assert (output_dir / "ffn" / "model.safetensors").exists()  # the first seed of the set keeps its model
     # Other seeds train differently: other initialisation and data order, hence another loss curve.
     assert shifted["training_logs"]["ffn"][0] != first["training_logs"]["ffn"][0]
+
+
+def test_warmup_stable_decay_decays_over_the_last_fifth(tmp_path):
+    training = {"learning_rate": 1e-3, "lr_scheduler_type": "warmup_stable_decay"}
+    args = compare_more.training_arguments(training, 0, tmp_path, 100)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+    scheduler = get_scheduler(
+        args.lr_scheduler_type, optimizer, args.warmup_steps, 100, scheduler_specific_kwargs=args.lr_scheduler_kwargs
+    )
+    rates = []
+    for _ in range(100):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert args.warmup_steps == 5 and rates[0] < rates[5] == rates[79] == 1e-3 > rates[85] > rates[99]
 
 
 def test_validation_split_is_scored_apart_from_the_test_split(tmp_path):

@@ -135,6 +135,7 @@ def test_lm_loss_shifts_labels_and_ignores_minus_100(expert_type):
         + config.router_z_loss_coef * out.z_loss
     )
     torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.lm_loss, _manual_lm_loss(out.logits, labels), atol=1e-6, rtol=0)
     # Sanity: the unshifted loss is a different number, so the comparison above checks the shift.
     unshifted = F.cross_entropy(out.logits.reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100)
     assert not torch.allclose(unshifted, _manual_lm_loss(out.logits, labels), atol=1e-4)

@@ -346,19 +346,26 @@ def test_curriculum_loss_is_normalised_by_the_tokens_trained_on(tokenizer, tmp_p
     model = AutoModelForCausalLM.from_config(build_config(ModelArguments(config_overrides=overrides), tokenizer, 96))
     micro = []  # (loss the trainer backpropagated, summed cross-entropy, label tokens) per micro-batch
 
+    tokens = []  # input tokens per micro-batch
+
     def record(module, args, kwargs, output):
         total, count = lm_loss_sum(output.logits.detach(), kwargs["labels"])
         micro.append((output.loss.detach(), total, count))
+        tokens.append(kwargs["input_ids"].numel())
 
     model.register_forward_hook(record, with_kwargs=True)
     trainer = train_with_curriculum(model, train, "0:16:-", tmp_path, max_steps=2, gradient_accumulation_steps=2)
     assert len(micro) == 4
-    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     for step in range(2):
         losses, totals, counts = zip(*micro[2 * step : 2 * step + 2], strict=True)
         expected = sum(totals) / sum(counts)
         torch.testing.assert_close(sum(losses), expected)
-        assert logged[step] == pytest.approx(float(expected), rel=1e-3)
+        assert logs[step]["loss"] == pytest.approx(float(expected), rel=1e-3)
+        # The logged LM loss is rebuilt from the model's `lm_loss` (divided by the step's label tokens).
+        assert logs[step]["lm_loss"] == pytest.approx(float(expected), rel=1e-5)
+    # Trainer's FLOPs estimate, with the parameters counted once.
+    assert trainer.state.total_flos == 6 * sum(tokens) * model.num_parameters(exclude_embeddings=True)
 
 
 def test_health_metrics_and_curriculum_in_the_log_history(trained):
@@ -484,13 +491,13 @@ rank = int(os.environ["RANK"])
 record = {{"depth": [], "empty": 0, "rng": [], "world_size": None}}
 record_metrics = train_more.MoRETrainer._record_metrics
 
-def spy(self, outputs, labels):
+def spy(self, outputs, labels, num_items_in_batch=None):
     record["depth"].append(float(outputs.recurrent_steps))
     # Routing statistics come with the micro-batches of logging steps only.
     record["empty"] += sum(int((stats["load"] == 0).any()) for stats in outputs.routing_stats or ())
     record["rng"].append(torch.rand(1).item())
     record["world_size"] = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    record_metrics(self, outputs, labels)
+    record_metrics(self, outputs, labels, num_items_in_batch)
 
 train_more.MoRETrainer._record_metrics = spy
 sys.argv += ["--seed", str(rank)]
