@@ -1,15 +1,25 @@
 """MoRE: Mixture of Recurrent Experts, one model file in the Transformers style.
 
-Order, smallest piece first: norms, rotary and attention helpers -> grouped kernels -> experts (registry) -> routers
-(registry) -> dispatch and MoE block (with Synthesis II iterations) -> decoder layer -> cache -> pretrained base ->
-`MoREModel` -> losses -> `MoREForCausalLM` -> Auto registration.
+Order, smallest piece first: norms, rotary and attention helpers -> grouped kernels and attention inside experts ->
+dispatch -> experts (registry) -> routers (registry) -> router losses and diagnostics -> MoE block (with Synthesis II
+iterations) -> decoder layer -> cache -> tensor and expert parallelism -> pretrained base and outputs -> `MoREModel`
+-> `MoREForCausalLM` -> Auto registration.
+
+The expert types and their designs are described in the README ("Expert types"); recurrent-depth blocks follow Huginn
+(Geiping et al., 2025, "Scaling up Test-Time Compute with Latent Reasoning: A Recurrent Depth Approach",
+arXiv 2502.05171), routers Switch Transformer (Fedus et al., 2021), ST-MoE (Zoph et al., 2022) and RMoE (Qiu et al.,
+2024, arXiv 2408.06793).
 """
 
 import contextlib
 import copy
+import json
 import math
+import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -20,13 +30,14 @@ from transformers.cache_utils import DynamicCache
 from transformers.distributed.expert_parallel import ExpertParallelLayer, MoEParamShard, apply_expert_parallelism
 from transformers.distributed.parallel_utils import ALL_PARALLEL_STYLES, replace_layer_number_by_wildcard
 from transformers.distributed.tensor_parallel import TensorParallelLayer
+from transformers.dynamic_module_utils import get_relative_imports
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.utils import can_return_tuple, logging
+from transformers.utils import CONFIG_NAME, can_return_tuple, logging
 from transformers.utils.output_capturing import capture_outputs
 
 
@@ -658,7 +669,7 @@ class MoREExperts(nn.Module):
 
 
 class MoREFFNExperts(MoREExperts):
-    """Standard MoE experts (guide §2.1): a gated FFN per expert, weights stacked as in Transformers' Mixtral."""
+    """Standard MoE experts: a gated FFN per expert, weights stacked as in Transformers' Mixtral."""
 
     # TP: every rank holds a slice of every expert's intermediate features; EP: whole experts per rank.
     tp_plan = {"gate_up_proj": "packed_colwise", "down_proj": "rowwise", "": "more_tp_experts"}
@@ -693,16 +704,15 @@ class MoRERecurrentExperts(MoREExperts):
     def encode(self, x, dispatch):
         return x
 
-    def initial_state(self, static):
+    def initial_state(self, static, dispatch):
         std = self.config.latent_init_std
         if self.training and std > 0:
             # Drawn for the dropped rows `build_dispatch` left out too (they come last): the same values and the same
             # RNG stream with and without them.
-            rows_cut = getattr(self, "_rows_cut", 0)
-            if rows_cut:
+            if dispatch.rows_cut:
                 rows = static.shape[0]
-                noise = torch.randn(rows + rows_cut, *static.shape[1:], dtype=static.dtype, device=static.device)
-                return noise[:rows] * std
+                shape = (rows + dispatch.rows_cut, *static.shape[1:])
+                return torch.randn(shape, dtype=static.dtype, device=static.device)[:rows] * std
             return torch.randn_like(static) * std
         return torch.zeros_like(static)
 
@@ -714,13 +724,12 @@ class MoRERecurrentExperts(MoREExperts):
 
     def observed_state(self, state):
         """The part of the loop state (rows, ...) that statistics and adaptive exit measure: the hidden state the
-        expert outputs, without extra cell state a loop may carry (the guide's §5.2 definition)."""
+        expert outputs, without extra cell state a loop may carry (README, "Diagnostics")."""
         return state
 
     def forward(self, x, dispatch, ctx):
         static = self.encode(x, dispatch)
-        self._rows_cut = dispatch.rows_cut
-        state = initial = self.initial_state(static)
+        state = initial = self.initial_state(static, dispatch)
         steps = ctx.num_recurrent_steps
         first_grad_step = 0 if ctx.num_backprop_steps is None else max(0, steps - ctx.num_backprop_steps)
         grad_enabled = torch.is_grad_enabled()
@@ -771,12 +780,12 @@ class MoRERecurrentExperts(MoREExperts):
         return state.index_copy(0, active, new)
 
     def _record_stats(self, ctx, changes, deltas, state, initial, kept):
-        """The guide's recurrence diagnostics (§5.2) over routed rows."""
+        """The recurrence diagnostics (README, "Diagnostics") over routed rows."""
         ctx.stats["state_change"] = torch.stack(changes).detach()  # (steps run,)
-        # Share of the final state written by the last step (guide §5.2: final-step contribution).
+        # Share of the final state written by the last step (final-step contribution).
         ctx.stats["final_step_contribution"] = changes[-1].detach()
-        # Refinement (guide §5.2, option D, computed for every recurrent type): how far the loop moved the state from
-        # its start (mean norm), and whether successive steps move it in the same direction (mean cosine).
+        # Refinement (designed for `sequential`, computed for every recurrent type): how far the loop moved the state
+        # from its start (mean norm), and whether successive steps move it in the same direction (mean cosine).
         moved = (self.observed_state(state.detach()) - self.observed_state(initial.detach())).float().norm(dim=-1)
         ctx.stats["refinement_magnitude"] = masked_mean(moved, kept)
         if len(deltas) > 1:
@@ -799,13 +808,13 @@ def _take_rows(static, index):
 
 
 def _row_change(new, old):
-    """||new - old|| / ||new|| per row (rows,): the share of the new state written by this step (the guide's
+    """||new - old|| / ||new|| per row (rows,): the share of the new state written by this step (the
     final-step contribution; finite from the zero eval state)."""
     return (new - old).float().norm(dim=-1) / new.float().norm(dim=-1).clamp_min(1e-6)
 
 
 class MoREHuginnExperts(MoRERecurrentExperts):
-    """Huginn-style recurrent block with weights stacked over `num_groups` weight groups (guide §2.2.1, §7.3).
+    """Huginn-style recurrent block (Geiping et al., 2025) with weights stacked over `num_groups` weight groups.
 
     One step: `s = adapter([s; x])`, `s = norm(attn(norm(s)) + s)`, `s = norm(mlp(norm(s)) + s)`. Attention runs among
     the tokens routed to the same expert in the same sequence, causal, with rotary at their original positions.
@@ -844,7 +853,7 @@ class MoREHuginnExperts(MoRERecurrentExperts):
     def initialize_parameters(self, std: float) -> None:
         super().initialize_parameters(std)
         init.ones_(self.norms)
-        # Xavier-uniform adapter (guide §3.2), with per-expert fans.
+        # Xavier-uniform adapter, with per-expert fans.
         bound = math.sqrt(6.0 / (self.adapter.shape[1] + self.adapter.shape[2]))
         init.uniform_(self.adapter, -bound, bound)
 
@@ -910,7 +919,8 @@ class MoREHuginnExperts(MoRERecurrentExperts):
 
 
 class MoRESharedRecurrentExperts(MoREHuginnExperts):
-    """One Huginn engine per layer; expert i differs only by its projections W_in^i, W_out^i (guide §2.2.2)."""
+    """One Huginn engine per layer; expert i differs only by its projections W_in^i, W_out^i (README, "Expert
+    types": Synthesis I, shallow specialisation)."""
 
     # EP shards the projections; the one engine stays replicated (its gradient is summed over the EP group).
     ep_plan = {"w_in": "grouped_gemm", "w_out": "grouped_gemm", "": "more_ep_experts"}
@@ -980,7 +990,7 @@ def _grouped_lstm_cell(x_proj, h, c, w_hh, offs):
 
 
 class MoRESandwichExperts(MoRERecurrentExperts):
-    """Option B (guide §2.3): expand d -> d_ff, activation, r GRU-cell steps in d_ff, contract d_ff -> d.
+    """Option B (README, "Expert types"): expand d -> d_ff, activation, r GRU-cell steps in d_ff, contract d_ff -> d.
 
     The expanded features are both the GRU's initial state and its input at every step (re-injection, as the
     Huginn adapter re-injects the input), so the GRU refines the FFN's hidden features.
@@ -1014,7 +1024,7 @@ class MoRESandwichExperts(MoRERecurrentExperts):
         input_gates = input_gates + _grouped_bias(self.gru_ih_bias, dispatch)
         return expanded, input_gates
 
-    def initial_state(self, static):
+    def initial_state(self, static, dispatch):
         return static[0]
 
     def step(self, state, static, dispatch, ctx, step_idx):
@@ -1031,7 +1041,7 @@ class MoRESandwichExperts(MoRERecurrentExperts):
 
 
 class MoRESequentialExperts(MoRERecurrentExperts):
-    """Option D (guide §2.5): FFN, then r LSTM-cell refinement steps with a sigmoid-gated residual.
+    """Option D (README, "Expert types"): FFN, then r LSTM-cell refinement steps with a sigmoid-gated residual.
 
     The loop state packs the LSTM's (h, c) as one (rows, 2 * hidden) tensor.
     """
@@ -1060,7 +1070,7 @@ class MoRESequentialExperts(MoRERecurrentExperts):
     def encode(self, x, dispatch):
         return self.ffn(x, dispatch, None)
 
-    def initial_state(self, static):
+    def initial_state(self, static, dispatch):
         return torch.cat([static, torch.zeros_like(static)], dim=-1)
 
     def step(self, state, static, dispatch, ctx, step_idx):
@@ -1162,7 +1172,7 @@ class MoRELSTMScan(torch.autograd.Function):
 
 
 class MoREParallelExperts(MoREExperts):
-    """Option C (guide §2.4): FFN branch || LSTM branch, mixed per token by a softmax gate (d -> 64 -> 2).
+    """Option C (README, "Expert types"): FFN branch || LSTM branch, mixed per token by a softmax gate (d -> 64 -> 2).
 
     The LSTM runs over the tokens routed to the expert in each sequence, in time order; its (h, c) per
     (expert, sequence) is cached for decoding.
@@ -1291,6 +1301,14 @@ def register_expert(name: str, cls: type[MoREExperts]) -> None:
         raise ValueError(f"register_expert({name!r}, ...) needs a subclass of MoREExperts, got {cls!r}.")
     if not (isinstance(name, str) and name):
         raise ValueError(f"register_expert needs a non-empty string name, got {name!r}.")
+    counts_once = cls.multiply_adds_per_token.__func__ is MoREExperts.multiply_adds_per_token.__func__
+    if cls.uses_recurrent_steps and counts_once:
+        # The default counts every weight once: for experts that iterate it would under-count r steps silently.
+        raise ValueError(
+            f"register_expert({name!r}, {cls.__qualname__}): an expert type that iterates (`uses_recurrent_steps`) "
+            "must define the classmethod `multiply_adds_per_token(config, num_steps)`, its multiply-adds per routed "
+            "token at `num_steps` steps (FLOPs accounting: `flops_per_token`, the main job's compute matching)."
+        )
     existing = EXPERT_REGISTRY.get(name)
     if existing is not None and (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
         raise ValueError(f"expert_type {name!r} is already registered to {existing.__qualname__}.")
@@ -1463,7 +1481,7 @@ def router_z_loss(logits, token_mask=None):
 
 
 def routing_statistics(logits, top_k, token_mask=None) -> dict[str, torch.Tensor]:
-    """The guide's expert-utilisation diagnostics (§5.1) for one layer and iteration, over real tokens.
+    """Expert-utilisation diagnostics (README, "Diagnostics") for one layer and iteration, over real tokens.
 
     logits: (tokens, experts). Returns `load` (experts,) share of top-k assignments, `load_cv` (std / mean of the
     load; 0 = balanced), `max_min_load_ratio` (inf when an expert gets nothing), `effective_experts` (inverse HHI
@@ -1511,7 +1529,7 @@ class MoREBlockOutput:
 class MoRESparseMoeBlock(nn.Module):
     """Routes once per iteration, sorts once, runs all experts grouped, scatter-adds once.
 
-    With `num_moe_iterations` T > 1 the block is a recurrent unit (guide §2.3.1):
+    With `num_moe_iterations` T > 1 the block is a recurrent unit (Synthesis II, README "Expert types"):
     `state = state + residual_scale * moe(state)`, re-routed at every iteration; it returns `state_T - state_0`
     so the decoder layer's residual stays the usual `h + mlp(norm(h))`.
     """
@@ -2159,6 +2177,23 @@ def _numel(module: nn.Module | None) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
 
 
+# With a registered expert type of its own module, `save_pretrained` writes this module: the remote-code entry point.
+EXPERT_TYPES_MODULE = "more_expert_types"
+
+
+def _save_module_files(source: Path, folder: Path) -> None:
+    """Copy the module file `source` and, recursively, the files it imports relatively that sit beside it (the model
+    files are saved already: relative imports not found beside it are skipped)."""
+    todo, seen = [source], set()
+    while todo:
+        path = todo.pop()
+        if path in seen or not path.is_file():
+            continue
+        seen.add(path)
+        shutil.copyfile(path, folder / path.name)
+        todo += [path.parent / f"{name.replace('.', '/')}.py" for name in get_relative_imports(path)]
+
+
 class MoREPreTrainedModel(PreTrainedModel):
     config_class = MoREConfig
     config: MoREConfig
@@ -2182,6 +2217,42 @@ class MoREPreTrainedModel(PreTrainedModel):
                 "Pass gradient_checkpointing_kwargs={'use_reentrant': False} (the default)."
             )
         return super().activation_checkpointing_enable(activation_checkpointing_kwargs, *args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Transformers' `save_pretrained`; for an expert type registered from a module of its own, that module (and
+        what it imports relatively) is saved beside the model files together with `more_expert_types.py`, which
+        imports it and then the model classes, and the config's `auto_map` points there: `trust_remote_code=True`
+        in a fresh process registers the type before it builds the config and the model.
+
+        The expert's module imports MoRE relatively first (`from .modeling_more import ...`, falling back to
+        `from modeling_more import ...`): with remote code it is one package with the model files (README, "Add your
+        own expert").
+        """
+        super().save_pretrained(save_directory, *args, **kwargs)
+        experts = get_expert_class(self.config.expert_type)
+        if experts.__module__ == type(self).__module__ or not kwargs.get("is_main_process", True):
+            return
+        if experts.__module__ == "__main__":
+            logger.warning(
+                f"expert_type {self.config.expert_type!r} is defined in __main__: its code cannot travel with the "
+                "checkpoint, and loading it needs the type registered first. Define it in a module of its own."
+            )
+            return
+        _save_module_files(Path(sys.modules[experts.__module__].__file__), Path(save_directory))
+        module = experts.__module__.rsplit(".", 1)[-1]
+        config_file = Path(save_directory) / CONFIG_NAME
+        config = json.loads(config_file.read_text())
+        names = {ref.rsplit(".", 1)[-1]: ref.rsplit(".", 1)[0] for ref in config["auto_map"].values()}
+        imports = "".join(f"from .{source} import {name}  # noqa: F401\n" for name, source in sorted(names.items()))
+        (Path(save_directory) / f"{EXPERT_TYPES_MODULE}.py").write_text(
+            f'"""Written by MoRE\'s `save_pretrained`: importing `{module}` registers expert_type '
+            f'{self.config.expert_type!r}, before the model classes are used."""\n\n'
+            f"from .{module} import {experts.__name__}  # noqa: F401\n{imports}"
+        )
+        config["auto_map"] = {
+            auto: f"{EXPERT_TYPES_MODULE}.{ref.rsplit('.', 1)[-1]}" for auto, ref in config["auto_map"].items()
+        }
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     def num_parameters(
         self, only_trainable: bool = False, exclude_embeddings: bool = False, active: bool = False

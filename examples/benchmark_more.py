@@ -1094,6 +1094,8 @@ def trainer_step_seconds(model, train, tokenizer, preset, steps: int, output_dir
 
     clock = _StepClock()
     training_args = compare_more.training_arguments(preset.training, seed, output_dir, steps)
+    # Logging steps (routing statistics, the log) as often as in the job, not every twentieth step of this block.
+    training_args.logging_steps = max(1, preset.training["max_steps"] // 20)
     compare_more.train_model(model, train, training_args, tokenizer, None, clock)
     return [b - a for a, b in zip(clock.ends, clock.ends[1:], strict=False)]
 
@@ -1142,10 +1144,12 @@ def bench_tiny(args, device):
         records.append({"model": name, "parameters": parameters, **stats, "over_llama": stats["median_s"] / llama})
         if name in TINY_TARGETS:
             targets.append(target(f"{name} step / Llama's (medians) <= {limit}", medians[name] / llama, limit, False))
-    # Loop overhead: Trainer steps of the ffn model vs its bare steps, in alternating blocks.
-    steps = max(20, args.tiny_rounds)
+    # Loop overhead: Trainer steps of the ffn model vs its bare steps, in alternating blocks (short ones, so that the
+    # machine's drifting speed reaches both sides alike).
+    blocks = 8
+    steps = max(20, 3 * args.tiny_rounds // blocks)
     trainer_times, bare_times = [], []
-    for _ in range(3):
+    for _ in range(blocks):
         torch.manual_seed(args.seed)
         model = modeling_more.MoREForCausalLM(configs["ffn"]).train()
         output_dir = Path(args.output_dir) / "tiny"

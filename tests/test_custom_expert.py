@@ -2,8 +2,12 @@
 toy expert of the README (tests/toy_expert.py) is built, initialised, trained, saved, loaded and generated with."""
 
 import importlib
+import json
 import math
+import os
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -42,6 +46,16 @@ def test_registration_is_validated(toy):
     with pytest.raises(ValueError, match="already registered"):
         modeling_more.register_expert("ffn", toy.ToyExperts)
     modeling_more.register_expert("toy", toy.ToyExperts)  # a re-import registers the same class again: allowed
+
+
+def test_an_iterating_expert_type_must_count_its_multiply_adds(toy):
+    class Uncounted(toy.ToyExperts):
+        # Back to the base class's count (every weight once), which would under-count an iterating expert.
+        multiply_adds_per_token = classmethod(modeling_more.MoREExperts.multiply_adds_per_token.__func__)
+
+    with pytest.raises(ValueError, match="multiply_adds_per_token"):
+        modeling_more.register_expert("uncounted", Uncounted)
+    assert "uncounted" not in modeling_more.EXPERT_REGISTRY and "uncounted" not in configuration_more.EXPERT_TYPES
 
 
 def test_toy_expert_builds_initialises_trains_saves_loads_and_generates(toy, tmp_path):
@@ -97,3 +111,79 @@ def test_readme_shows_the_toy_expert():
     code = source[source.index("import math") :]
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert code.strip() in readme
+
+
+REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import os
+    import sys
+
+    repo_root = os.path.realpath(sys.argv[1])
+    # Nothing of the project importable: no editable-install finder, no repo root or tests directory on the path.
+    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+    sys.path[:] = [p for p in sys.path if not os.path.realpath(p or os.getcwd()).startswith(repo_root)]
+    import importlib.util
+    for name in ("modeling_more", "configuration_more", "toy_expert"):
+        assert importlib.util.find_spec(name) is None, name
+
+    import torch
+    torch.set_num_threads(1)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[2], trust_remote_code=True).eval()
+    experts = model.model.layers[0].mlp.experts
+    assert type(experts).__name__ == "ToyExperts" and type(experts).__module__.startswith("transformers_modules")
+    ids = torch.load(sys.argv[3])
+    with torch.no_grad():
+        logits = model(ids, num_recurrent_steps=3).logits
+    generated = model.generate(ids[:, :5], max_new_tokens=4, do_sample=False, num_recurrent_steps=3)
+    torch.save({"logits": logits, "generated": generated}, sys.argv[4])
+    print("ok")
+    """
+)
+
+
+def test_a_custom_expert_checkpoint_loads_with_remote_code_in_a_fresh_process(toy, tmp_path):
+    """The expert's module travels with the checkpoint: a process that cannot import MoRE or the toy module loads
+    it with `trust_remote_code=True`, with the same logits and the same cached greedy generation."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(expert_type="toy"))
+    ids = random_ids(2, 8)
+    model.train()
+    model(ids, labels=ids).loss.backward()  # a trained-looking checkpoint: one SGD step off the initialisation
+    with torch.no_grad():
+        for param in model.parameters():
+            param -= 0.1 * param.grad
+    model.eval()
+    path = tmp_path / "toy-checkpoint"
+    model.save_pretrained(path)
+    files = set(os.listdir(path))
+    assert {"toy_expert.py", "modeling_more.py", "configuration_more.py", "more_expert_types.py"} <= files
+    auto_map = json.loads((path / "config.json").read_text())["auto_map"]
+    assert auto_map == {
+        "AutoConfig": "more_expert_types.MoREConfig",
+        "AutoModelForCausalLM": "more_expert_types.MoREForCausalLM",
+    }
+    with torch.no_grad():
+        expected_logits = model(ids, num_recurrent_steps=3).logits
+    expected_generated = model.generate(ids[:, :5], max_new_tokens=4, do_sample=False, num_recurrent_steps=3)
+
+    torch.save(ids, tmp_path / "ids.pt")
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
+    repo_root = str(Path(__file__).resolve().parents[1])
+    arguments = [repo_root, str(path), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")]
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_SCRIPT, *arguments],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0 and "ok" in result.stdout, result.stdout + result.stderr
+    remote = torch.load(tmp_path / "out.pt")
+    torch.testing.assert_close(remote["logits"], expected_logits, atol=1e-6, rtol=0)
+    assert torch.equal(remote["generated"], expected_generated)

@@ -6,10 +6,14 @@ import torch
 from torch import nn
 from transformers import initialization as init
 
-import modeling_more
+
+try:  # shipped with a checkpoint (trust_remote_code): one package with the model files
+    from .modeling_more import MoRERecurrentExperts, grouped_linear, register_expert
+except ImportError:  # installed: top-level modules
+    from modeling_more import MoRERecurrentExperts, grouped_linear, register_expert
 
 
-class ToyExperts(modeling_more.MoRERecurrentExperts):
+class ToyExperts(MoRERecurrentExperts):
     """Per expert, a tanh RNN cell run r weight-tied steps on its routed token: s = tanh(W s + U x)."""
 
     def __init__(self, config):
@@ -23,10 +27,10 @@ class ToyExperts(modeling_more.MoRERecurrentExperts):
         init.normal_(self.w_state, std=0.5 / math.sqrt(self.hidden_size))  # a contractive loop at init
 
     def encode(self, x, dispatch):  # the loop's input, projected once for all steps
-        return modeling_more.grouped_linear(x, self.w_input, dispatch.offs)
+        return grouped_linear(x, self.w_input, dispatch.offs)
 
     def step(self, state, static, dispatch, ctx, step_idx):
-        return torch.tanh(modeling_more.grouped_linear(state, self.w_state, dispatch.offs) + static)
+        return torch.tanh(grouped_linear(state, self.w_state, dispatch.offs) + static)
 
     def regularisation_loss(self):  # added to the training loss as `expert_loss`
         return 1e-3 * self.w_state.pow(2).sum(dim=(1, 2)).mean()
@@ -36,4 +40,4 @@ class ToyExperts(modeling_more.MoRERecurrentExperts):
         return (1 + num_steps) * config.hidden_size**2
 
 
-modeling_more.register_expert("toy", ToyExperts)
+register_expert("toy", ToyExperts)
