@@ -15,9 +15,18 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-# Valid names of the registries in `modeling_more.py`; a test keeps both lists equal. `EXPERT_TYPES` is a registry:
-# `modeling_more.register_expert` adds a user's expert type to it (through `register_expert_type`).
-EXPERT_TYPES = ["ffn", "recurrent", "shared_recurrent", "sandwich", "parallel", "sequential"]
+# The one registry of expert types, shared with `modeling_more` (its `EXPERT_REGISTRY` is this dict): name -> expert
+# class. The config needs the names only, so the built-in types name their class in `modeling_more`, which puts the
+# classes in when it is imported; `modeling_more.register_expert` adds a user's type.
+EXPERT_TYPES: dict[str, "str | type"] = {
+    "ffn": "MoREFFNExperts",
+    "recurrent": "MoREHuginnExperts",
+    "shared_recurrent": "MoRESharedRecurrentExperts",
+    "sandwich": "MoRESandwichExperts",
+    "parallel": "MoREParallelExperts",
+    "sequential": "MoRESequentialExperts",
+}
+# Valid names of `modeling_more.ROUTER_REGISTRY` (a test keeps both equal).
 ROUTER_TYPES = ("linear", "gru", "rnn", "gru_token", "rnn_token")
 RECURRENT_STEPS_SAMPLERS = ("fixed", "uniform", "poisson_lognormal")
 SHARED_EXPERT_GATES = ("learned", "fixed")
@@ -295,7 +304,7 @@ class MoREConfig(PreTrainedConfig):
 
     def _field_rules(self) -> dict[str, "_Rule"]:
         """What each MoRE field accepts on its own (a test checks that every field has a rule). Built per call: the
-        expert types grow with `register_expert_type` and the layer indices depend on `num_hidden_layers`."""
+        expert types grow with `modeling_more.register_expert` and the layer indices depend on `num_hidden_layers`."""
         layers = self.num_hidden_layers
         return {
             "vocab_size": _POSITIVE_INT,
@@ -433,12 +442,6 @@ class MoREConfig(PreTrainedConfig):
             raise ValueError(f"`rope_parameters` {self.rope_parameters!r}: {err.args[0]}") from None
 
 
-def register_expert_type(name: str) -> None:
-    """Accept `name` as an `expert_type` from now on (`modeling_more.register_expert` calls it)."""
-    if name not in EXPERT_TYPES:
-        EXPERT_TYPES.append(name)
-
-
 class _Rule(NamedTuple):
     """What a field accepts: `accepts(value)` checks a value, `allowed` says it in the error message."""
 
@@ -459,7 +462,8 @@ def _optional(rule: _Rule, none_means: str) -> _Rule:
 
 
 def _one_of(choices) -> _Rule:
-    return _Rule(f"one of {list(choices)}", lambda v: v in choices)
+    # Compared by equality (a list of names, e.g.): a dict's `in` would hash the value and fail on unhashable ones.
+    return _Rule(f"one of {list(choices)}", lambda v: v in list(choices))
 
 
 _POSITIVE_INT = _Rule("a positive integer", lambda v: _is_int(v) and v >= 1)

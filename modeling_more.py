@@ -45,9 +45,9 @@ if torch.distributed.is_available():
     from torch.distributed.tensor import DTensor, Shard
 
 try:  # remote code: both files live in one `transformers_modules` package
-    from .configuration_more import ARCHITECTURE_FIELDS, MoREConfig, register_expert_type
+    from .configuration_more import ARCHITECTURE_FIELDS, EXPERT_TYPES, MoREConfig
 except ImportError:  # installed as top-level modules
-    from configuration_more import ARCHITECTURE_FIELDS, MoREConfig, register_expert_type
+    from configuration_more import ARCHITECTURE_FIELDS, EXPERT_TYPES, MoREConfig
 
 
 logger = logging.get_logger(__name__)
@@ -1277,14 +1277,10 @@ class MoREParallelExperts(MoREExperts):
         return order, tuple(sum(n > t for n in longest) for t in range(max(1, longest[0])))
 
 
-EXPERT_REGISTRY: dict[str, type[MoREExperts]] = {
-    "ffn": MoREFFNExperts,
-    "recurrent": MoREHuginnExperts,
-    "shared_recurrent": MoRESharedRecurrentExperts,
-    "sandwich": MoRESandwichExperts,
-    "parallel": MoREParallelExperts,
-    "sequential": MoRESequentialExperts,
-}
+# The expert-type registry is `configuration_more.EXPERT_TYPES` itself (one dict for the config's validation and the
+# model's classes); the built-in types' class names become their classes here.
+EXPERT_REGISTRY: dict[str, type[MoREExperts]] = EXPERT_TYPES
+EXPERT_REGISTRY.update({name: globals()[cls] for name, cls in EXPERT_REGISTRY.items() if isinstance(cls, str)})
 
 
 def get_expert_class(name: str) -> type[MoREExperts]:
@@ -1313,7 +1309,6 @@ def register_expert(name: str, cls: type[MoREExperts]) -> None:
     if existing is not None and (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
         raise ValueError(f"expert_type {name!r} is already registered to {existing.__qualname__}.")
     EXPERT_REGISTRY[name] = cls
-    register_expert_type(name)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -576,6 +576,12 @@ def bench_moe_layer(args, device, dtypes):
     }
 
 
+def huginn_types() -> list[str]:
+    """Registered expert types built on the Huginn block (attention inside experts): what this suite measures."""
+    registry = modeling_more.EXPERT_REGISTRY
+    return [name for name, cls in registry.items() if issubclass(cls, modeling_more.MoREHuginnExperts)]
+
+
 def bench_recurrent(args, device, dtype):
     d, experts, batch, length = args.hidden_size, args.num_experts, args.recurrent_batch_size, args.attention_length
     depths = [int(r) for r in args.recurrent_steps.split(",")]
@@ -586,7 +592,7 @@ def bench_recurrent(args, device, dtype):
 
     # 1. Cost of r steps (inference forward of one block).
     blocks = {}
-    for expert_type in ("recurrent", "shared_recurrent"):
+    for expert_type in huginn_types():
         torch.manual_seed(args.seed)
         blocks[expert_type] = more_block(device, dtype, expert_type=expert_type, **common)[0].eval()
     candidates = {}
@@ -682,7 +688,7 @@ def bench_recurrent(args, device, dtype):
 
     # 3. Training peak memory: truncated backprop keeps it flat as depth grows; full backprop for contrast.
     memory_rows = []
-    for expert_type in ("recurrent", "shared_recurrent"):
+    for expert_type in huginn_types():
         for backprop in (args.num_backprop_steps, None):
             peaks = {}
             for r in (2, 16):

@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class QuickstartArguments:
-    expert_type: str = field(default="recurrent", metadata={"help": f"One of {EXPERT_TYPES}."})
+    expert_type: str = field(default="recurrent", metadata={"help": f"One of {list(EXPERT_TYPES)}."})
     router_type: str = field(default="linear", metadata={"help": f"One of {ROUTER_TYPES}."})
     tasks: str = field(default="babi1,arithmetic", metadata={"help": "Comma-separated embedded task names."})
     num_train_examples: int = field(default=2000, metadata={"help": "Generated training examples."})

@@ -144,7 +144,7 @@ class ModelArguments:
         metadata={"help": "A saved MoRE model to continue training from (its config wins over --preset)."},
     )
     preset: str = field(default="tiny", metadata={"help": f"Model size of a new model: one of {list(PRESETS)}."})
-    expert_type: str | None = field(default=None, metadata={"help": f"One of {EXPERT_TYPES} (preset: ffn)."})
+    expert_type: str | None = field(default=None, metadata={"help": f"One of {list(EXPERT_TYPES)} (preset: ffn)."})
     router_type: str | None = field(default=None, metadata={"help": f"One of {ROUTER_TYPES} (preset: linear)."})
     num_experts: int | None = field(default=None, metadata={"help": "Experts per MoE layer."})
     num_experts_per_tok: int | None = field(default=None, metadata={"help": "Experts per token (top-k)."})

@@ -204,16 +204,12 @@ def test_resume_loads_finished_jobs_instead_of_training(tmp_path, monkeypatch):
 
 def test_a_registered_expert_type_joins_the_comparison(tmp_path, monkeypatch):
     """A researcher's own expert (tests/toy_expert.py) registered by `--expert_modules`, also in the workers."""
-    import configuration_more
-
     try:
         output_dir, comparison = _run(
             tmp_path, monkeypatch, "--expert_modules=toy_expert", "--variants=ffn,toy", "--seeds=2", "--num_workers=2"
         )
     finally:
         modeling_more.EXPERT_REGISTRY.pop("toy", None)
-        if "toy" in configuration_more.EXPERT_TYPES:
-            configuration_more.EXPERT_TYPES.remove("toy")
     toy = comparison["results"]["toy"]
     assert toy["config"]["expert_type"] == "toy" and list(toy["depth_curves"]) == ["num_recurrent_steps"]
     # The toy has no width knob (`intermediate_size` does not size it), so it runs at its own size, reported as such.

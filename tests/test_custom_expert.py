@@ -30,7 +30,6 @@ def toy():
     )
     yield module
     modeling_more.EXPERT_REGISTRY.pop("toy")
-    configuration_more.EXPERT_TYPES.remove("toy")
 
 
 def test_unknown_expert_type_lists_valid_names():
