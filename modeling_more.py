@@ -960,8 +960,8 @@ class MoRESharedRecurrentExperts(MoREHuginnExperts):
 
     @torch.no_grad()
     def weight_statistics(self) -> dict[str, torch.Tensor]:
-        """Guide §5.2 (shared-block experts): `projection_orthogonality` (the orthogonality penalty's value, 0 =
-        orthogonal) and `projection_divergence` (mean over expert pairs of 1 - cosine similarity of their
+        """Shared-block diagnostics (README, "Diagnostics"): `projection_orthogonality` (the orthogonality penalty's
+        value, 0 = orthogonal) and `projection_divergence` (mean over expert pairs of 1 - cosine similarity of their
         flattened W_in and W_out; 0 = identical experts)."""
         divergence = []
         for weight in (self.w_in, self.w_out):
