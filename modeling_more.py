@@ -589,7 +589,6 @@ class MoREExpertContext:
     active_index: torch.Tensor | None = None
     latest_kv: tuple | None = None
     steps_taken: torch.Tensor | None = None  # (rows,) steps each routed row actually ran
-    row_norms: tuple | None = None  # (dispatch, grad enabled, per-row norm weights): gathered once per call
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -860,26 +859,27 @@ class MoREHuginnExperts(MoRERecurrentExperts):
     def _group_offs(self, dispatch):
         return dispatch.offs
 
-    def _norm(self, x, which, dispatch, ctx):
-        # The four norm weights of every row, (d,) each with one group, (rows, d) otherwise, gathered once per call
-        # (per step under adaptive exit, whose dispatch changes) rather than at every norm of every step.
-        # Truncated backprop: the steps without a graph gather their own, the first step with one gathers again.
-        grad = torch.is_grad_enabled()
-        if ctx.row_norms is None or ctx.row_norms[0] is not dispatch or ctx.row_norms[1] != grad:
-            norms = self.norms[:, 0] if self.norms.shape[1] == 1 else self.norms[:, dispatch.group_index]
-            ctx.row_norms = (dispatch, grad, norms.unbind(0))
-        return rms_norm(x, ctx.row_norms[2][which], self.eps)
+    def encode(self, x, dispatch):
+        """The loop's static input: the rows and their four norm weights (rows, 4, d), gathered once per call rather
+        than at every norm of every step; as part of the static input they follow the rows that still iterate under
+        adaptive exit."""
+        norms = self.norms.transpose(0, 1)  # (groups, 4, d)
+        return x, norms.expand(x.shape[0], -1, -1) if norms.shape[0] == 1 else norms[dispatch.group_index]
+
+    def initial_state(self, static, dispatch):
+        return super().initial_state(static[0], dispatch)
 
     def step(self, state, static, dispatch, ctx, step_idx):
+        x, norms = static
+        pre_attn, post_attn, pre_mlp, post_mlp = norms.unbind(1)  # (rows, d) each
         offs = self._group_offs(dispatch)
-        state = grouped_linear(torch.cat([state, static], dim=-1), self.adapter, offs)
-        attn = self._attention(self._norm(state, 0, dispatch, ctx), dispatch, ctx, step_idx, offs)
-        state = self._norm(attn + state, 1, dispatch, ctx)
+        state = grouped_linear(torch.cat([state, x], dim=-1), self.adapter, offs)
+        attn = self._attention(rms_norm(state, pre_attn, self.eps), dispatch, ctx, step_idx, offs)
+        state = rms_norm(attn + state, post_attn, self.eps)
         hidden = gated_activation(
-            grouped_linear(self._norm(state, 2, dispatch, ctx), self.gate_up_proj, offs), self.act_fn
+            grouped_linear(rms_norm(state, pre_mlp, self.eps), self.gate_up_proj, offs), self.act_fn
         )
-        state = self._norm(grouped_linear(hidden, self.down_proj, offs) + state, 3, dispatch, ctx)
-        return state
+        return rms_norm(grouped_linear(hidden, self.down_proj, offs) + state, post_mlp, self.eps)
 
     def _attention(self, x, dispatch, ctx, step_idx, offs):
         rows = x.shape[0]
@@ -937,7 +937,7 @@ class MoRESharedRecurrentExperts(MoREHuginnExperts):
         return 2 * config.hidden_size**2 + super().multiply_adds_per_token(config, num_steps)  # W_in, W_out + engine
 
     def encode(self, x, dispatch):
-        return self.projection_dropout(grouped_linear(x, self.w_in, dispatch.offs))
+        return super().encode(self.projection_dropout(grouped_linear(x, self.w_in, dispatch.offs)), dispatch)
 
     def decode(self, state, static, dispatch):
         return grouped_linear(state, self.w_out, dispatch.offs)
