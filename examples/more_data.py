@@ -989,43 +989,24 @@ def tokenize_qa(
     Returns:
         The dataset with only `input_ids`, `attention_mask` and `labels`.
     """
-    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
-        raise ValueError("tokenize_qa needs a tokenizer with pad and eos tokens (load_tokenizer adds a pad token)")
     if pad_to_longest and isinstance(dataset, DatasetDict):
         return DatasetDict(
             {name: tokenize_qa(split, tokenizer, max_length, answer_only_loss) for name, split in dataset.items()}
         )
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
 
-    def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
-        prompts = tokenizer(batch["prompt"], add_special_tokens=False)["input_ids"]
-        answers = tokenizer([f" {answer}" for answer in batch["answer"]], add_special_tokens=False)["input_ids"]
-        columns: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
-        truncated = 0
-        for prompt_ids, answer_ids in zip(prompts, answers, strict=True):
-            target = [*answer_ids, eos]
-            room = max_length - len(bos) - len(target)
-            if room < 0:
-                raise ValueError(f"max_length={max_length} cannot hold bos, answer and eos ({len(bos) + len(target)})")
-            if len(prompt_ids) > room:
-                prompt_ids = prompt_ids[len(prompt_ids) - room :]
-                truncated += 1
-            context = [*bos, *prompt_ids]
-            padding = max_length - len(context) - len(target)
-            columns["input_ids"].append([*context, *target] + [pad] * padding)
-            columns["attention_mask"].append([1] * (len(context) + len(target)) + [0] * padding)
-            context_labels = [IGNORE_INDEX] * len(context) if answer_only_loss else context
-            columns["labels"].append([*context_labels, *target] + [IGNORE_INDEX] * padding)
-        if truncated:
-            logger.warning(
-                "Cut the start of %d of %d prompts to fit max_length=%d", truncated, len(prompts), max_length
-            )
-        return columns
+    def build(prompt_ids: list[int], answer_ids: list[int], bos: list[int], eos: int):
+        target = [*answer_ids, eos]
+        room = max_length - len(bos) - len(target)
+        if room < 0:
+            raise ValueError(f"max_length={max_length} cannot hold bos, answer and eos ({len(bos) + len(target)})")
+        truncated = len(prompt_ids) > room
+        context = [*bos, *prompt_ids[len(prompt_ids) - room :]] if truncated else [*bos, *prompt_ids]
+        context_labels = [IGNORE_INDEX] * len(context) if answer_only_loss else context
+        return [*context, *target], [*context_labels, *target], truncated
 
-    columns = dataset.column_names
-    remove_columns = next(iter(columns.values())) if isinstance(columns, dict) else columns
-    tokenized = dataset.map(encode, batched=True, remove_columns=remove_columns, desc="Tokenizing prompt/answer pairs")
+    tokenized = _tokenize_pairs(
+        dataset, tokenizer, max_length, build, answer_prefix=" ", desc="Tokenizing prompt/answer pairs"
+    )
     if not pad_to_longest or len(tokenized) == 0:
         return tokenized
     longest = max(map(sum, tokenized["attention_mask"]))
@@ -1088,30 +1069,48 @@ def tokenize_per_position(
         ValueError: An answer has not one token per prompt token, or bos + prompt + eos exceed `max_length` (cutting
             the prompt would cut targets).
     """
+
+    def build(prompt_ids: list[int], answer_ids: list[int], bos: list[int], eos: int):
+        if len(answer_ids) != len(prompt_ids):
+            raise ValueError(f"{len(answer_ids)} targets for {len(prompt_ids)} prompt tokens: need one per token")
+        if len(bos) + len(prompt_ids) + 1 > max_length:
+            raise ValueError(f"max_length={max_length} cannot hold bos, {len(prompt_ids)} prompt tokens and eos")
+        return [*bos, *prompt_ids, eos], [IGNORE_INDEX] * (len(bos) + 1) + answer_ids, False
+
+    return _tokenize_pairs(dataset, tokenizer, max_length, build, desc="Tokenizing per-position targets")
+
+
+def _tokenize_pairs(dataset, tokenizer, max_length: int, build: Callable, desc: str, answer_prefix: str = ""):
+    """What `tokenize_qa` and `tokenize_per_position` share: the prompts and `answer_prefix + answer`s tokenized in
+    batches, each pair turned into `(input_ids, labels, truncated)` by `build(prompt_ids, answer_ids, bos, eos)`,
+    right-padded to `max_length` (padding: pad token, mask 0, label -100); only the three model columns stay."""
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
-        raise ValueError("tokenize_per_position needs a tokenizer with pad and eos tokens")
+        raise ValueError("Tokenizing needs a tokenizer with pad and eos tokens (load_tokenizer adds a pad token)")
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
 
     def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
         prompts = tokenizer(batch["prompt"], add_special_tokens=False)["input_ids"]
-        answers = tokenizer(batch["answer"], add_special_tokens=False)["input_ids"]
-        columns: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
+        answers = [f"{answer_prefix}{answer}" for answer in batch["answer"]]
+        answers = tokenizer(answers, add_special_tokens=False)["input_ids"]
+        columns: dict[str, list[list[int]]] = {name: [] for name in MODEL_COLUMNS}
+        truncated = 0
         for prompt_ids, answer_ids in zip(prompts, answers, strict=True):
-            if len(answer_ids) != len(prompt_ids):
-                raise ValueError(f"{len(answer_ids)} targets for {len(prompt_ids)} prompt tokens: need one per token")
-            input_ids = [*bos, *prompt_ids, eos]
+            input_ids, labels, cut = build(prompt_ids, answer_ids, bos, eos)
             padding = max_length - len(input_ids)
-            if padding < 0:
-                raise ValueError(f"max_length={max_length} cannot hold bos, {len(prompt_ids)} prompt tokens and eos")
             columns["input_ids"].append(input_ids + [pad] * padding)
             columns["attention_mask"].append([1] * len(input_ids) + [0] * padding)
-            columns["labels"].append([IGNORE_INDEX] * (len(bos) + 1) + answer_ids + [IGNORE_INDEX] * padding)
+            columns["labels"].append(labels + [IGNORE_INDEX] * padding)
+            truncated += cut
+        if truncated:
+            logger.warning(
+                "Cut the start of %d of %d prompts to fit max_length=%d", truncated, len(prompts), max_length
+            )
         return columns
 
     columns = dataset.column_names
     remove_columns = next(iter(columns.values())) if isinstance(columns, dict) else columns
-    return dataset.map(encode, batched=True, remove_columns=remove_columns, desc="Tokenizing per-position targets")
+    return dataset.map(encode, batched=True, remove_columns=remove_columns, desc=desc)
 
 
 def tokenize_depth_tasks(
