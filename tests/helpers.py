@@ -1,6 +1,10 @@
 """Tiny configs and models shared by the test files (import after `conftest.py` put the repo root on sys.path)."""
 
 import copy
+import os
+import subprocess
+import sys
+import textwrap
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -22,6 +26,44 @@ EXPERT_ROUTER_PAIRS = [(e, "linear") for e in EXPERT_TYPES] + [("ffn", r) for r 
 # (expert_type, router_type, num_moe_iterations): every pair, plus Synthesis II (2 iterations) with each expert type.
 MODEL_CASES = [(e, r, 1) for e in EXPERT_TYPES for r in ROUTER_TYPES] + [(e, "linear", 2) for e in EXPERT_TYPES]
 VOCAB = 100
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The first lines of a script that must not import the project (remote-code loading): an editable install's finders
+# and every sys.path entry inside the repository (its root, tests/) go, and MoRE's files are checked unimportable.
+_WITHOUT_PROJECT = textwrap.dedent(
+    """
+    import importlib.util
+    import os
+    import sys
+
+    repo_root = os.path.realpath(sys.argv[1])
+    sys.meta_path[:] = [
+        f for f in sys.meta_path if "editable" not in type(f).__name__.lower() and "editable" not in repr(f).lower()
+    ]
+    sys.path[:] = [p for p in sys.path if not os.path.realpath(p or os.getcwd()).startswith(repo_root)]
+    for name in ("modeling_more", "configuration_more"):
+        assert importlib.util.find_spec(name) is None, f"{name} is importable"
+    """
+)
+
+
+def run_without_project(script: str, arguments: list, tmp_path) -> subprocess.CompletedProcess:
+    """Runs `script` in a fresh Python that cannot import MoRE (`_WITHOUT_PROJECT` first), from a directory outside
+    the repository, offline, with its own remote-code cache; `sys.argv[2:]` are `arguments`."""
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(
+        HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONNOUSERSITE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules")
+    )
+    return subprocess.run(
+        [sys.executable, "-c", _WITHOUT_PROJECT + textwrap.dedent(script), REPO_ROOT, *map(str, arguments)],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def tiny_config(**overrides) -> MoREConfig:

@@ -5,14 +5,12 @@ import importlib
 import json
 import math
 import os
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import random_ids, tiny_config
+from helpers import random_ids, run_without_project, tiny_config
 from transformers import AutoModelForCausalLM
 
 import configuration_more
@@ -112,34 +110,22 @@ def test_readme_shows_the_toy_expert():
     assert code.strip() in readme
 
 
-REMOTE_SCRIPT = textwrap.dedent(
-    """
-    import os
-    import sys
+REMOTE_SCRIPT = """
+assert importlib.util.find_spec("toy_expert") is None, "toy_expert is importable"
+import torch
+torch.set_num_threads(1)
+from transformers import AutoModelForCausalLM
 
-    repo_root = os.path.realpath(sys.argv[1])
-    # Nothing of the project importable: no editable-install finder, no repo root or tests directory on the path.
-    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
-    sys.path[:] = [p for p in sys.path if not os.path.realpath(p or os.getcwd()).startswith(repo_root)]
-    import importlib.util
-    for name in ("modeling_more", "configuration_more", "toy_expert"):
-        assert importlib.util.find_spec(name) is None, name
-
-    import torch
-    torch.set_num_threads(1)
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(sys.argv[2], trust_remote_code=True).eval()
-    experts = model.model.layers[0].mlp.experts
-    assert type(experts).__name__ == "ToyExperts" and type(experts).__module__.startswith("transformers_modules")
-    ids = torch.load(sys.argv[3])
-    with torch.no_grad():
-        logits = model(ids, num_recurrent_steps=3).logits
-    generated = model.generate(ids[:, :5], max_new_tokens=4, do_sample=False, num_recurrent_steps=3)
-    torch.save({"logits": logits, "generated": generated}, sys.argv[4])
-    print("ok")
-    """
-)
+model = AutoModelForCausalLM.from_pretrained(sys.argv[2], trust_remote_code=True).eval()
+experts = model.model.layers[0].mlp.experts
+assert type(experts).__name__ == "ToyExperts" and type(experts).__module__.startswith("transformers_modules")
+ids = torch.load(sys.argv[3])
+with torch.no_grad():
+    logits = model(ids, num_recurrent_steps=3).logits
+generated = model.generate(ids[:, :5], max_new_tokens=4, do_sample=False, num_recurrent_steps=3)
+torch.save({"logits": logits, "generated": generated}, sys.argv[4])
+print("ok")
+"""
 
 
 def test_a_custom_expert_checkpoint_loads_with_remote_code_in_a_fresh_process(toy, tmp_path):
@@ -168,20 +154,7 @@ def test_a_custom_expert_checkpoint_loads_with_remote_code_in_a_fresh_process(to
     expected_generated = model.generate(ids[:, :5], max_new_tokens=4, do_sample=False, num_recurrent_steps=3)
 
     torch.save(ids, tmp_path / "ids.pt")
-    workdir = tmp_path / "elsewhere"
-    workdir.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"))
-    repo_root = str(Path(__file__).resolve().parents[1])
-    arguments = [repo_root, str(path), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")]
-    result = subprocess.run(
-        [sys.executable, "-c", REMOTE_SCRIPT, *arguments],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_without_project(REMOTE_SCRIPT, [path, tmp_path / "ids.pt", tmp_path / "out.pt"], tmp_path)
     assert result.returncode == 0 and "ok" in result.stdout, result.stdout + result.stderr
     remote = torch.load(tmp_path / "out.pt")
     torch.testing.assert_close(remote["logits"], expected_logits, atol=1e-6, rtol=0)

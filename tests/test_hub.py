@@ -3,19 +3,13 @@ fresh process where MoRE is not importable."""
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from helpers import EXPERT_ROUTER_PAIRS, MODEL_CASES, random_ids, tiny_model
+from helpers import EXPERT_ROUTER_PAIRS, MODEL_CASES, REPO_ROOT, random_ids, run_without_project, tiny_model
 from transformers import AutoModelForCausalLM
 
 import modeling_more  # noqa: F401  (registers MoRE with the Auto classes)
-
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _save(tmp_path, name="ckpt", **overrides):
@@ -66,37 +60,22 @@ def test_untied_round_trip(tmp_path):
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
 
 
-REMOTE_SCRIPT = textwrap.dedent(
-    """
-    import importlib.util
-    import os
-    import sys
+REMOTE_SCRIPT = """
+import torch
+torch.set_num_threads(1)
+from transformers import AutoModelForCausalLM
 
-    repo_root = os.path.realpath(sys.argv[1])
-    # An editable install would make the project importable: drop its finders and the repo root from sys.path.
-    sys.meta_path[:] = [
-        f for f in sys.meta_path if "editable" not in type(f).__name__.lower() and "editable" not in repr(f).lower()
-    ]
-    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != repo_root]
-    assert importlib.util.find_spec("modeling_more") is None, "modeling_more is importable"
-    assert importlib.util.find_spec("configuration_more") is None, "configuration_more is importable"
-
-    import torch
-    torch.set_num_threads(1)
-    from transformers import AutoModelForCausalLM
-
-    ids = torch.load(sys.argv[2])
-    for path in sys.argv[3:]:
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
-        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-        assert "modeling_more" not in sys.modules
-        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-        with torch.no_grad():
-            logits = model(ids).logits
-        torch.save(logits, os.path.join(path, "remote_logits.pt"))
-    print("ok")
-    """
-)
+ids = torch.load(sys.argv[2])
+for path in sys.argv[3:]:
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    assert "modeling_more" not in sys.modules
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    with torch.no_grad():
+        logits = model(ids).logits
+    torch.save(logits, os.path.join(path, "remote_logits.pt"))
+print("ok")
+"""
 
 
 def test_remote_code_in_fresh_process(tmp_path):
@@ -110,23 +89,7 @@ def test_remote_code_in_fresh_process(tmp_path):
             expected[path] = model(ids).logits
         paths.append(path)
     torch.save(ids, tmp_path / "ids.pt")
-    workdir = tmp_path / "elsewhere"
-    workdir.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(
-        HF_HUB_OFFLINE="1",
-        OMP_NUM_THREADS="1",
-        PYTHONNOUSERSITE="1",
-        HF_MODULES_CACHE=str(tmp_path / "hf_modules"),
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", REMOTE_SCRIPT, REPO_ROOT, str(tmp_path / "ids.pt"), *map(str, paths)],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_without_project(REMOTE_SCRIPT, [tmp_path / "ids.pt", *paths], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ok" in result.stdout
     for path in paths:
