@@ -2237,16 +2237,16 @@ class MoREPreTrainedModel(PreTrainedModel):
         module = experts.__module__.rsplit(".", 1)[-1]
         config_file = Path(save_directory) / CONFIG_NAME
         config = json.loads(config_file.read_text())
-        names = {ref.rsplit(".", 1)[-1]: ref.rsplit(".", 1)[0] for ref in config["auto_map"].values()}
-        imports = "".join(f"from .{source} import {name}  # noqa: F401\n" for name, source in sorted(names.items()))
+        classes = {auto: tuple(ref.rsplit(".", 1)) for auto, ref in config["auto_map"].items()}  # (module, class)
+        imports = "".join(
+            f"from .{source} import {name}  # noqa: F401\n" for source, name in sorted(set(classes.values()))
+        )
         (Path(save_directory) / f"{EXPERT_TYPES_MODULE}.py").write_text(
             f'"""Written by MoRE\'s `save_pretrained`: importing `{module}` registers expert_type '
             f'{self.config.expert_type!r}, before the model classes are used."""\n\n'
             f"from .{module} import {experts.__name__}  # noqa: F401\n{imports}"
         )
-        config["auto_map"] = {
-            auto: f"{EXPERT_TYPES_MODULE}.{ref.rsplit('.', 1)[-1]}" for auto, ref in config["auto_map"].items()
-        }
+        config["auto_map"] = {auto: f"{EXPERT_TYPES_MODULE}.{name}" for auto, (_, name) in classes.items()}
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     def num_parameters(
