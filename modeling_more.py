@@ -38,7 +38,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import CONFIG_NAME, can_return_tuple, logging
-from transformers.utils.output_capturing import capture_outputs
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 
 if torch.distributed.is_available():
@@ -1318,11 +1318,13 @@ def register_expert(name: str, cls: type[MoREExperts]) -> None:
 
 @dataclass
 class MoRERouting:
+    """The routing of one routed pass, as the block and the losses read it."""
+
     logits: torch.Tensor  # (tokens, experts) fp32, as used for routing (after the EMA across iterations)
     probs: torch.Tensor  # (tokens, experts) fp32 softmax
     top_k_weights: torch.Tensor  # (tokens, top_k)
     top_k_index: torch.Tensor  # (tokens, top_k)
-    raw_logits: torch.Tensor | None = None  # (tokens, experts) fp32, this router's own output (before the EMA)
+    raw_logits: torch.Tensor  # (tokens, experts) fp32, this router's own output (before the EMA)
 
 
 class MoRERouter(nn.Module):
@@ -1334,29 +1336,38 @@ class MoRERouter(nn.Module):
         self.config = config
         self.top_k = config.num_experts_per_tok
 
-    def compute_logits(self, x, token_mask, state, ctx):
+    def compute_logits(self, x, token_mask, state, cache_pool):
+        """x (batch, seq, hidden), token_mask (batch, seq) or None -> (logits (tokens, experts), next state)."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None, state, ctx, previous_logits=None):
-        """x: (tokens, hidden); previous_logits: the previous iteration's (tokens, experts) logits or None.
-        Returns the routing and the router state for the next layer / iteration."""
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        previous_logits: torch.Tensor | None = None,
+        state: torch.Tensor | None = None,
+        cache_pool: "MoREExpertPool | None" = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """hidden_states (batch, seq, hidden); previous_logits: the previous iteration's (tokens, experts) or None;
+        `state`: a layerwise router's state from the previous layer / iteration (tokens, router_hidden) or None.
+
+        Returns plain tensors, so that hooks (output recording, ZeRO-3) see each: (logits, raw_logits, probs,
+        top_k_weights, top_k_index, next state or None); `output_router_logits` records the first.
+        """
         jitter, ema = self.config.router_jitter_noise, self.config.router_logits_ema
         if self.training and jitter > 0:
             # Switch Transformer's multiplicative input jitter, on the router input only.
-            x = x * torch.empty_like(x).uniform_(1.0 - jitter, 1.0 + jitter)
-        logits, state = self.compute_logits(x, token_mask, state, ctx)  # (tokens, experts)
+            hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(1.0 - jitter, 1.0 + jitter)
+        logits, state = self.compute_logits(hidden_states, token_mask, state, cache_pool)  # (tokens, experts)
         raw = logits = logits.float()
         if previous_logits is not None and ema > 0:
             # Synthesis II stabiliser: routing moves smoothly from one iteration to the next.
             logits = ema * previous_logits + (1 - ema) * logits
-        return self.route(logits, raw), state
-
-    def route(self, logits: torch.Tensor, raw_logits: torch.Tensor | None = None) -> MoRERouting:
         probs = F.softmax(logits, dim=-1)
-        top_k_weights, top_k_index = torch.topk(probs, self.top_k, dim=-1)
+        top_k_weights, top_k_index = torch.topk(probs, self.top_k, dim=-1)  # (tokens, top_k)
         if self.config.norm_topk_prob:
             top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
-        return MoRERouting(logits, probs, top_k_weights, top_k_index, logits if raw_logits is None else raw_logits)
+        return logits, raw, probs, top_k_weights, top_k_index, state
 
 
 class MoRELinearRouter(MoRERouter):
@@ -1366,8 +1377,8 @@ class MoRELinearRouter(MoRERouter):
         super().__init__(config, layer_idx)
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
 
-    def compute_logits(self, x, token_mask, state, ctx):
-        return F.linear(x, self.weight), state
+    def compute_logits(self, x, token_mask, state, cache_pool):
+        return F.linear(x.reshape(-1, x.shape[-1]), self.weight), state
 
 
 ROUTER_CELLS = {"gru": nn.GRUCell, "rnn": nn.RNNCell}
@@ -1382,18 +1393,25 @@ class MoRELayerwiseRecurrentRouter(MoRERouter):
         super().__init__(config, layer_idx)
         self.input_weight = nn.Parameter(torch.empty(config.router_hidden_size, config.hidden_size))
         self.head = nn.Linear(config.router_hidden_size, config.num_experts, bias=False)
+        self._shared_cell = ()
 
-    def compute_logits(self, x, token_mask, state, ctx):
-        if state is None:
+    def share_cell(self, cell: nn.Module) -> None:
+        """Use `cell`, which `MoREModel` owns. Kept in a tuple, so that it is not registered again here: its weights
+        appear once in the state dict, under `model.router_cell`."""
+        self._shared_cell = (cell,)
+
+    def compute_logits(self, x, token_mask, state, cache_pool):
+        if not self._shared_cell:
             raise ValueError(
-                f"router_type {self.config.router_type!r} shares one cell across layers (owned by `MoREModel`); "
-                "calling a MoE block alone needs `router_state=(model.model.router_cell, None)`."
+                f"router_type {self.config.router_type!r} shares one cell across layers, owned by `MoREModel`: build "
+                "the block as part of a model (`MoREModel(config).layers[i].mlp`)."
             )
-        cell, hidden = state  # the shared cell and the previous layer's (tokens, router_hidden) state
-        if hidden is None:
-            hidden = x.new_zeros(x.shape[0], cell.hidden_size)
-        hidden = cell(F.linear(x, self.input_weight), hidden)
-        return self.head(hidden), (cell, hidden)
+        (cell,) = self._shared_cell
+        x = x.reshape(-1, x.shape[-1])
+        if state is None:  # the first MoE layer
+            state = x.new_zeros(x.shape[0], cell.hidden_size)
+        state = cell(F.linear(x, self.input_weight), state)  # (tokens, router_hidden)
+        return self.head(state), state
 
 
 class MoRETokenwiseRecurrentRouter(MoRERouter):
@@ -1407,12 +1425,11 @@ class MoRETokenwiseRecurrentRouter(MoRERouter):
         self.cell = ROUTER_CELLS[cell_type](config.router_hidden_size, config.router_hidden_size)
         self.head = nn.Linear(config.router_hidden_size, config.num_experts, bias=False)
 
-    def compute_logits(self, x, token_mask, state, ctx):
-        batch = ctx.batch_size
-        inputs = F.linear(x, self.input_weight).view(batch, -1, self.cell.hidden_size)  # (batch, seq, router_hidden)
-        mask = None if token_mask is None else token_mask.view(batch, -1, 1)
-        pool = ctx.cache_pool
-        hidden = pool.router_hidden if pool is not None else None
+    def compute_logits(self, x, token_mask, state, cache_pool):
+        batch = x.shape[0]
+        inputs = F.linear(x, self.input_weight)  # (batch, seq, router_hidden)
+        mask = None if token_mask is None else token_mask[..., None]  # (batch, seq, 1)
+        hidden = cache_pool.router_hidden if cache_pool is not None else None
         if hidden is None:
             hidden = inputs.new_zeros(batch, self.cell.hidden_size)
         outputs = []
@@ -1420,9 +1437,9 @@ class MoRETokenwiseRecurrentRouter(MoRERouter):
             new = self.cell(inputs[:, t], hidden)
             hidden = new if mask is None else torch.where(mask[:, t], new, hidden)
             outputs.append(hidden)
-        if pool is not None:
-            pool.router_hidden = hidden
-        return self.head(torch.stack(outputs, dim=1).view(x.shape[0], -1)), state
+        if cache_pool is not None:
+            cache_pool.router_hidden = hidden
+        return self.head(torch.stack(outputs, dim=1).flatten(0, 1)), state
 
 
 ROUTER_REGISTRY: dict[str, type[MoRERouter]] = {
@@ -1501,32 +1518,95 @@ def routing_statistics(logits, top_k, token_mask=None) -> dict[str, torch.Tensor
     }
 
 
+def summarise_reports(
+    reports: tuple, config: MoREConfig, token_mask: torch.Tensor | None, output_router_logits: bool
+) -> dict[str, object]:
+    """The router losses and diagnostics of one call, from the recorded `moe_reports` (per MoE layer, one
+    `MoREPassReport` per iteration); `token_mask` (tokens,) marks real tokens (None = all).
+
+    Losses are means over MoE layers and iterations. Returns `MoRECausalLMOutputWithPast` fields: `aux_loss`,
+    `z_loss`, `entropy_loss`, `dropped_tokens`, `recurrent_steps`, with `output_router_logits` also `routing_stats`
+    and (when iterating) `iteration_stats`, and with `output_recurrence_stats` `recurrence_stats`.
+    """
+    passes = [report for layer in reports for report in layer]  # layer-major, then iteration
+    if not passes:
+        return {}
+
+    def mean(values):
+        return torch.stack(values).mean() if values else None
+
+    summary = {
+        "aux_loss": mean([load_balancing_loss(r.routing.probs, r.routing.top_k_index, token_mask) for r in passes]),
+        # z-loss keeps the router's own outputs small, so it reads them before the EMA (on the smoothed logits its
+        # gradient would shrink by 1 - ema); load balancing and the entropy floor use the routing actually applied.
+        "z_loss": mean([router_z_loss(r.routing.raw_logits, token_mask) for r in passes]),
+        "entropy_loss": None,
+        "dropped_tokens": torch.stack([r.dropped for r in passes]).sum(),
+        "recurrent_steps": mean([r.recurrent_steps for r in passes if r.recurrent_steps is not None]),
+    }
+    if config.router_entropy_floor > 0:
+        floor = config.router_entropy_floor
+        summary["entropy_loss"] = mean([F.relu(floor - routing_entropy(r.routing.probs, token_mask)) for r in passes])
+    if output_router_logits:
+        per_layer = []
+        for layer in reports:
+            stats = [routing_statistics(r.routing.logits, config.num_experts_per_tok, token_mask) for r in layer]
+            for entry, report in zip(stats, layer, strict=True):
+                entry["dropped_tokens"] = report.dropped
+            per_layer.append(stats)
+        summary["routing_stats"] = tuple(entry for stats in per_layer for entry in stats)
+        if any(len(layer) > 1 for layer in reports):
+            summary["iteration_stats"] = tuple(_iteration_stats(stats) for stats in per_layer)
+    if passes[0].stats is not None:  # `output_recurrence_stats`
+        summary["recurrence_stats"] = tuple(r.stats for r in passes)
+    return summary
+
+
+def _iteration_stats(stats: list[dict]) -> dict[str, torch.Tensor]:
+    """Synthesis II diagnostics of one layer: entropy and max-prob per iteration (iterations,), and the max-prob
+    trend (last minus first)."""
+    entropy = torch.stack([s["router_entropy"] for s in stats])
+    max_prob = torch.stack([s["max_prob"] for s in stats])
+    return {"router_entropy": entropy, "max_prob": max_prob, "max_prob_trend": max_prob[-1] - max_prob[0]}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # MoE block: router + experts (+ shared expert), iterated `num_moe_iterations` times (Synthesis II)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
-class MoREBlockOutput:
-    """What one MoE block reports, one entry per iteration (except `iteration_stats`)."""
+class MoREPassReport:
+    """What one routed pass reports; the model's losses and diagnostics are computed from these records."""
 
-    router_logits: list = field(default_factory=list)  # (tokens, experts) fp32
-    aux_loss: list = field(default_factory=list)
-    z_loss: list = field(default_factory=list)
-    entropy_loss: list = field(default_factory=list)  # entropy-floor penalty (when the floor is on)
-    dropped_tokens: list = field(default_factory=list)  # () capacity drops
-    recurrent_steps: list = field(default_factory=list)  # () mean steps per routed row
-    stats: list = field(default_factory=list)  # recurrence statistics
-    routing_stats: list = field(default_factory=list)  # `routing_statistics` + dropped_tokens
-    iteration_stats: dict | None = None  # Synthesis II: entropy and max-prob per iteration, max-prob trend
+    routing: MoRERouting
+    dropped: torch.Tensor  # () real (token, expert) pairs dropped by the capacity limit
+    recurrent_steps: torch.Tensor | None = None  # () mean steps per kept row (experts that iterate)
+    stats: dict[str, torch.Tensor] | None = None  # recurrence statistics (`output_recurrence_stats`)
+
+
+class MoRERouterMemory:
+    """Per-call state of the layerwise recurrent routers (RMoE): each MoE layer's last router state, read by the next
+    MoE layer. Every layer writes its own slot once per call, so a layer that activation checkpointing recomputes in
+    backward reads the same state its forward read (a single running value would hold the last layer's by then)."""
+
+    def __init__(self):
+        self.states: dict[int, torch.Tensor] = {}  # layer -> (tokens, router_hidden)
+
+    def read(self, layer_idx: int) -> torch.Tensor | None:
+        earlier = [layer for layer in self.states if layer < layer_idx]
+        return self.states[max(earlier)] if earlier else None
+
+    def write(self, layer_idx: int, state: torch.Tensor | None) -> None:
+        if state is not None:
+            self.states[layer_idx] = state
 
 
 class MoRESparseMoeBlock(nn.Module):
-    """Routes once per iteration, sorts once, runs all experts grouped, scatter-adds once.
+    """One routed pass: route, sort once, run all experts grouped, scatter-add once (+ the shared expert).
 
-    With `num_moe_iterations` T > 1 the block is a recurrent unit (Synthesis II, README "Expert types"):
-    `state = state + residual_scale * moe(state)`, re-routed at every iteration; it returns `state_T - state_0`
-    so the decoder layer's residual stays the usual `h + mlp(norm(h))`.
+    Like Mixtral's block it runs on hidden states alone; it returns the output and its reports (one per routed
+    pass), which `output_moe_reports` records for the losses and diagnostics.
     """
 
     def __init__(self, config: MoREConfig, layer_idx: int):
@@ -1554,24 +1634,89 @@ class MoRESparseMoeBlock(nn.Module):
         real = token_mask.sum().double()
         return torch.ceil(real * factor * self.top_k / self.num_experts).clamp_min(1)
 
-    def moe(self, x, token_mask, position_ids, cache_offset, ctx, router_state, previous_logits=None):
-        """One routed pass. x: (tokens, hidden) -> (tokens, hidden), with its routing and dispatch."""
-        routing, router_state = self.gate(x, token_mask, router_state, ctx, previous_logits)
-        weights, assignment_mask = routing.top_k_weights.to(x.dtype), None
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache_offset: int = 0,
+        settings: "MoREForwardSettings | None" = None,
+        cache: "MoRECache | None" = None,
+        router_memory: MoRERouterMemory | None = None,
+    ) -> tuple[torch.Tensor, tuple[MoREPassReport, ...]]:
+        """hidden_states (batch, seq, hidden) -> (output of the same shape, one `MoREPassReport` per pass).
+
+        `token_mask` (batch, seq) marks real tokens (None = all), positions default to `cache_offset + arange(seq)`
+        and `settings` to the config's inference depth.
+
+        >>> from configuration_more import MoREConfig
+        >>> config = MoREConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        ...                     num_attention_heads=4, num_experts=4, num_moe_iterations=2)
+        >>> block = MoREModel(config).layers[0].mlp
+        >>> out, reports = block(torch.randn(2, 5, 32))
+        >>> out.shape, len(reports)  # one report per iteration
+        (torch.Size([2, 5, 32]), 2)
+        """
+        position_ids, settings = self._defaults(hidden_states, position_ids, cache_offset, settings)
+        pools = self._cache_pools(cache, cache_offset, settings.num_moe_iterations)
+        state = None if router_memory is None else router_memory.read(self.layer_idx)
+        delta, report, state = self.routed_pass(
+            hidden_states, token_mask, position_ids, cache_offset, settings, pools[0], None, state
+        )
+        if router_memory is not None:
+            router_memory.write(self.layer_idx, state)
+        return delta, (report,)
+
+    def _defaults(self, hidden_states, position_ids, cache_offset, settings):
+        if position_ids is None:
+            batch, seq_len = hidden_states.shape[:2]
+            position_ids = torch.arange(cache_offset, cache_offset + seq_len, device=hidden_states.device)
+            position_ids = position_ids.expand(batch, -1)
+        if settings is None:
+            settings = MoREForwardSettings.from_config(self.config)
+        return position_ids, settings
+
+    def _cache_pools(self, cache, cache_offset, iterations):
+        """The expert pool of every iteration, all fetched before any iteration writes: an iteration the cached tokens
+        never ran starts from the earlier iteration's state as it was before this call, not after it cached the new
+        tokens."""
+        inherit = cache_offset > 0
+        return [None if cache is None else cache.expert_pool(self.layer_idx, i, inherit) for i in range(iterations)]
+
+    def routed_pass(self, hidden_states, token_mask, position_ids, cache_offset, settings, pool, logits, state):
+        """One routed pass. hidden_states (batch, seq, hidden) -> (delta (batch, seq, hidden), report, router state);
+        `logits` are the previous iteration's (tokens, experts) or None."""
+        batch, seq_len, hidden = hidden_states.shape
+        x = hidden_states.reshape(-1, hidden)  # (tokens, hidden)
+        flat_mask = None if token_mask is None else token_mask.reshape(-1)
+        logits, raw, probs, top_k_weights, top_k_index, state = self.gate(
+            hidden_states, token_mask, logits, state, pool
+        )
+        routing = MoRERouting(logits, probs, top_k_weights, top_k_index, raw)
+        weights, assignment_mask = top_k_weights.to(x.dtype), None
         expert_dropout = self.config.expert_dropout
         if self.training and expert_dropout > 0:
             # Expert dropout: single (token, expert) assignments pass through the residual; rescaled like dropout.
-            assignment_mask = torch.rand_like(routing.top_k_weights) >= expert_dropout  # (tokens, top_k)
+            assignment_mask = torch.rand_like(top_k_weights) >= expert_dropout  # (tokens, top_k)
             weights = weights / (1 - expert_dropout)
         dispatch = build_dispatch(
-            routing.top_k_index,
+            top_k_index,
             weights,
-            token_mask,
+            flat_mask,
             position_ids,
             cache_offset,
-            self._capacity(token_mask, x.shape[0]),
+            self._capacity(flat_mask, x.shape[0]),
             self.num_experts,
             assignment_mask,
+        )
+        ctx = MoREExpertContext(
+            num_recurrent_steps=settings.num_recurrent_steps,
+            num_backprop_steps=self.config.num_backprop_steps,
+            batch_size=batch,
+            cache_pool=pool,
+            output_stats=settings.output_recurrence_stats,
+            exit_threshold=settings.exit_threshold,
+            exit_min_steps=self.config.adaptive_exit_min_steps,
         )
         # index_select rather than x[index]: its backward is one index_add, not an accumulating index_put.
         rows = self.experts(x.index_select(0, dispatch.token_index), dispatch, ctx)  # (rows, hidden)
@@ -1582,102 +1727,69 @@ class MoRESparseMoeBlock(nn.Module):
                 out = out + torch.sigmoid(self.shared_expert_gate(x)) * shared
             else:
                 out = self.config.moe_weight * out + self.config.shared_expert_weight * shared
-        return out, routing, router_state, dispatch
+        if self.config.moe_residual_scale != 1.0:
+            out = self.config.moe_residual_scale * out
+        report = self._report(routing, dispatch, ctx, settings.output_recurrence_stats)
+        return out.view(batch, seq_len, hidden), report, state
+
+    def _report(self, routing, dispatch, ctx, output_stats) -> MoREPassReport:
+        report = MoREPassReport(routing, dispatch.dropped)
+        if ctx.steps_taken is not None:
+            report.recurrent_steps = masked_mean(ctx.steps_taken, dispatch.kept)
+        if not output_stats:
+            return report
+        report.stats = ctx.stats
+        if ctx.steps_taken is not None:
+            report.stats["steps"] = report.recurrent_steps
+            # Steps per token: the mean over its routed experts (0 for padding and dropped-only tokens).
+            kept = dispatch.kept.float()
+            tokens = routing.logits.shape[0]
+            steps = kept.new_zeros(tokens).index_add_(0, dispatch.token_index, ctx.steps_taken * kept)
+            count = kept.new_zeros(tokens).index_add_(0, dispatch.token_index, kept)
+            report.stats["steps_per_token"] = steps / count.clamp_min(1)
+        report.stats.update(self.experts.weight_statistics())
+        return report
+
+
+class MoREIteratedMoeBlock(MoRESparseMoeBlock):
+    """Synthesis II (README, "Expert types"): the block as a recurrent unit over `num_moe_iterations` T routed passes,
+    `state = state + residual_scale * pass(state)`, re-routed at every iteration. It returns `state_T - state_0`, so
+    the decoder layer's residual stays the usual `h + mlp(norm(h))`. With T = 1 it is one routed pass; every MoE
+    layer is built as this block, because T is a per-call setting (`num_moe_iterations`)."""
 
     def forward(
         self,
-        hidden_states,
-        token_mask=None,
-        position_ids=None,
-        cache_offset=0,
-        settings=None,
-        cache=None,
-        router_state=None,
-    ):
-        """hidden_states (batch, seq, hidden) -> (block output of the same shape, `MoREBlockOutput`, router state).
-
-        Like Mixtral's block it runs on hidden states alone: `token_mask` (batch, seq) marks real tokens (None = all),
-        positions default to `cache_offset + arange(seq)` and `settings` to the config's inference depth.
-        """
-        batch, seq_len, hidden = hidden_states.shape
-        if position_ids is None:
-            position_ids = torch.arange(cache_offset, cache_offset + seq_len, device=hidden_states.device)
-            position_ids = position_ids.expand(batch, -1)
-        if settings is None:
-            settings = MoREForwardSettings.from_config(self.config)
-        state = hidden_states.reshape(-1, hidden)
-        flat_mask = None if token_mask is None else token_mask.reshape(-1)
-        out = MoREBlockOutput()
-        total = None
+        hidden_states: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache_offset: int = 0,
+        settings: "MoREForwardSettings | None" = None,
+        cache: "MoRECache | None" = None,
+        router_memory: MoRERouterMemory | None = None,
+    ) -> tuple[torch.Tensor, tuple[MoREPassReport, ...]]:
+        """As `MoRESparseMoeBlock.forward`, one report per iteration."""
+        position_ids, settings = self._defaults(hidden_states, position_ids, cache_offset, settings)
         iterations = settings.num_moe_iterations
+        pools = self._cache_pools(cache, cache_offset, iterations)
         backprop = self.config.num_backprop_iterations
         # Truncated backprop through iterations: the first ones run without building a graph.
         first_grad_iteration = 0 if backprop is None else max(0, iterations - backprop)
         grad_enabled = torch.is_grad_enabled()
-        logits = None
-        # Fetch every iteration's pool before any iteration writes: an iteration the cached tokens never ran starts
-        # from the earlier iteration's state as it was before this call, not after it cached the new tokens.
-        inherit = cache_offset > 0
-        pools = [None if cache is None else cache.expert_pool(self.layer_idx, i, inherit) for i in range(iterations)]
+        state = None if router_memory is None else router_memory.read(self.layer_idx)
+        total, logits, reports = None, None, []
         for iteration in range(iterations):
-            ctx = MoREExpertContext(
-                num_recurrent_steps=settings.num_recurrent_steps,
-                num_backprop_steps=self.config.num_backprop_steps,
-                batch_size=batch,
-                cache_pool=pools[iteration],
-                output_stats=settings.output_recurrence_stats,
-                exit_threshold=settings.exit_threshold,
-                exit_min_steps=self.config.adaptive_exit_min_steps,
-            )
             with torch.set_grad_enabled(grad_enabled and iteration >= first_grad_iteration):
-                delta, routing, router_state, dispatch = self.moe(
-                    state, flat_mask, position_ids, cache_offset, ctx, router_state, logits
+                delta, report, state = self.routed_pass(
+                    hidden_states, token_mask, position_ids, cache_offset, settings, pools[iteration], logits, state
                 )
-            logits = routing.logits
-            if self.config.moe_residual_scale != 1.0:
-                delta = self.config.moe_residual_scale * delta
+            logits = report.routing.logits
+            reports.append(report)
             if iteration + 1 < iterations:
-                state = state + delta
+                hidden_states = hidden_states + delta
             total = delta if total is None else total + delta  # state_T - state_0, without a zeros-plus-delta
-            self._record(out, routing, dispatch, ctx, flat_mask, settings)
-        if settings.output_router_logits and iterations > 1:
-            entropy = torch.stack([s["router_entropy"] for s in out.routing_stats])  # (iterations,)
-            max_prob = torch.stack([s["max_prob"] for s in out.routing_stats])
-            out.iteration_stats = {
-                "router_entropy": entropy,
-                "max_prob": max_prob,
-                "max_prob_trend": max_prob[-1] - max_prob[0],
-            }
-        return total.view(batch, seq_len, hidden), out, router_state
-
-    def _record(self, out, routing, dispatch, ctx, token_mask, settings):
-        """Losses and diagnostics of one iteration."""
-        out.router_logits.append(routing.logits)
-        out.aux_loss.append(load_balancing_loss(routing.probs, routing.top_k_index, token_mask))
-        # z-loss keeps the router's own outputs small, so it reads them before the EMA (on the smoothed logits its
-        # gradient would shrink by 1 - ema); load balancing and the entropy floor use the routing actually applied.
-        out.z_loss.append(router_z_loss(routing.raw_logits, token_mask))
-        if self.config.router_entropy_floor > 0:
-            entropy = routing_entropy(routing.probs, token_mask)
-            out.entropy_loss.append(F.relu(self.config.router_entropy_floor - entropy))
-        out.dropped_tokens.append(dispatch.dropped)
-        if ctx.steps_taken is not None:
-            out.recurrent_steps.append(masked_mean(ctx.steps_taken, dispatch.kept))
-            if settings.output_recurrence_stats:
-                ctx.stats["steps"] = out.recurrent_steps[-1]
-                # Steps per token: the mean over its routed experts (0 for padding and dropped-only tokens).
-                kept = dispatch.kept.float()
-                tokens = routing.logits.shape[0]
-                steps = kept.new_zeros(tokens).index_add_(0, dispatch.token_index, ctx.steps_taken * kept)
-                count = kept.new_zeros(tokens).index_add_(0, dispatch.token_index, kept)
-                ctx.stats["steps_per_token"] = steps / count.clamp_min(1)
-        if settings.output_recurrence_stats:
-            ctx.stats.update(self.experts.weight_statistics())
-            out.stats.append(ctx.stats)
-        if settings.output_router_logits:
-            stats = routing_statistics(routing.logits, self.top_k, token_mask)
-            stats["dropped_tokens"] = out.dropped_tokens[-1]
-            out.routing_stats.append(stats)
+        if router_memory is not None:
+            router_memory.write(self.layer_idx, state)
+        return total, tuple(reports)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1685,14 +1797,13 @@ class MoRESparseMoeBlock(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class MoREForwardSettings:
     """Depth and flags resolved once per model call, so every layer (and a checkpointed recompute) agrees."""
 
     num_recurrent_steps: int
     num_moe_iterations: int
     output_recurrence_stats: bool = False
-    output_router_logits: bool = False
     exit_threshold: float | None = None
 
     @classmethod
@@ -1708,23 +1819,26 @@ class MoREDecoderLayer(GradientCheckpointingLayer):
         self.layer_idx = layer_idx
         self.self_attn = MoREAttention(config, layer_idx)
         self.is_moe = layer_idx not in config.mlp_only_layers
-        self.mlp = MoRESparseMoeBlock(config, layer_idx) if self.is_moe else MoREMLP(config, config.intermediate_size)
+        if self.is_moe:
+            self.mlp = MoREIteratedMoeBlock(config, layer_idx)
+        else:
+            self.mlp = MoREMLP(config, config.intermediate_size)
         self.input_layernorm = MoRERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = MoRERMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(
         self,
-        hidden_states,
-        position_embeddings=None,
-        attention_mask=None,
-        position_ids=None,
-        token_mask=None,
-        cache_offset=0,
-        settings=None,
-        cache=None,
-        router_state=None,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+        cache_offset: int = 0,
+        settings: MoREForwardSettings | None = None,
+        cache: "MoRECache | None" = None,
+        router_memory: MoRERouterMemory | None = None,
         **kwargs,
-    ):
+    ) -> torch.Tensor:
         residual = hidden_states
         hidden_states, _ = self.self_attn(
             self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache=cache, **kwargs
@@ -1732,14 +1846,13 @@ class MoREDecoderLayer(GradientCheckpointingLayer):
         hidden_states = residual + hidden_states
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
-        block_output = None
         if self.is_moe:
-            hidden_states, block_output, router_state = self.mlp(
-                hidden_states, token_mask, position_ids, cache_offset, settings, cache, router_state
+            hidden_states, _ = self.mlp(
+                hidden_states, token_mask, position_ids, cache_offset, settings, cache, router_memory
             )
         else:
             hidden_states = self.mlp(hidden_states)
-        return residual + hidden_states, block_output, router_state
+        return residual + hidden_states
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -2131,15 +2244,11 @@ if torch.distributed.is_available():
 
 @dataclass
 class MoREModelOutputWithPast(MoeModelOutputWithPast):
-    aux_loss: torch.FloatTensor | None = None
-    z_loss: torch.FloatTensor | None = None
-    entropy_loss: torch.FloatTensor | None = None
-    expert_loss: torch.FloatTensor | None = None
-    dropped_tokens: torch.LongTensor | None = None
-    recurrent_steps: torch.FloatTensor | None = None
-    recurrence_stats: tuple | None = None
-    routing_stats: tuple | None = None
-    iteration_stats: tuple | None = None
+    """`router_logits` (`output_router_logits=True`): one (tokens, experts) entry per MoE layer and iteration.
+    `moe_reports` (`output_moe_reports=True`, which `MoREForCausalLM` always asks for): per MoE layer, one
+    `MoREPassReport` per iteration; the causal LM computes its router losses and diagnostics from them."""
+
+    moe_reports: tuple | None = None
 
 
 @dataclass
@@ -2200,13 +2309,19 @@ class MoREPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = True
     _can_compile_fullgraph = False
-    # `output_attentions=True` records the backbone's per-layer attention maps (eager attention) through hooks.
-    _can_record_outputs = {"attentions": MoREAttention}
+    # Recorded through Transformers' output hooks when `output_<name>=True`: the backbone's attention maps (eager
+    # attention), the decoder layers' outputs, every routed pass's logits and reports.
+    _can_record_outputs = {
+        "attentions": MoREAttention,
+        "hidden_states": MoREDecoderLayer,
+        "router_logits": OutputRecorder(MoRERouter, index=0),
+        "moe_reports": OutputRecorder(MoRESparseMoeBlock, index=1),
+    }
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, *args, **kwargs):
         if (activation_checkpointing_kwargs or {}).get("use_reentrant", False):
-            # Reentrant checkpointing only keeps tensors a layer returns directly in the graph; MoRE layers also
-            # return router losses and router state, whose gradients it would silently drop.
+            # Reentrant checkpointing runs a layer's forward without a graph and keeps only the tensor it returns in
+            # one: the recorded routing (the router losses' input) and the layerwise router state would lose theirs.
             raise ValueError(
                 "MoRE supports non-reentrant activation checkpointing only; got use_reentrant=True. "
                 "Pass gradient_checkpointing_kwargs={'use_reentrant': False} (the default)."
@@ -2362,6 +2477,9 @@ class MoREModel(MoREPreTrainedModel):
         self.router_cell = None
         if config.router_type in ("gru", "rnn"):
             self.router_cell = ROUTER_CELLS[config.router_type](config.router_hidden_size, config.router_hidden_size)
+            for layer in self.layers:
+                if layer.is_moe:
+                    layer.mlp.gate.share_cell(self.router_cell)
         self.uses_recurrent_steps = any(
             layer.is_moe and layer.mlp.experts.uses_recurrent_steps for layer in self.layers
         )
@@ -2381,9 +2499,8 @@ class MoREModel(MoREPreTrainedModel):
         num_recurrent_steps=None,
         num_moe_iterations=None,
         output_recurrence_stats=False,
-        output_router_logits=False,
         adaptive_exit_threshold=None,
-    ):
+    ) -> MoREForwardSettings:
         """Depth for this call: the argument, else a training draw, else the config's inference default."""
         config = self.config
         if not self.uses_recurrent_steps and (num_recurrent_steps is not None or adaptive_exit_threshold is not None):
@@ -2409,11 +2526,7 @@ class MoREModel(MoREPreTrainedModel):
                 f"`adaptive_exit_threshold` must be a number > 0 or None, got {adaptive_exit_threshold!r}."
             )
         return MoREForwardSettings(
-            num_recurrent_steps,
-            num_moe_iterations,
-            bool(output_recurrence_stats),
-            bool(output_router_logits),
-            adaptive_exit_threshold,
+            num_recurrent_steps, num_moe_iterations, bool(output_recurrence_stats), adaptive_exit_threshold
         )
 
     def _sample_depth(self) -> int:
@@ -2485,75 +2598,45 @@ class MoREModel(MoREPreTrainedModel):
     @capture_outputs
     def forward(
         self,
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        cache=None,
-        inputs_embeds=None,
-        use_cache=None,
-        output_hidden_states=None,
-        output_router_logits=None,
-        output_recurrence_stats=None,
-        num_recurrent_steps=None,
-        num_moe_iterations=None,
-        adaptive_exit_threshold=None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: "MoRECache | None" = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_recurrence_stats: bool | None = None,
+        num_recurrent_steps: int | None = None,
+        num_moe_iterations: int | None = None,
+        adaptive_exit_threshold: float | None = None,
         **kwargs,
     ) -> MoREModelOutputWithPast:
-        """Other `kwargs` (attention-interface arguments, `output_attentions`) reach every backbone attention call."""
-        config = self.config
-        use_cache = use_cache if use_cache is not None else config.use_cache
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else False
-        if output_router_logits is None:
-            output_router_logits = config.output_router_logits
-        if self.gradient_checkpointing and self.training and use_cache:
-            use_cache = False
-        if use_cache and cache is None:
-            cache = MoRECache(config=config)
-        if cache is not None and not isinstance(cache, MoRECache):
-            if cache.get_seq_length() > 0:
-                raise ValueError(
-                    f"MoRE needs a `MoRECache` (it also caches expert state); got a non-empty {type(cache).__name__}."
-                )
-            cache = MoRECache(config=config)
+        """`output_hidden_states`, `output_attentions`, `output_router_logits` and `output_moe_reports` are recorded
+        through hooks (`_can_record_outputs`); other `kwargs` (attention-interface arguments) reach every backbone
+        attention call."""
+        cache, use_cache = self._resolve_cache(cache, use_cache)
         past_length = cache.get_seq_length() if cache is not None else 0
         self._check_architecture()
         self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        batch, seq_len = inputs_embeds.shape[:2]
-
-        if position_ids is None:
-            if attention_mask is not None:
-                # Left padding: real tokens count positions from 0 whatever the pad length.
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -seq_len:]
-            else:
-                position_ids = torch.arange(past_length, past_length + seq_len, device=inputs_embeds.device)
-                position_ids = position_ids.unsqueeze(0).expand(batch, -1)
-        position_ids = position_ids.expand(batch, -1)
+        position_ids = self._position_ids(inputs_embeds, attention_mask, position_ids, past_length)
+        seq_len = inputs_embeds.shape[1]
         token_mask = None if attention_mask is None else attention_mask[:, -seq_len:].bool()
         causal_mask = create_causal_mask(
-            config=config,
+            config=self.config,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             cache=cache,
             position_ids=position_ids,
         )
         settings = self.resolve_settings(
-            num_recurrent_steps,
-            num_moe_iterations,
-            output_recurrence_stats,
-            output_router_logits,
-            adaptive_exit_threshold,
+            num_recurrent_steps, num_moe_iterations, output_recurrence_stats, adaptive_exit_threshold
         )
+        router_memory = MoRERouterMemory() if self.router_cell is not None else None
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        all_hidden_states = () if output_hidden_states else None
-        blocks = []
-        router_state = (self.router_cell, None) if self.router_cell is not None else None
         for layer in self.layers:
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            hidden_states, block_output, router_state = layer(
+            hidden_states = layer(
                 hidden_states,
                 position_embeddings=position_embeddings,
                 attention_mask=causal_mask,
@@ -2562,41 +2645,37 @@ class MoREModel(MoREPreTrainedModel):
                 cache_offset=past_length,
                 settings=settings,
                 cache=cache,
-                router_state=router_state,
+                router_memory=router_memory,
                 **kwargs,
             )
-            if block_output is not None:
-                blocks.append(block_output)
-        hidden_states = self.norm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
+        return MoREModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache if use_cache else None)
 
-        def gather(name):  # one entry per MoE layer and iteration
-            return [t for b in blocks for t in getattr(b, name)]
+    def _resolve_cache(self, cache, use_cache):
+        """The cache this call reads and writes (a `MoRECache`: it also holds expert state), and `use_cache`."""
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if self.gradient_checkpointing and self.training and use_cache:
+            use_cache = False
+        if use_cache and cache is None:
+            cache = MoRECache(config=self.config)
+        if cache is not None and not isinstance(cache, MoRECache):
+            if cache.get_seq_length() > 0:
+                raise ValueError(
+                    f"MoRE needs a `MoRECache` (it also caches expert state); got a non-empty {type(cache).__name__}."
+                )
+            cache = MoRECache(config=self.config)
+        return cache, use_cache
 
-        def mean(name):
-            terms = gather(name)
-            return torch.stack(terms).mean() if terms else None
-
-        expert_terms = [layer.mlp.experts.regularisation_loss() for layer in self.layers if layer.is_moe]
-        expert_terms = [term for term in expert_terms if term is not None]
-        dropped = gather("dropped_tokens")
-        iterating = output_router_logits and settings.num_moe_iterations > 1
-        return MoREModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            cache=cache if use_cache else None,
-            hidden_states=all_hidden_states,
-            router_logits=tuple(gather("router_logits")) if output_router_logits else None,
-            aux_loss=mean("aux_loss"),
-            z_loss=mean("z_loss"),
-            entropy_loss=mean("entropy_loss"),
-            expert_loss=torch.stack(expert_terms).mean() if expert_terms else None,
-            dropped_tokens=torch.stack(dropped).sum() if dropped else None,
-            recurrent_steps=mean("recurrent_steps"),
-            recurrence_stats=tuple(gather("stats")) if settings.output_recurrence_stats else None,
-            routing_stats=tuple(gather("routing_stats")) if output_router_logits else None,
-            iteration_stats=tuple(b.iteration_stats for b in blocks) if iterating else None,
-        )
+    @staticmethod
+    def _position_ids(inputs_embeds, attention_mask, position_ids, past_length):
+        """(batch, seq) positions: given, else counted over real tokens (left padding starts each row at 0), else
+        `past_length + arange(seq)`."""
+        batch, seq_len = inputs_embeds.shape[:2]
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -seq_len:]
+            else:
+                position_ids = torch.arange(past_length, past_length + seq_len, device=inputs_embeds.device)
+        return position_ids.expand(batch, -1)
 
 
 class MoREForCausalLM(MoREPreTrainedModel, GenerationMixin):
@@ -2620,20 +2699,19 @@ class MoREForCausalLM(MoREPreTrainedModel, GenerationMixin):
     @can_return_tuple
     def forward(
         self,
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        cache=None,
-        inputs_embeds=None,
-        labels=None,
-        use_cache=None,
-        output_hidden_states=None,
-        output_router_logits=None,
-        output_recurrence_stats=None,
-        num_recurrent_steps=None,
-        num_moe_iterations=None,
-        adaptive_exit_threshold=None,
-        logits_to_keep=0,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: "MoRECache | None" = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        output_recurrence_stats: bool | None = None,
+        num_recurrent_steps: int | None = None,
+        num_moe_iterations: int | None = None,
+        adaptive_exit_threshold: float | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> MoRECausalLMOutputWithPast:
         r"""
@@ -2656,6 +2734,8 @@ class MoREForCausalLM(MoREPreTrainedModel, GenerationMixin):
         torch.Size([2, 8, 100])
         ```
         """
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
         outputs: MoREModelOutputWithPast = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -2663,8 +2743,8 @@ class MoREForCausalLM(MoREPreTrainedModel, GenerationMixin):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
             output_router_logits=output_router_logits,
+            output_moe_reports=True,  # what the router losses and diagnostics are computed from
             output_recurrence_stats=output_recurrence_stats,
             num_recurrent_steps=num_recurrent_steps,
             num_moe_iterations=num_moe_iterations,
@@ -2674,57 +2754,61 @@ class MoREForCausalLM(MoREPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])
+        token_mask = None
+        if attention_mask is not None:
+            token_mask = attention_mask[:, -hidden_states.shape[1] :].reshape(-1).bool()  # (tokens,)
+        summary = summarise_reports(outputs.moe_reports, self.config, token_mask, output_router_logits)
+        expert_terms = [block.experts.regularisation_loss() for block in self._moe_blocks()]
+        expert_terms = [term for term in expert_terms if term is not None]
+        summary["expert_loss"] = torch.stack(expert_terms).mean() if expert_terms else None
 
         loss = lm_loss = None
         if labels is not None:
-            expected = tuple(hidden_states.shape[:2])
-            if tuple(labels.shape) != expected:
-                raise ValueError(f"`labels` must have shape (batch, seq_len) = {expected}, got {tuple(labels.shape)}.")
-            num_items = kwargs.get("num_items_in_batch")
-            if num_items is not None:  # Trainer's label tokens over the accumulated micro-batches: 0 if none has any
-                num_items = torch.as_tensor(num_items).clamp_min(1)
-            # The summed loss over the label tokens / their count, taken as at least 1: a batch without label tokens
-            # (all -100) has LM loss 0 and zero LM gradients, where a mean would be 0 / 0 = NaN. No host read.
-            count = (labels[:, 1:] != -100).sum().clamp_min(1) if num_items is None else num_items
-            lm_loss = self.loss_function(logits, labels, self.vocab_size, num_items_in_batch=count)
-            loss = lm_loss + self.regularisation(outputs, labels, num_items)
+            lm_loss = self._lm_loss(logits, labels, hidden_states, kwargs.get("num_items_in_batch"))
+            loss = lm_loss + self.regularisation(summary, labels, kwargs.get("num_items_in_batch")).to(lm_loss.dtype)
         return MoRECausalLMOutputWithPast(
             loss=loss,
             lm_loss=lm_loss,
-            aux_loss=outputs.aux_loss,
-            z_loss=outputs.z_loss,
-            entropy_loss=outputs.entropy_loss,
-            expert_loss=outputs.expert_loss,
-            dropped_tokens=outputs.dropped_tokens,
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
-            recurrent_steps=outputs.recurrent_steps,
-            recurrence_stats=outputs.recurrence_stats,
-            routing_stats=outputs.routing_stats,
-            iteration_stats=outputs.iteration_stats,
+            **summary,
         )
 
-    def regularisation(self, outputs, labels, num_items_in_batch=None):
-        """Weighted router and projection terms.
+    def _lm_loss(self, logits, labels, hidden_states, num_items_in_batch):
+        """Cross-entropy summed over the label tokens / their count (Trainer's `num_items_in_batch` when given)."""
+        expected = tuple(hidden_states.shape[:2])
+        if tuple(labels.shape) != expected:
+            raise ValueError(f"`labels` must have shape (batch, seq_len) = {expected}, got {tuple(labels.shape)}.")
+        if num_items_in_batch is not None:  # the label tokens over the accumulated micro-batches: 0 if none has any
+            count = torch.as_tensor(num_items_in_batch).clamp_min(1)
+        else:
+            # Counted as at least 1: a batch without label tokens (all -100) has LM loss 0 and zero LM gradients,
+            # where a mean would be 0 / 0 = NaN. No host read.
+            count = (labels[:, 1:] != -100).sum().clamp_min(1)
+        return self.loss_function(logits, labels, self.vocab_size, num_items_in_batch=count)
+
+    def regularisation(self, summary: dict, labels: torch.Tensor, num_items_in_batch=None):
+        """Weighted router and projection terms of `summary` (`summarise_reports` plus `expert_loss`).
 
         They are means over this batch; under gradient accumulation (Trainer passes `num_items_in_batch`, the label
         tokens of all accumulated micro-batches) each micro-batch is weighted by its share of those tokens, so the
         accumulated sum carries the configured weight once.
         """
         config = self.config
-        total = 0.0
-        if outputs.aux_loss is not None:
-            total = total + config.router_aux_loss_coef * outputs.aux_loss + config.router_z_loss_coef * outputs.z_loss
-        if outputs.entropy_loss is not None:
-            total = total + config.router_entropy_coef * outputs.entropy_loss
-        if outputs.expert_loss is not None:  # already weighted by each expert type
-            total = total + outputs.expert_loss
+        total = torch.zeros(())
+        if summary.get("aux_loss") is not None:
+            total = total + config.router_aux_loss_coef * summary["aux_loss"]
+            total = total + config.router_z_loss_coef * summary["z_loss"]
+        if summary.get("entropy_loss") is not None:
+            total = total + config.router_entropy_coef * summary["entropy_loss"]
+        if summary["expert_loss"] is not None:  # already weighted by each expert type
+            total = total + summary["expert_loss"]
         if num_items_in_batch is not None:
             local = (labels[:, 1:] != -100).sum()
-            total = total * (local / num_items_in_batch).to(outputs.last_hidden_state.dtype)
+            total = total * (local / torch.as_tensor(num_items_in_batch).clamp_min(1))
         return total
 
 

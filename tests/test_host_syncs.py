@@ -33,17 +33,25 @@ def counting_host_reads(monkeypatch):
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
-    block_forward = modeling_more.MoRESparseMoeBlock.forward
+    # Counted: the MoE blocks (every MoE layer is an iterated block) and the router losses computed from their reports.
+    for owner, name in (
+        (modeling_more.MoREIteratedMoeBlock, "forward"),
+        (modeling_more.MoRESparseMoeBlock, "forward"),
+        (modeling_more, "summarise_reports"),
+    ):
+        monkeypatch.setattr(owner, name, _counting(getattr(owner, name), state))
+    yield calls, state
 
-    def counted_forward(self, *args, **kwargs):
+
+def _counting(function, state):
+    def counted(*args, **kwargs):
         state["on"] = True
         try:
-            return block_forward(self, *args, **kwargs)
+            return function(*args, **kwargs)
         finally:
             state["on"] = False
 
-    monkeypatch.setattr(modeling_more.MoRESparseMoeBlock, "forward", counted_forward)
-    yield calls, state
+    return counted
 
 
 def padded_batch():

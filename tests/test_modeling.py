@@ -477,10 +477,17 @@ def test_moe_block_runs_on_hidden_states_alone(expert_type):
     torch.testing.assert_close(out, explicit)
 
 
-def test_moe_block_alone_with_a_layerwise_router_says_what_it_needs():
+def test_moe_block_alone_with_a_layerwise_router():
+    """A model's block runs alone from a zero router state (as its first MoE layer does); a block built outside a
+    model has no shared cell and says so."""
     model = tiny_model(router_type="gru")
     block = model.model.layers[0].mlp
     hidden = torch.randn(1, 4, model.config.hidden_size)
-    with pytest.raises(ValueError, match="router_state"):
-        block(hidden)
-    assert block(hidden, router_state=(model.model.router_cell, None))[0].shape == hidden.shape
+    with torch.no_grad():
+        alone = block(hidden)[0]
+        memory = modeling_more.MoRERouterMemory()
+        torch.testing.assert_close(block(hidden, router_memory=memory)[0], alone)
+    assert set(memory.states) == {0}  # the state this layer hands on
+    outside = modeling_more.MoREIteratedMoeBlock(model.config, 0)
+    with pytest.raises(ValueError, match="owned by `MoREModel`"):
+        outside(hidden)
