@@ -571,24 +571,11 @@ def build_dispatch(
 
 
 @dataclass
-class MoREExpertContext:
-    """Per-call settings every expert sees, and what the experts report back."""
+class MoREExpertReport:
+    """What experts return with their rows (README, "Diagnostics")."""
 
-    num_recurrent_steps: int
-    num_backprop_steps: int | None
-    batch_size: int
-    cache_pool: "MoREExpertPool | None" = None
-    output_stats: bool = False
-    exit_threshold: float | None = None  # adaptive per-token exit (None = run every step)
-    exit_min_steps: int = 1
-    stats: dict = field(default_factory=dict)
-    rotary: tuple | None = None  # (cos, sin) of the routed rows, computed once and reused by every step
-    segment_layout: "MoRESegmentLayout | None" = None  # attention layout inside experts, built once per call
-    # Adaptive exit: the full dispatch, the rows still iterating, and the latest keys/values of every row.
-    full_dispatch: "MoREDispatch | None" = None
-    active_index: torch.Tensor | None = None
-    latest_kv: tuple | None = None
-    steps_taken: torch.Tensor | None = None  # (rows,) steps each routed row actually ran
+    steps_taken: torch.Tensor | None = None  # (rows,) steps each routed row ran; None: the experts do not iterate
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # means over kept rows (`output_recurrence_stats`)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -607,7 +594,9 @@ def plan_under(prefix: str, plan: dict[str, str]) -> dict[str, str]:
 
 
 class MoREExperts(nn.Module):
-    """Base class: `forward(x, dispatch, ctx)` maps routed rows (rows, hidden) to expert outputs (rows, hidden).
+    """Base class: `forward(x, dispatch, settings=None, pool=None)` maps routed rows (rows, hidden) to expert outputs
+    (rows, hidden) and a `MoREExpertReport`. `settings` are the call's frozen `MoREForwardSettings` (None: the
+    config's inference defaults), `pool` the cache's `MoREExpertPool` of this layer and iteration (None: no cache).
 
     A new expert type is a subclass plus `register_expert(name, cls)`; the hooks below let the model, its
     initialisation, its loss, its compute count and its diagnostics pick it up without edits elsewhere.
@@ -681,9 +670,9 @@ class MoREFFNExperts(MoREExperts):
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_size, self.intermediate_size))
         self.act_fn = ACT2FN[config.hidden_act]
 
-    def forward(self, x, dispatch, ctx):
+    def forward(self, x, dispatch, settings=None, pool=None):
         hidden = gated_activation(grouped_linear(x, self.gate_up_proj, dispatch.offs), self.act_fn)  # (rows, inter)
-        return grouped_linear(hidden, self.down_proj, dispatch.offs)
+        return grouped_linear(hidden, self.down_proj, dispatch.offs), MoREExpertReport()
 
     @classmethod
     def multiply_adds_per_token(cls, config, num_steps):
@@ -715,7 +704,12 @@ class MoRERecurrentExperts(MoREExperts):
             return torch.randn_like(static) * std
         return torch.zeros_like(static)
 
-    def step(self, state, static, dispatch, ctx, step_idx):
+    def prepare(self, static, dispatch, pool, exit):
+        """Per-call inputs every step reuses, built once before the loop (None by default; Huginn experts build their
+        attention layout and rotary here). `exit` is the call's `MoREAdaptiveExit` or None."""
+        return None
+
+    def step(self, state, static, dispatch, step_idx, prepared):
         raise NotImplementedError
 
     def decode(self, state, static, dispatch):
@@ -726,20 +720,18 @@ class MoRERecurrentExperts(MoREExperts):
         expert outputs, without extra cell state a loop may carry (README, "Diagnostics")."""
         return state
 
-    def forward(self, x, dispatch, ctx):
+    def forward(self, x, dispatch, settings=None, pool=None):
+        settings = settings if settings is not None else MoREForwardSettings.from_config(self.config)
         static = self.encode(x, dispatch)
         state = initial = self.initial_state(static, dispatch)
-        steps = ctx.num_recurrent_steps
-        first_grad_step = 0 if ctx.num_backprop_steps is None else max(0, steps - ctx.num_backprop_steps)
+        steps, backprop = settings.num_recurrent_steps, self.config.num_backprop_steps
+        first_grad_step = 0 if backprop is None else max(0, steps - backprop)
         grad_enabled = torch.is_grad_enabled()
         kept = dispatch.kept
-        adaptive = ctx.exit_threshold is not None
-        if adaptive:
-            ctx.full_dispatch = dispatch
-            ctx.active_index = kept.nonzero().squeeze(1)  # (active rows,)
-            ctx.steps_taken = torch.zeros(state.shape[0], device=state.device)
-        else:
-            ctx.steps_taken = torch.full((state.shape[0],), float(steps), device=state.device)
+        exit = None
+        if settings.exit_threshold is not None:
+            exit = MoREAdaptiveExit(dispatch, settings.exit_threshold, self.config.adaptive_exit_min_steps)
+        prepared = self.prepare(static, dispatch, pool, exit)
         changes, deltas = [], []
         for step_idx in range(steps):
             if step_idx == first_grad_step > 0 and grad_enabled and initial.requires_grad:
@@ -748,55 +740,77 @@ class MoRERecurrentExperts(MoREExperts):
                 # the sandwich expansion) keeps learning when no kept step reads it.
                 state = state + (initial - initial.detach())
             with torch.set_grad_enabled(grad_enabled and step_idx >= first_grad_step):
-                if adaptive:
-                    new_state = self._adaptive_step(state, static, ctx, step_idx)
+                if exit is not None:
+                    new_state = exit.step(self, state, static, step_idx, prepared)
                 else:
-                    new_state = self.step(state, static, dispatch, ctx, step_idx)
-            if ctx.output_stats:
+                    new_state = self.step(state, static, dispatch, step_idx, prepared)
+            if settings.output_recurrence_stats:
                 new_h, old_h = self.observed_state(new_state), self.observed_state(state)
                 changes.append(masked_mean(_row_change(new_h, old_h), kept))
                 deltas.append((new_h - old_h).detach())
             state = new_state
-            if adaptive and ctx.active_index.numel() == 0:
+            if exit is not None and exit.done:
                 break  # every token has exited: the remaining steps cost nothing
-        if ctx.output_stats:
-            self._record_stats(ctx, changes, deltas, state, initial, kept)
-        if ctx.cache_pool is not None:
-            self.write_cache(ctx, dispatch)
-        return self.decode(state, static, dispatch)
+        report = MoREExpertReport(
+            exit.steps_taken if exit is not None else torch.full((state.shape[0],), float(steps), device=state.device)
+        )
+        if settings.output_recurrence_stats:
+            report.stats = self._recurrence_stats(changes, deltas, state, initial, kept)
+        if pool is not None:
+            self.write_cache(pool, dispatch)
+        return self.decode(state, static, dispatch), report
 
-    def _adaptive_step(self, state, static, ctx, step_idx):
-        """One step for the rows still iterating only; rows whose relative latent change falls below the threshold
-        (after `exit_min_steps`) leave the active set and keep their state."""
-        active = ctx.active_index
-        if active.numel() == 0:  # no kept row at all (e.g. all padding): nothing runs, the loop stops after this step
-            return state
-        old = state[active]
-        new = self.step(old, _take_rows(static, active), ctx.full_dispatch.subset(active), ctx, step_idx)
-        ctx.steps_taken = ctx.steps_taken.index_add(0, active, torch.ones_like(active, dtype=torch.float))
-        change = _row_change(self.observed_state(new), self.observed_state(old))  # (active rows,)
-        ctx.active_index = active[(change >= ctx.exit_threshold) | (step_idx + 1 < ctx.exit_min_steps)]
-        return state.index_copy(0, active, new)
-
-    def _record_stats(self, ctx, changes, deltas, state, initial, kept):
+    def _recurrence_stats(self, changes, deltas, state, initial, kept) -> dict[str, torch.Tensor]:
         """The recurrence diagnostics (README, "Diagnostics") over routed rows."""
-        ctx.stats["state_change"] = torch.stack(changes).detach()  # (steps run,)
+        stats = {"state_change": torch.stack(changes).detach()}  # (steps run,)
         # Share of the final state written by the last step (final-step contribution).
-        ctx.stats["final_step_contribution"] = changes[-1].detach()
+        stats["final_step_contribution"] = changes[-1].detach()
         # Refinement (designed for `sequential`, computed for every recurrent type): how far the loop moved the state
         # from its start (mean norm), and whether successive steps move it in the same direction (mean cosine).
         moved = (self.observed_state(state.detach()) - self.observed_state(initial.detach())).float().norm(dim=-1)
-        ctx.stats["refinement_magnitude"] = masked_mean(moved, kept)
+        stats["refinement_magnitude"] = masked_mean(moved, kept)
         if len(deltas) > 1:
             pairs = zip(deltas, deltas[1:], strict=False)
             cosines = [F.cosine_similarity(a.float(), b.float(), dim=-1) for a, b in pairs]  # (rows,) each
-            consistency = torch.stack(cosines).mean(0)  # (rows,)
-            ctx.stats["refinement_consistency"] = masked_mean(consistency, kept)
+            stats["refinement_consistency"] = masked_mean(torch.stack(cosines).mean(0), kept)
         else:
-            ctx.stats["refinement_consistency"] = state.new_zeros((), dtype=torch.float)
+            stats["refinement_consistency"] = state.new_zeros((), dtype=torch.float)
+        return stats
 
-    def write_cache(self, ctx, dispatch):
+    def write_cache(self, pool, dispatch):
         """Experts that keep per-step state for decoding store it here (see `MoREHuginnExperts`)."""
+
+
+class MoREAdaptiveExit:
+    """Per-token adaptive exit of a recurrent loop: after `min_steps`, a row whose relative latent change falls below
+    `threshold` leaves the active set and keeps its state; a step runs the active rows only.
+
+    Huginn experts also keep here the latest keys/values of every row: exited rows keep offering them to the rows that
+    still iterate (the cache's depth policy).
+    """
+
+    def __init__(self, dispatch: MoREDispatch, threshold: float, min_steps: int):
+        self.dispatch = dispatch  # the full dispatch
+        self.threshold, self.min_steps = threshold, min_steps
+        self.active = dispatch.kept.nonzero().squeeze(1)  # (active rows,)
+        self.steps_taken = torch.zeros(dispatch.expert_index.shape[0], device=dispatch.expert_index.device)  # (rows,)
+        self.latest_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, heads, head_dim) each
+
+    @property
+    def done(self) -> bool:
+        return self.active.numel() == 0
+
+    def step(self, experts, state, static, step_idx, prepared):
+        """One step of `experts` for the active rows; updates the active set."""
+        active = self.active
+        if active.numel() == 0:  # no kept row at all (e.g. all padding): nothing runs, the loop stops after this step
+            return state
+        old = state[active]
+        new = experts.step(old, _take_rows(static, active), self.dispatch.subset(active), step_idx, prepared)
+        self.steps_taken = self.steps_taken.index_add(0, active, torch.ones_like(active, dtype=torch.float))
+        change = _row_change(experts.observed_state(new), experts.observed_state(old))  # (active rows,)
+        self.active = active[(change >= self.threshold) | (step_idx + 1 < self.min_steps)]
+        return state.index_copy(0, active, new)
 
 
 def _take_rows(static, index):
@@ -869,53 +883,72 @@ class MoREHuginnExperts(MoRERecurrentExperts):
     def initial_state(self, static, dispatch):
         return super().initial_state(static[0], dispatch)
 
-    def step(self, state, static, dispatch, ctx, step_idx):
+    def prepare(self, static, dispatch, pool, exit):
+        """Rotary of every routed row and the attention layout (with the cached rows), built once for all steps."""
+        cached = None if pool is None else pool.read(0, dispatch.batch_size)  # positions do not depend on the step
+        layout = segment_layout(
+            dispatch.segment,
+            dispatch.cache_index,
+            dispatch.batch_size,
+            None if cached is None else cached[2:],
+            dispatch.complete,
+        )
+        # fp32 (the rotary's own precision), cast to the queries' dtype where applied
+        cos, sin = self.rotary(static[0].float(), dispatch.position)  # (rows, head_dim) each
+        return MoREStepAttention(layout, cos, sin, pool, dispatch.batch_size, exit)
+
+    def step(self, state, static, dispatch, step_idx, prepared):
         x, norms = static
         pre_attn, post_attn, pre_mlp, post_mlp = norms.unbind(1)  # (rows, d) each
         offs = self._group_offs(dispatch)
         state = grouped_linear(torch.cat([state, x], dim=-1), self.adapter, offs)
-        attn = self._attention(rms_norm(state, pre_attn, self.eps), dispatch, ctx, step_idx, offs)
+        attn = self._attention(rms_norm(state, pre_attn, self.eps), prepared, step_idx, offs)
         state = rms_norm(attn + state, post_attn, self.eps)
         hidden = gated_activation(
             grouped_linear(rms_norm(state, pre_mlp, self.eps), self.gate_up_proj, offs), self.act_fn
         )
         return rms_norm(grouped_linear(hidden, self.down_proj, offs) + state, post_mlp, self.eps)
 
-    def _attention(self, x, dispatch, ctx, step_idx, offs):
+    def _attention(self, x, prepared, step_idx, offs):
         rows = x.shape[0]
         q, k, v = grouped_linear(x, self.qkv_proj, offs).view(rows, 3, self.num_heads, self.head_dim).unbind(1)
-        active = ctx.active_index
-        full = dispatch if active is None else ctx.full_dispatch
-        if ctx.rotary is None:  # positions do not change across steps
-            ctx.rotary = self.rotary(x, full.position)  # (all rows, head_dim) each
-        cos, sin = ctx.rotary
-        if active is not None:
-            cos, sin = cos[active], sin[active]
+        cos, sin = prepared.cos.to(q.dtype), prepared.sin.to(q.dtype)
+        exit = prepared.exit
+        if exit is not None:
+            cos, sin = cos[exit.active], sin[exit.active]
         q, k = apply_rotary_pos_emb(q, k, cos, sin)  # (rows, heads, head_dim)
-        if active is not None:
+        if exit is not None:
             # Adaptive exit: exited rows keep offering the keys/values of their last computed step (the cache's
             # depth policy); only the rows still iterating ask queries.
-            if ctx.latest_kv is None:
-                ctx.latest_kv = (k.new_zeros(full.expert_index.shape[0], *k.shape[1:]),) * 2
-            k, v = (t.index_copy(0, active, new) for t, new in zip(ctx.latest_kv, (k, v), strict=True))
-            ctx.latest_kv = (k, v)
-            q = torch.zeros_like(k).index_copy(0, active, q)
+            if exit.latest_kv is None:
+                exit.latest_kv = (k.new_zeros(exit.dispatch.expert_index.shape[0], *k.shape[1:]),) * 2
+            k, v = (t.index_copy(0, exit.active, new) for t, new in zip(exit.latest_kv, (k, v), strict=True))
+            exit.latest_kv = (k, v)
+            q = torch.zeros_like(k).index_copy(0, exit.active, q)
         cached = None
-        if ctx.cache_pool is not None:
-            ctx.cache_pool.stage(step_idx, k, v)
-            cached = ctx.cache_pool.read(step_idx, full.batch_size)
-        if ctx.segment_layout is None:  # the layout does not change across steps
-            ctx.segment_layout = segment_layout(
-                full.segment, full.cache_index, full.batch_size, None if cached is None else cached[2:], full.complete
-            )
+        if prepared.pool is not None:
+            prepared.pool.stage(step_idx, k, v)
+            cached = prepared.pool.read(step_idx, prepared.batch_size)
         kv_cached = None if cached is None else cached[:2]
-        out = segment_causal_attention(q, k, v, ctx.segment_layout, self.scaling, kv_cached)
-        if active is not None:
-            out = out[active]
+        out = segment_causal_attention(q, k, v, prepared.layout, self.scaling, kv_cached)
+        if exit is not None:
+            out = out[exit.active]
         return grouped_linear(out.reshape(rows, -1), self.o_proj, offs)
 
-    def write_cache(self, ctx, dispatch):
-        ctx.cache_pool.commit(dispatch)
+    def write_cache(self, pool, dispatch):
+        pool.commit(dispatch)
+
+
+@dataclass
+class MoREStepAttention:
+    """What attention inside Huginn experts reuses at every step of one call."""
+
+    layout: MoRESegmentLayout  # of every routed row (and the cached rows)
+    cos: torch.Tensor  # (rows, head_dim) fp32 rotary of every routed row
+    sin: torch.Tensor
+    pool: "MoREExpertPool | None"  # the cache's keys/values of this layer and iteration
+    batch_size: int
+    exit: MoREAdaptiveExit | None  # the rows still iterating, and the latest keys/values of the others
 
 
 class MoRESharedRecurrentExperts(MoREHuginnExperts):
@@ -1027,7 +1060,7 @@ class MoRESandwichExperts(MoRERecurrentExperts):
     def initial_state(self, static, dispatch):
         return static[0]
 
-    def step(self, state, static, dispatch, ctx, step_idx):
+    def step(self, state, static, dispatch, step_idx, prepared):
         gi = static[1]  # (rows, 3 * d_ff)
         gh = grouped_linear(state, self.gru_w_hh, dispatch.offs) + _grouped_bias(self.gru_hh_bias, dispatch)
         i_r, i_z, i_n = gi.chunk(3, dim=-1)
@@ -1068,12 +1101,12 @@ class MoRESequentialExperts(MoRERecurrentExperts):
         return 3 * d * config.intermediate_size + num_steps * (8 * d * d + d)  # FFN, then per step LSTM 8d^2 + gate d
 
     def encode(self, x, dispatch):
-        return self.ffn(x, dispatch, None)
+        return self.ffn(x, dispatch)[0]
 
     def initial_state(self, static, dispatch):
         return torch.cat([static, torch.zeros_like(static)], dim=-1)
 
-    def step(self, state, static, dispatch, ctx, step_idx):
+    def step(self, state, static, dispatch, step_idx, prepared):
         h, c = state.chunk(2, dim=-1)
         x_proj = grouped_linear(h, self.lstm_w_ih, dispatch.offs) + _grouped_bias(self.lstm_bias, dispatch)
         h_new, c = _grouped_lstm_cell(x_proj, h, c, self.lstm_w_hh, dispatch.offs)
@@ -1201,21 +1234,22 @@ class MoREParallelExperts(MoREExperts):
         d, g = config.hidden_size, config.parallel_gate_hidden_size
         return 3 * d * config.intermediate_size + 8 * d * d + g * d + 2 * g  # FFN, one LSTM step, gate
 
-    def forward(self, x, dispatch, ctx):
-        ffn_out = self.ffn(x, dispatch, ctx)
-        lstm_out = self._lstm(x, dispatch, ctx)
+    def forward(self, x, dispatch, settings=None, pool=None):
+        ffn_out = self.ffn(x, dispatch)[0]
+        lstm_out = self._lstm(x, dispatch, pool)
         hidden = F.relu(grouped_linear(x, self.gate_in, dispatch.offs) + _grouped_bias(self.gate_in_bias, dispatch))
         w2 = self.gate_out[dispatch.group_index]  # (rows, 2, gate_hidden)
         gates = F.softmax(torch.einsum("rh,rkh->rk", hidden, w2) + _grouped_bias(self.gate_out_bias, dispatch), dim=-1)
-        if ctx.output_stats:
-            ctx.stats["recurrent_branch_weight"] = masked_mean(gates[:, 1].detach(), dispatch.kept)
-        return gates[:, :1] * ffn_out + gates[:, 1:] * lstm_out
+        report = MoREExpertReport()
+        if settings is not None and settings.output_recurrence_stats:
+            report.stats["recurrent_branch_weight"] = masked_mean(gates[:, 1].detach(), dispatch.kept)
+        return gates[:, :1] * ffn_out + gates[:, 1:] * lstm_out, report
 
     # A deliberate graph break: the scan is a Python loop over positions, which Dynamo would unroll into a graph that
     # grows with the sequence (inductor compiled a tiny model at 128 tokens for over 17 minutes). It runs eagerly
     # between two compiled graphs instead, with the CPU schedule on CPU.
     @torch.compiler.disable
-    def _lstm(self, x, dispatch, ctx):
+    def _lstm(self, x, dispatch, pool):
         # One dtype for the whole scan (the autocast dtype inside autocast): its backward runs outside autocast.
         dtype = matmul_dtype(x, self.lstm_w_hh)
         x_proj = grouped_linear(x, self.lstm_w_ih, dispatch.offs) + _grouped_bias(self.lstm_bias, dispatch)
@@ -1234,7 +1268,6 @@ class MoREParallelExperts(MoREExperts):
         slot = slot.clamp(max=steps - 1)  # only the extra segment can hold more rows than time slots
         h = x_proj.new_zeros(segments, self.hidden_size)
         c = torch.zeros_like(h)
-        pool = ctx.cache_pool
         if pool is not None:
             h, c = pool.read_state(h, c)
         w_hh = self.lstm_w_hh.to(dtype)
@@ -1709,17 +1742,8 @@ class MoRESparseMoeBlock(nn.Module):
             self.num_experts,
             assignment_mask,
         )
-        ctx = MoREExpertContext(
-            num_recurrent_steps=settings.num_recurrent_steps,
-            num_backprop_steps=self.config.num_backprop_steps,
-            batch_size=batch,
-            cache_pool=pool,
-            output_stats=settings.output_recurrence_stats,
-            exit_threshold=settings.exit_threshold,
-            exit_min_steps=self.config.adaptive_exit_min_steps,
-        )
         # index_select rather than x[index]: its backward is one index_add, not an accumulating index_put.
-        rows = self.experts(x.index_select(0, dispatch.token_index), dispatch, ctx)  # (rows, hidden)
+        rows, expert_report = self.experts(x.index_select(0, dispatch.token_index), dispatch, settings, pool)
         out = torch.zeros_like(x).index_add_(0, dispatch.token_index, rows * dispatch.weights[:, None])
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
@@ -1729,22 +1753,23 @@ class MoRESparseMoeBlock(nn.Module):
                 out = self.config.moe_weight * out + self.config.shared_expert_weight * shared
         if self.config.moe_residual_scale != 1.0:
             out = self.config.moe_residual_scale * out
-        report = self._report(routing, dispatch, ctx, settings.output_recurrence_stats)
+        report = self._report(routing, dispatch, expert_report, settings.output_recurrence_stats)
         return out.view(batch, seq_len, hidden), report, state
 
-    def _report(self, routing, dispatch, ctx, output_stats) -> MoREPassReport:
+    def _report(self, routing, dispatch, expert_report, output_stats) -> MoREPassReport:
         report = MoREPassReport(routing, dispatch.dropped)
-        if ctx.steps_taken is not None:
-            report.recurrent_steps = masked_mean(ctx.steps_taken, dispatch.kept)
+        steps_taken = expert_report.steps_taken  # (rows,) or None
+        if steps_taken is not None:
+            report.recurrent_steps = masked_mean(steps_taken, dispatch.kept)
         if not output_stats:
             return report
-        report.stats = ctx.stats
-        if ctx.steps_taken is not None:
+        report.stats = expert_report.stats
+        if steps_taken is not None:
             report.stats["steps"] = report.recurrent_steps
             # Steps per token: the mean over its routed experts (0 for padding and dropped-only tokens).
             kept = dispatch.kept.float()
             tokens = routing.logits.shape[0]
-            steps = kept.new_zeros(tokens).index_add_(0, dispatch.token_index, ctx.steps_taken * kept)
+            steps = kept.new_zeros(tokens).index_add_(0, dispatch.token_index, steps_taken * kept)
             count = kept.new_zeros(tokens).index_add_(0, dispatch.token_index, kept)
             report.stats["steps_per_token"] = steps / count.clamp_min(1)
         report.stats.update(self.experts.weight_statistics())
@@ -2110,32 +2135,35 @@ def local_dispatch(dispatch: MoREDispatch, first_expert: int, num_local: int):
     return replace(dispatch, expert_index=expert_index, num_experts=num_local).subset(index), index
 
 
-def _combine_expert_context(ctx: MoREExpertContext, index, valid, num_rows, kept, group):
-    """What the experts report back, over all ranks: steps per row, and the statistics (means over kept rows)
-    weighted by each rank's kept rows. A per-step statistic of a rank whose rows all exited early is padded with 0,
-    the change of rows that no longer move."""
-    if ctx.steps_taken is not None:
-        steps = ctx.steps_taken.new_zeros(num_rows).index_copy(0, index, ctx.steps_taken * valid.squeeze(1))
+def _combine_expert_report(report: MoREExpertReport, index, valid, num_rows, kept, group) -> MoREExpertReport:
+    """The experts' report over all ranks: steps per row, and the statistics (means over kept rows) weighted by each
+    rank's kept rows. A per-step statistic of a rank whose rows all exited early is padded with 0, the change of rows
+    that no longer move."""
+    combined = MoREExpertReport()
+    if report.steps_taken is not None:
+        steps = report.steps_taken.new_zeros(num_rows).index_copy(0, index, report.steps_taken * valid.squeeze(1))
         torch.distributed.all_reduce(steps, group=group)
-        ctx.steps_taken = steps
-    if not ctx.stats:
-        return
-    names = sorted(ctx.stats)
-    sizes = torch.tensor([ctx.stats[name].numel() for name in names])
+        combined.steps_taken = steps
+    if not report.stats:
+        return combined
+    stats = report.stats
+    names = sorted(stats)
+    sizes = torch.tensor([stats[name].numel() for name in names])
     torch.distributed.all_reduce(sizes, op=torch.distributed.ReduceOp.MAX, group=group)
     count = kept.sum().float()  # () this rank's kept rows
     packed = [
-        F.pad(ctx.stats[name].detach().float().reshape(-1), (0, int(size) - ctx.stats[name].numel()))
+        F.pad(stats[name].detach().float().reshape(-1), (0, int(size) - stats[name].numel()))
         for name, size in zip(names, sizes, strict=True)
     ]
     total = torch.cat([torch.cat(packed) * count, count[None]])
     torch.distributed.all_reduce(total, group=group)
     values = (total[:-1] / total[-1].clamp_min(1)).split(sizes.tolist())
     for name, value in zip(names, values, strict=True):
-        ctx.stats[name] = value.reshape(ctx.stats[name].shape) if value.numel() == ctx.stats[name].numel() else value
+        combined.stats[name] = value.reshape(stats[name].shape) if value.numel() == stats[name].numel() else value
+    return combined
 
 
-def expert_parallel_forward(experts_forward, x, dispatch, ctx, first_expert: int, num_local: int, group):
+def expert_parallel_forward(experts_forward, x, dispatch, settings, pool, first_expert: int, num_local: int, group):
     """This rank's experts on their routed rows, through the unchanged expert forward (step loop, attention inside
     experts, adaptive exit, cache pools for these experts); an all-reduce returns every row to every rank.
 
@@ -2147,10 +2175,11 @@ def expert_parallel_forward(experts_forward, x, dispatch, ctx, first_expert: int
     # Randomness inside experts (latent init, projection dropout) is drawn per rank for its own rows, from a forked
     # generator: the global stream stays the same on every rank, so routing noise and depth draws agree afterwards.
     with torch.random.fork_rng(devices=[x.device] if x.device.type != "cpu" else [], device_type=x.device.type):
-        out = experts_forward(x[index], local, ctx) * valid  # (local rows, hidden)
+        out, report = experts_forward(x[index], local, settings, pool)
+    out = out * valid  # (local rows, hidden)
     full = out.new_zeros(x.shape[0], out.shape[-1]).index_copy(0, index, out)
-    _combine_expert_context(ctx, index, valid, x.shape[0], local.kept, group)
-    return MoREAllReduceSum.apply(full, group)
+    report = _combine_expert_report(report, index, valid, x.shape[0], local.kept, group)
+    return MoREAllReduceSum.apply(full, group), report
 
 
 class MoREExpertsTensorParallel(TensorParallelLayer):
@@ -2161,10 +2190,10 @@ class MoREExpertsTensorParallel(TensorParallelLayer):
         # Transformers 5.25 added keyword arguments (`config`, `mesh_manager`); MoRE's style needs none of them.
         forward, group = module.forward, mesh.get_group()
 
-        def tp_forward(x, dispatch, ctx):
+        def tp_forward(x, dispatch, settings=None, pool=None):
             with local_expert_params(module):
-                out = forward(all_reduce_grad(x, group), dispatch, ctx)
-            return MoREAllReduceSum.apply(out, group)
+                out, report = forward(all_reduce_grad(x, group), dispatch, settings, pool)
+            return MoREAllReduceSum.apply(out, group), report
 
         module.forward = tp_forward
         return module
@@ -2175,7 +2204,7 @@ class MoREExpertsExpertParallel(ExpertParallelLayer):
     also sets the module's `num_experts` to the local count); see `expert_parallel_forward`.
 
     Transformers' `ep_dispatch_experts` hands experts (hidden_states, top_k_index, top_k_weights); MoRE's experts need
-    the sorted dispatch and the call context (sequence segments, positions, depth, cache pools), hence this style.
+    the sorted dispatch (sequence segments, positions), the call's settings (depth) and cache pool, hence this style.
     """
 
     def install_forward(self, module, mesh, **kwargs):
@@ -2183,9 +2212,9 @@ class MoREExpertsExpertParallel(ExpertParallelLayer):
         num_local = module.num_experts
         first_expert = mesh.get_local_rank() * num_local
 
-        def ep_forward(x, dispatch, ctx):
+        def ep_forward(x, dispatch, settings=None, pool=None):
             with local_expert_params(module, group):
-                return expert_parallel_forward(forward, x, dispatch, ctx, first_expert, num_local, group)
+                return expert_parallel_forward(forward, x, dispatch, settings, pool, first_expert, num_local, group)
 
         module.forward = ep_forward
         return module

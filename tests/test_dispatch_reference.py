@@ -92,10 +92,8 @@ def reference_forward(block, config, x, token_mask, position_ids):
                 num_experts=1,
                 seq_len=n,
             )
-            ctx = modeling_more.MoREExpertContext(
-                num_recurrent_steps=NUM_STEPS, num_backprop_steps=config.num_backprop_steps, batch_size=1
-            )
-            rows = functional_call(single, params, (flat[tokens], dispatch, ctx))
+            settings = modeling_more.MoREForwardSettings(num_recurrent_steps=NUM_STEPS, num_moe_iterations=1)
+            rows = functional_call(single, params, (flat[tokens], dispatch, settings))[0]
             weight = (top_k_weights * chosen)[tokens].sum(-1, keepdim=True)  # (n, 1)
             out = out.index_add(0, tokens, rows * weight)
     return out.view(batch, seq_len, hidden)

@@ -97,9 +97,9 @@ def test_the_counter_sees_host_reads(monkeypatch):
     ids, mask = padded_batch()
     experts_forward = modeling_more.MoREFFNExperts.forward
 
-    def reading_forward(self, x, dispatch, ctx):
+    def reading_forward(self, x, dispatch, settings=None, pool=None):
         int(dispatch.offs[-1])
-        return experts_forward(self, x, dispatch, ctx)
+        return experts_forward(self, x, dispatch, settings, pool)
 
     monkeypatch.setattr(modeling_more.MoREFFNExperts, "forward", reading_forward)
     with counting_host_reads(monkeypatch) as (calls, _):

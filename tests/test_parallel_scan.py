@@ -75,11 +75,10 @@ def test_scan_equals_previous_implementation(top_k, capacity):
     experts, dispatch, x = routed(top_k, capacity)
     kept = dispatch.kept[:, None].double()
     assert bool(dispatch.kept.all()) is False  # dropped rows take part (padding, capacity)
-    ctx = modeling_more.MoREExpertContext(num_recurrent_steps=1, num_backprop_steps=None, batch_size=3)
     grad_out = torch.randn(x.shape[0], experts.hidden_size, dtype=torch.float64)
     params = [x, experts.lstm_w_ih, experts.lstm_w_hh, experts.lstm_bias]
 
-    new = experts._lstm(x, dispatch, ctx)
+    new = experts._lstm(x, dispatch, None)
     new_grads = torch.autograd.grad((new * kept * grad_out).sum(), params)
     old = reference_lstm(experts, x, dispatch)
     old_grads = torch.autograd.grad((old * kept * grad_out).sum(), params)
@@ -135,9 +134,7 @@ def test_cpu_schedule_equals_static_schedule(monkeypatch):
             monkeypatch.setattr(modeling_more, "host_reads_free", lambda tensor: False)
             assert schedule(torch.tensor([[1, 5], [0, 0], [7, 2], [3, 3]]), seq_len) == (None, (4,) * seq_len)
         pool = modeling_more.MoREExpertPool()
-        ctx = modeling_more.MoREExpertContext(num_recurrent_steps=1, num_backprop_steps=None, batch_size=3)
-        ctx.cache_pool = pool
-        out = experts._lstm(x, dispatch, ctx) * dispatch.kept[:, None]
+        out = experts._lstm(x, dispatch, pool) * dispatch.kept[:, None]
         grads = torch.autograd.grad(out.sum(), [x, experts.lstm_w_hh])
         results[name] = (out, *grads, pool.state_h, pool.state_c)
     for a, b in zip(*results.values(), strict=True):

@@ -29,7 +29,7 @@ class ToyExperts(MoRERecurrentExperts):
     def encode(self, x, dispatch):  # the loop's input, projected once for all steps
         return grouped_linear(x, self.w_input, dispatch.offs)
 
-    def step(self, state, static, dispatch, ctx, step_idx):
+    def step(self, state, static, dispatch, step_idx, prepared):
         return torch.tanh(grouped_linear(state, self.w_state, dispatch.offs) + static)
 
     def regularisation_loss(self):  # added to the training loss as `expert_loss`
