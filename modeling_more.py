@@ -1,9 +1,10 @@
 """MoRE: Mixture of Recurrent Experts, one model file in the Transformers style.
 
 Order, smallest piece first: norms, rotary and attention helpers -> grouped kernels and attention inside experts ->
-dispatch -> experts (registry) -> routers (registry) -> router losses and diagnostics -> MoE block (with Synthesis II
-iterations) -> decoder layer -> cache -> tensor and expert parallelism -> pretrained base and outputs -> `MoREModel`
--> `MoREForCausalLM` -> Auto registration.
+dispatch -> experts (their reports, the recurrent step loop, adaptive exit; registry) -> routers (registry) -> router
+losses and diagnostics (computed from the recorded pass reports) -> MoE block (one routed pass) and Synthesis II's
+iterated block -> decoder layer -> cache (per-module cache entries) -> tensor and expert parallelism -> pretrained
+base and outputs -> `MoREModel` -> `MoREForCausalLM` -> Auto registration.
 
 The expert types and their designs are described in the README ("Expert types"); recurrent-depth blocks follow Huginn
 (Geiping et al., 2025, "Scaling up Test-Time Compute with Latent Reasoning: A Recurrent Depth Approach",
@@ -159,7 +160,14 @@ class MoREAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: "MoRECache | None" = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (batch, heads, seq, head_dim)
@@ -670,7 +678,13 @@ class MoREFFNExperts(MoREExperts):
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_size, self.intermediate_size))
         self.act_fn = ACT2FN[config.hidden_act]
 
-    def forward(self, x, dispatch, settings=None, pool=None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        dispatch: MoREDispatch,
+        settings: "MoREForwardSettings | None" = None,
+        pool: "MoREExpertPool | None" = None,
+    ) -> tuple[torch.Tensor, MoREExpertReport]:
         hidden = gated_activation(grouped_linear(x, self.gate_up_proj, dispatch.offs), self.act_fn)  # (rows, inter)
         return grouped_linear(hidden, self.down_proj, dispatch.offs), MoREExpertReport()
 
@@ -720,7 +734,13 @@ class MoRERecurrentExperts(MoREExperts):
         expert outputs, without extra cell state a loop may carry (README, "Diagnostics")."""
         return state
 
-    def forward(self, x, dispatch, settings=None, pool=None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        dispatch: MoREDispatch,
+        settings: "MoREForwardSettings | None" = None,
+        pool: "MoREExpertPool | None" = None,
+    ) -> tuple[torch.Tensor, MoREExpertReport]:
         settings = settings if settings is not None else MoREForwardSettings.from_config(self.config)
         static = self.encode(x, dispatch)
         state = initial = self.initial_state(static, dispatch)
@@ -885,7 +905,8 @@ class MoREHuginnExperts(MoRERecurrentExperts):
 
     def prepare(self, static, dispatch, pool, exit):
         """Rotary of every routed row and the attention layout (with the cached rows), built once for all steps."""
-        cached = None if pool is None else pool.read(0, dispatch.batch_size)  # positions do not depend on the step
+        kv_cache = None if pool is None else pool.entry("experts", MoREExpertKVCache)
+        cached = None if kv_cache is None else kv_cache.read(0, dispatch.batch_size)  # positions: the same every step
         layout = segment_layout(
             dispatch.segment,
             dispatch.cache_index,
@@ -895,7 +916,7 @@ class MoREHuginnExperts(MoRERecurrentExperts):
         )
         # fp32 (the rotary's own precision), cast to the queries' dtype where applied
         cos, sin = self.rotary(static[0].float(), dispatch.position)  # (rows, head_dim) each
-        return MoREStepAttention(layout, cos, sin, pool, dispatch.batch_size, exit)
+        return MoREStepAttention(layout, cos, sin, kv_cache, dispatch.batch_size, exit)
 
     def step(self, state, static, dispatch, step_idx, prepared):
         x, norms = static
@@ -926,9 +947,9 @@ class MoREHuginnExperts(MoRERecurrentExperts):
             exit.latest_kv = (k, v)
             q = torch.zeros_like(k).index_copy(0, exit.active, q)
         cached = None
-        if prepared.pool is not None:
-            prepared.pool.stage(step_idx, k, v)
-            cached = prepared.pool.read(step_idx, prepared.batch_size)
+        if prepared.kv_cache is not None:
+            prepared.kv_cache.stage(step_idx, k, v)
+            cached = prepared.kv_cache.read(step_idx, prepared.batch_size)
         kv_cached = None if cached is None else cached[:2]
         out = segment_causal_attention(q, k, v, prepared.layout, self.scaling, kv_cached)
         if exit is not None:
@@ -936,7 +957,7 @@ class MoREHuginnExperts(MoRERecurrentExperts):
         return grouped_linear(out.reshape(rows, -1), self.o_proj, offs)
 
     def write_cache(self, pool, dispatch):
-        pool.commit(dispatch)
+        pool.entry("experts", MoREExpertKVCache).commit(dispatch)
 
 
 @dataclass
@@ -946,7 +967,7 @@ class MoREStepAttention:
     layout: MoRESegmentLayout  # of every routed row (and the cached rows)
     cos: torch.Tensor  # (rows, head_dim) fp32 rotary of every routed row
     sin: torch.Tensor
-    pool: "MoREExpertPool | None"  # the cache's keys/values of this layer and iteration
+    kv_cache: "MoREExpertKVCache | None"  # the cache's keys/values of this layer and iteration
     batch_size: int
     exit: MoREAdaptiveExit | None  # the rows still iterating, and the latest keys/values of the others
 
@@ -1234,7 +1255,13 @@ class MoREParallelExperts(MoREExperts):
         d, g = config.hidden_size, config.parallel_gate_hidden_size
         return 3 * d * config.intermediate_size + 8 * d * d + g * d + 2 * g  # FFN, one LSTM step, gate
 
-    def forward(self, x, dispatch, settings=None, pool=None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        dispatch: MoREDispatch,
+        settings: "MoREForwardSettings | None" = None,
+        pool: "MoREExpertPool | None" = None,
+    ) -> tuple[torch.Tensor, MoREExpertReport]:
         ffn_out = self.ffn(x, dispatch)[0]
         lstm_out = self._lstm(x, dispatch, pool)
         hidden = F.relu(grouped_linear(x, self.gate_in, dispatch.offs) + _grouped_bias(self.gate_in_bias, dispatch))
@@ -1268,8 +1295,9 @@ class MoREParallelExperts(MoREExperts):
         slot = slot.clamp(max=steps - 1)  # only the extra segment can hold more rows than time slots
         h = x_proj.new_zeros(segments, self.hidden_size)
         c = torch.zeros_like(h)
-        if pool is not None:
-            h, c = pool.read_state(h, c)
+        state_cache = None if pool is None else pool.entry("experts", MoRESegmentStateCache)
+        if state_cache is not None:
+            h, c = state_cache.read(h, c)
         w_hh = self.lstm_w_hh.to(dtype)
         if order is not None:  # segments, states and weights in scan order
             rank = torch.empty_like(order).scatter_(0, order, torch.arange(experts, device=x.device))
@@ -1289,8 +1317,8 @@ class MoREParallelExperts(MoREExperts):
         outputs, h, c = MoRELSTMScan.apply(padded[:segments], valid[:segments], h, c, w_hh, active, rows, row_offs)
         if order is not None:
             h, c = (s.view(experts, batch, -1)[rank].flatten(0, 1) for s in (h, c))
-        if pool is not None:
-            pool.write_state(h, c, experts)
+        if state_cache is not None:
+            state_cache.write(h, c, experts)
         return F.pad(outputs, (0, 0, 0, 0, 0, 1))[segment, slot]  # (rows, hidden)
 
     @staticmethod
@@ -1462,7 +1490,8 @@ class MoRETokenwiseRecurrentRouter(MoRERouter):
         batch = x.shape[0]
         inputs = F.linear(x, self.input_weight)  # (batch, seq, router_hidden)
         mask = None if token_mask is None else token_mask[..., None]  # (batch, seq, 1)
-        hidden = cache_pool.router_hidden if cache_pool is not None else None
+        state_cache = None if cache_pool is None else cache_pool.entry("router", MoRERouterStateCache)
+        hidden = None if state_cache is None else state_cache.hidden
         if hidden is None:
             hidden = inputs.new_zeros(batch, self.cell.hidden_size)
         outputs = []
@@ -1470,8 +1499,8 @@ class MoRETokenwiseRecurrentRouter(MoRERouter):
             new = self.cell(inputs[:, t], hidden)
             hidden = new if mask is None else torch.where(mask[:, t], new, hidden)
             outputs.append(hidden)
-        if cache_pool is not None:
-            cache_pool.router_hidden = hidden
+        if state_cache is not None:
+            state_cache.hidden = hidden
         return self.head(torch.stack(outputs, dim=1).flatten(0, 1)), state
 
 
@@ -1885,40 +1914,48 @@ class MoREDecoderLayer(GradientCheckpointingLayer):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class MoREExpertPool:
-    """Keys and values of attention inside recurrent experts, for one (layer, iteration).
+class MoRECacheEntry:
+    """Decoding state that one module (an expert type, a token-wise router) keeps per (layer, iteration) of a
+    `MoRECache`, created by that module on first use (`MoREExpertPool.entry`). Subclasses say how it follows the batch
+    (beam search, repeats, selection) and whether a crop can keep it."""
+
+    croppable = False  # recurrent states summarise every earlier token: dropping tokens would need a recompute
+
+    def copy(self) -> "MoRECacheEntry":
+        """A copy that later writes to either side leave alone (tensors are replaced, never written in place)."""
+        return copy.copy(self)
+
+    def remap_batch(self, source: torch.Tensor) -> None:
+        """New batch row j takes the state of old batch row `source[j]` (beam reorder, repeat, select)."""
+        raise NotImplementedError
+
+    def crop(self, length: int) -> None:
+        """Keep the state of the first `length` tokens (only when `croppable`)."""
+        raise NotImplementedError
+
+
+class MoREExpertKVCache(MoRECacheEntry):
+    """Keys and values of attention inside Huginn experts.
 
     Each cached token routed to an expert is a row with its (segment slot, batch, position) and its keys/values at
     every step (rows, steps, heads, head_dim). Policy for depth: a token computed with fewer steps than a later read
     asks for is read at its latest computed step (its last step is repeated along the step axis).
     """
 
+    croppable = True
+
     def __init__(self):
         self.expert = self.batch = self.position = None  # (rows,)
         self.keys = self.values = None  # (rows, steps, heads, head_dim)
-        self.state_h = self.state_c = None  # (experts, batch, hidden): recurrent branch state per (expert, sequence)
-        self.router_hidden = None  # (batch, router_hidden): token-wise router state after the last cached token
         self._staged = {}
 
     def __len__(self):
         return 0 if self.expert is None else self.expert.shape[0]
 
-    def copy(self) -> "MoREExpertPool":
-        pool = MoREExpertPool()
-        for name in ("expert", "batch", "position", "keys", "values", "state_h", "state_c", "router_hidden"):
-            setattr(pool, name, getattr(self, name))
-        return pool
-
-    def read_state(self, h, c):
-        """Initial (h, c) of the (experts * batch) segments: the cached state of each (expert, sequence), or the
-        given zeros before the first call."""
-        if self.state_h is None:
-            return h, c
-        return self.state_h.flatten(0, 1).to(h.dtype), self.state_c.flatten(0, 1).to(c.dtype)
-
-    def write_state(self, h, c, num_experts):
-        """h, c: (experts * batch, hidden); a segment without rows in this call kept its state through the scan."""
-        self.state_h, self.state_c = h.view(num_experts, -1, h.shape[-1]), c.view(num_experts, -1, c.shape[-1])
+    def copy(self) -> "MoREExpertKVCache":
+        entry = copy.copy(self)
+        entry._staged = {}
+        return entry
 
     def read(self, step_idx: int, batch_size: int):
         """Cached (k, v, segment, position) at `step_idx` (or the latest available step), or None when empty."""
@@ -1949,17 +1986,13 @@ class MoREExpertPool:
         self.keys = _cat(self.keys, keys)
         self.values = _cat(self.values, values)
 
-    def select(self, mask: torch.Tensor):
-        for name in ("expert", "batch", "position", "keys", "values"):
-            setattr(self, name, getattr(self, name)[mask])
+    def crop(self, length: int) -> None:
+        if len(self) > 0:
+            keep = self.position < length
+            for name in ("expert", "batch", "position", "keys", "values"):
+                setattr(self, name, getattr(self, name)[keep])
 
-    def remap_batch(self, source: torch.Tensor):
-        """New batch row j takes the rows of old batch row `source[j]` (beam reorder, repeat, select)."""
-        if self.state_h is not None:
-            source = source.to(self.state_h.device)
-            self.state_h, self.state_c = self.state_h[:, source], self.state_c[:, source]
-        if self.router_hidden is not None:
-            self.router_hidden = self.router_hidden[source.to(self.router_hidden.device)]
+    def remap_batch(self, source: torch.Tensor) -> None:
         if len(self) == 0:
             return
         source = source.to(self.batch.device)
@@ -1968,6 +2001,67 @@ class MoREExpertPool:
         for name in ("expert", "position", "keys", "values"):
             setattr(self, name, getattr(self, name)[rows])
         self.batch = new_batch
+
+
+class MoRESegmentStateCache(MoRECacheEntry):
+    """The recurrent branch state (h, c) of `parallel` experts per (expert, sequence) after the last cached token."""
+
+    def __init__(self):
+        self.h = self.c = None  # (experts, batch, hidden)
+
+    def read(self, h, c):
+        """Initial (h, c) of the (experts * batch) segments: the cached state of each (expert, sequence), or the
+        given zeros before the first call."""
+        if self.h is None:
+            return h, c
+        return self.h.flatten(0, 1).to(h.dtype), self.c.flatten(0, 1).to(c.dtype)
+
+    def write(self, h, c, num_experts):
+        """h, c: (experts * batch, hidden); a segment without rows in this call kept its state through the scan."""
+        self.h, self.c = h.view(num_experts, -1, h.shape[-1]), c.view(num_experts, -1, c.shape[-1])
+
+    def remap_batch(self, source: torch.Tensor) -> None:
+        if self.h is not None:
+            source = source.to(self.h.device)
+            self.h, self.c = self.h[:, source], self.c[:, source]
+
+
+class MoRERouterStateCache(MoRECacheEntry):
+    """A token-wise router's state (batch, router_hidden) after the last cached token."""
+
+    def __init__(self):
+        self.hidden = None
+
+    def remap_batch(self, source: torch.Tensor) -> None:
+        if self.hidden is not None:
+            self.hidden = self.hidden[source.to(self.hidden.device)]
+
+
+class MoREExpertPool:
+    """The decoding state of one (layer, iteration) of a MoE block besides the backbone's keys and values: one
+    `MoRECacheEntry` per module that keeps one, under the module's own name ("experts", "router")."""
+
+    def __init__(self):
+        self.entries: dict[str, MoRECacheEntry] = {}
+
+    def entry(self, name: str, cls: type[MoRECacheEntry]) -> MoRECacheEntry:
+        """The entry `name`, created as `cls()` on first use."""
+        if name not in self.entries:
+            self.entries[name] = cls()
+        return self.entries[name]
+
+    def copy(self) -> "MoREExpertPool":
+        pool = MoREExpertPool()
+        pool.entries = {name: entry.copy() for name, entry in self.entries.items()}
+        return pool
+
+    def remap_batch(self, source: torch.Tensor) -> None:
+        for entry in self.entries.values():
+            entry.remap_batch(source)
+
+    def crop(self, length: int) -> None:
+        for entry in self.entries.values():
+            entry.crop(length)
 
 
 def _cat(old, new):
@@ -2026,16 +2120,20 @@ class MoRECache(DynamicCache):
         super().batch_select_indices(indices)
         self._remap_pools(indices)
 
-    def crop(self, max_length: int):
-        if any(p.state_h is not None or p.router_hidden is not None for p in self.expert_pools.values()):
+    def crop(self, tokens_to_remove: int):
+        """Drop the last `-tokens_to_remove` tokens (Transformers' convention: a negative count), expert state too."""
+        # Checked before anything is cropped, so a refused crop leaves the cache as it was.
+        entries = [entry for pool in self.expert_pools.values() for entry in pool.entries.values()]
+        kept = {type(entry).__name__ for entry in entries if not entry.croppable}
+        if kept:
             raise ValueError(
-                "A MoRE cache holding recurrent states (parallel experts, token-wise routers) can't be cropped."
+                f"A MoRE cache holding recurrent states ({', '.join(sorted(kept))}: parallel experts, token-wise "
+                "routers) can't be cropped."
             )
-        super().crop(max_length)
+        super().crop(tokens_to_remove)
         length = self.get_seq_length()
         for pool in self.expert_pools.values():
-            if len(pool) > 0:
-                pool.select(pool.position < length)
+            pool.crop(length)
 
     def reset(self):
         super().reset()

@@ -240,9 +240,9 @@ LOW, HIGH = 2, 4
 
 
 def _spy_pool_reads(monkeypatch):
-    """Record (pool, step_idx, keys, values) for every `MoREExpertPool.read` that returns cached rows."""
+    """Record (cache entry, step_idx, keys, values) for every `MoREExpertKVCache.read` that returns cached rows."""
     reads = []
-    original = modeling_more.MoREExpertPool.read
+    original = modeling_more.MoREExpertKVCache.read
 
     def read(self, step_idx, batch_size):
         result = original(self, step_idx, batch_size)
@@ -250,7 +250,7 @@ def _spy_pool_reads(monkeypatch):
             reads.append((self, step_idx, result[0], result[1]))
         return result
 
-    monkeypatch.setattr(modeling_more.MoREExpertPool, "read", read)
+    monkeypatch.setattr(modeling_more.MoREExpertKVCache, "read", read)
     return reads
 
 
@@ -263,7 +263,7 @@ def test_deeper_read_returns_latest_cached_step(monkeypatch, expert_type, iterat
     ids = random_ids(2, PREFILL, seed=6)
     with torch.no_grad():
         out = model(ids, use_cache=True, num_recurrent_steps=LOW)
-        pools = out.cache.expert_pools
+        pools = {key: pool.entries["experts"] for key, pool in out.cache.expert_pools.items()}  # keys and values
         written = {key: (pool.keys, pool.values, len(pool)) for key, pool in pools.items() if len(pool)}
         assert written and all(k.shape[1] == LOW for k, _, _ in written.values())
         reads = _spy_pool_reads(monkeypatch)
@@ -305,8 +305,9 @@ def test_deeper_read_matches_manual_recomputation(expert_type, router_type):
         reference = copy.deepcopy(deep)
         padding = [min(s, LOW - 1) for s in range(HIGH)]
         for pool in reference.expert_pools.values():
-            if len(pool):
-                pool.keys, pool.values = pool.keys[:, padding], pool.values[:, padding]
+            kv = pool.entries.get("experts")
+            if isinstance(kv, modeling_more.MoREExpertKVCache) and len(kv):
+                kv.keys, kv.values = kv.keys[:, padding], kv.values[:, padding]
         got = model(token, cache=shallow, use_cache=True, num_recurrent_steps=HIGH).logits
         expected = model(token, cache=reference, use_cache=True, num_recurrent_steps=HIGH).logits
         with_deep_prefix = model(token, cache=deep, use_cache=True, num_recurrent_steps=HIGH).logits
@@ -327,7 +328,7 @@ def _has_cross_token_state(expert_type, router_type):
     model = tiny_model(expert_type=expert_type, router_type=router_type, num_hidden_layers=1)
     with torch.no_grad():
         cache = model(random_ids(1, 3), use_cache=True).cache
-    return any(len(p) or p.state_h is not None or p.router_hidden is not None for p in cache.expert_pools.values())
+    return any(pool.entries for pool in cache.expert_pools.values())
 
 
 STATEFUL_PAIRS = [(e, r) for e in EXPERT_TYPES for r in ROUTER_TYPES if _has_cross_token_state(e, r)]
@@ -354,5 +355,31 @@ def test_deeper_iteration_read_starts_from_latest_earlier_iteration(expert_type,
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     # Each decoded token is cached once per (layer, iteration).
     for (layer, iteration), pool in cache.expert_pools.items():
-        if len(pool):
-            assert len(pool) == len(reference.expert_pools[(layer, iteration)]), (layer, iteration)
+        kv = pool.entries.get("experts")
+        if isinstance(kv, modeling_more.MoREExpertKVCache):
+            assert len(kv) == len(reference.expert_pools[(layer, iteration)].entries["experts"]), (layer, iteration)
+
+
+@pytest.mark.parametrize(("expert_type", "router_type"), EXPERT_ROUTER_PAIRS)
+def test_crop_equals_a_shorter_prefill(expert_type, router_type):
+    """`MoRECache.crop` (assisted decoding) keeps exactly the first tokens' state: decoding after a crop equals
+    recomputation. Caches holding recurrent states that summarise every token refuse, and lose nothing."""
+    model = scale_weights(tiny_model(expert_type=expert_type, router_type=router_type, num_experts_per_tok=2))
+    ids = random_ids(2, PREFILL, seed=11)
+    keep = PREFILL - 2
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).cache
+        croppable = all(e.croppable for pool in cache.expert_pools.values() for e in pool.entries.values())
+        if not croppable:
+            before = copy.deepcopy(cache)
+            with pytest.raises(ValueError, match="can't be cropped"):
+                cache.crop(keep - PREFILL)
+            assert cache.get_seq_length() == PREFILL
+            after = model(ids[:, -1:], cache=cache, use_cache=True).logits
+            torch.testing.assert_close(after, model(ids[:, -1:], cache=before, use_cache=True).logits)
+            return
+        cache.crop(keep - PREFILL)  # a negative count: the tokens to remove
+        got = model(ids[:, keep : keep + 1], cache=cache, use_cache=True).logits
+        expected = model(ids[:, : keep + 1], use_cache=False).logits[:, -1:]
+    assert cache.get_seq_length() == keep + 1
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -136,6 +136,7 @@ def test_cpu_schedule_equals_static_schedule(monkeypatch):
         pool = modeling_more.MoREExpertPool()
         out = experts._lstm(x, dispatch, pool) * dispatch.kept[:, None]
         grads = torch.autograd.grad(out.sum(), [x, experts.lstm_w_hh])
-        results[name] = (out, *grads, pool.state_h, pool.state_c)
+        state = pool.entries["experts"]
+        results[name] = (out, *grads, state.h, state.c)
     for a, b in zip(*results.values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
