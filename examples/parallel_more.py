@@ -16,20 +16,15 @@ recurrent latent noise for its own rows). Results also go to `<output_dir>/memor
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
 
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import modeling_more  # noqa: E402, F401  (registers MoRE with the Auto classes)
-from configuration_more import EXPERT_TYPES, MoREConfig  # noqa: E402
-from train_more import PRESETS  # noqa: E402
+import modeling_more  # noqa: F401  (registers MoRE with the Auto classes)
+from configuration_more import EXPERT_TYPES, MoREConfig
+from more_tools.training import PRESETS
 
 
 MODES = {

@@ -10,24 +10,22 @@ import sys
 import evaluate
 import numpy as np
 import pytest
+import scripts
 import torch
 from helpers import tiny_model
 from transformers import AutoModelForCausalLM
 
-
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
-sys.path.insert(0, EXAMPLES)
-
-import evaluate_more  # noqa: E402
 import modeling_more  # noqa: E402
 from configuration_more import MoREConfig  # noqa: E402
-from more_data import TASK_GENERATORS, build_reasoning_dataset, train_bpe_tokenizer  # noqa: E402
-from more_eval import extract_answer  # noqa: E402
-from train_more import DataArguments  # noqa: E402
+from more_tools import evaluation
+from more_tools.data import TASK_GENERATORS, build_reasoning_dataset, load_tokenizer, train_bpe_tokenizer
+from more_tools.evaluation import export_test_split
+from more_tools.metrics import extract_answer
+from more_tools.training import DataArguments
 
 
-METRICS = os.path.join(EXAMPLES, "metrics")
-LM_EVAL_TASKS = os.path.join(EXAMPLES, "lm_eval_tasks")
+METRICS = os.path.join(scripts.EXAMPLES, "metrics")
+LM_EVAL_TASKS = os.path.join(scripts.EXAMPLES, "lm_eval_tasks")
 TASKS = ("babi1", "babi2", "arithmetic")
 
 
@@ -160,7 +158,7 @@ def test_expert_ids_config_needs_the_number_of_experts():
 @pytest.mark.parametrize("expert_type", ["ffn", "shared_recurrent"])
 def test_count_parameters_active_excludes_unrouted_experts_only(expert_type):
     model = tiny_model(expert_type=expert_type, num_experts=4, num_experts_per_tok=1)
-    counts = evaluate_more.count_parameters(model)
+    counts = evaluation.count_parameters(model)
     d, f, f_r, layers, experts = 32, 64, 64, 2, 4
     assert counts["total"] == sum(p.numel() for p in model.parameters())
     # Per expert: a gated FFN (ffn), the two d x d projections around the shared engine (shared_recurrent).
@@ -176,7 +174,7 @@ def test_peak_memory_grows_with_the_batch():
     small = {"input_ids": torch.randint(3, 100, (1, 16)), "attention_mask": torch.ones(1, 16, dtype=torch.long)}
     large = {"input_ids": torch.randint(3, 100, (16, 64)), "attention_mask": torch.ones(16, 64, dtype=torch.long)}
     weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    assert weights_mb < evaluate_more.peak_memory_mb(model, small) < evaluate_more.peak_memory_mb(model, large)
+    assert weights_mb < evaluation.peak_memory_mb(model, small) < evaluation.peak_memory_mb(model, large)
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +216,7 @@ def test_evaluate_more_writes_every_output(checkpoint, tmp_path, monkeypatch):
         "--throughput_repeats=1",
     ]
     monkeypatch.setattr(sys, "argv", argv)
-    evaluate_more.main()
+    scripts.load("evaluate_more").main()
 
     results = json.loads((output_dir / "eval_results.json").read_text())
     assert results["config"]["expert_type"] == "recurrent"
@@ -257,11 +255,11 @@ def test_evaluate_more_writes_every_output(checkpoint, tmp_path, monkeypatch):
 
 
 def test_depth_sweep_skips_recurrent_steps_for_experts_without_a_step_loop(checkpoint):
-    tokenizer = evaluate_more.load_tokenizer(checkpoint)
+    tokenizer = load_tokenizer(checkpoint)
     model = tiny_model(vocab_size=len(tokenizer), expert_type="parallel", max_position_embeddings=256)
     test = build_reasoning_dataset(["babi1"], num_train=0, num_validation=0, num_test=2, seed=0)["test"]
-    args = evaluate_more.EvaluationArguments(recurrent_steps_sweep="1,2", moe_iterations_sweep="1,3")
-    sweep = evaluate_more.depth_sweep(model, tokenizer, test, args, max_new_tokens=4)
+    args = evaluation.EvaluationArguments(recurrent_steps_sweep="1,2", moe_iterations_sweep="1,3")
+    sweep = evaluation.depth_sweep(model, tokenizer, test, args, max_new_tokens=4)
     assert set(sweep) == {"num_moe_iterations"} and set(sweep["num_moe_iterations"]) == {1, 3}
 
 
@@ -283,9 +281,6 @@ def test_lm_eval_yaml_for_every_task_and_both_variants():
 
 
 def test_export_writes_the_test_split_as_jsonl(tmp_path):
-    sys.path.insert(0, LM_EVAL_TASKS)
-    from export_more_tasks import export_test_split
-
     data_args = DataArguments(
         tasks="babi1,algebra", num_train_examples=0, num_validation_examples=0, num_test_examples=6, dataset_seed=3
     )
@@ -300,13 +295,8 @@ def test_lm_eval_loads_the_tasks(tmp_path, monkeypatch):
     pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
-    sys.path.insert(0, LM_EVAL_TASKS)
-    from export_more_tasks import export_test_split
-
     monkeypatch.chdir(tmp_path)  # the YAMLs read outputs/lm_eval_data relative to the working directory
-    export_test_split(
-        evaluate_more.DataArguments(tasks="babi1,arithmetic", num_test_examples=4), "outputs/lm_eval_data"
-    )
+    export_test_split(DataArguments(tasks="babi1,arithmetic", num_test_examples=4), "outputs/lm_eval_data")
     tasks = TaskManager(include_path=LM_EVAL_TASKS).load(["more_babi1", "more_arithmetic_loglikelihood"])["tasks"]
     babi1, arithmetic = tasks["more_babi1"], tasks["more_arithmetic_loglikelihood"]
     assert babi1.OUTPUT_TYPE == "generate_until" and arithmetic.OUTPUT_TYPE == "loglikelihood"

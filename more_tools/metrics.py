@@ -8,12 +8,21 @@ Prompts follow `more_data`'s convention: they end with `"Answer:"`, the model wa
     baseline = majority_baseline(data["train"], data["test"])
 """
 
+import logging
+import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 
+import numpy as np
 import torch
-from datasets import Dataset
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from datasets import Dataset, DatasetDict
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
+
+from more_tools.data import IGNORE_INDEX
+from more_tools.training import DataArguments, collate
+
+
+logger = logging.getLogger(__name__)
 
 
 def extract_answer(generated: str) -> str:
@@ -121,3 +130,100 @@ def majority_baseline(train_dataset: Dataset, eval_dataset: Dataset) -> dict[str
         for task, answer in zip(eval_dataset["task"], eval_dataset["answer"], strict=True)
     )
     return _accuracy_by_task(eval_dataset["task"], hits)
+
+
+def exact_match_metrics(
+    model, tokenizer, raw_datasets: DatasetDict, data_args: DataArguments, training_args: TrainingArguments
+) -> dict[str, float]:
+    """Greedy exact match per task on the test split and the majority-answer baseline, logged as a table."""
+    depth = {}
+    if data_args.exact_match_num_recurrent_steps is not None:
+        depth["num_recurrent_steps"] = data_args.exact_match_num_recurrent_steps
+    accuracy = exact_match_by_task(
+        model,
+        tokenizer,
+        raw_datasets["test"],
+        batch_size=training_args.per_device_eval_batch_size,
+        max_new_tokens=data_args.max_new_tokens,
+        **depth,
+    )
+    baseline = majority_baseline(raw_datasets["train"], raw_datasets["test"])
+    logger.info("Exact match on the test split (greedy) vs always answering the task's most frequent answer:")
+    logger.info(f"{'task':<14} {'model':>8} {'majority':>9}")
+    for task in accuracy:
+        logger.info(f"{task:<14} {accuracy[task]:>8.3f} {baseline[task]:>9.3f}")
+    metrics = {f"exact_match_{task}": value for task, value in accuracy.items()}
+    metrics.update({f"majority_baseline_{task}": value for task, value in baseline.items()})
+    return metrics
+
+
+# Guide §5.2 healthy ranges. Synthesis I (recurrent experts): the state changes from step to step, stably, and the
+# last step still matters. Synthesis II: routing neither collapses nor turns chaotic over iterations (entropy stated
+# for 8 experts, scaled by log(E) / log(8)) and gets moderately more confident.
+RECURRENCE_RANGES = {
+    "mean_steps": (2.0, 8.0),
+    "mean_state_change": (0.1, 2.0),
+    "state_change_trend": (-0.1, 0.1),
+    "final_step_contribution": (0.05, 0.5),
+}
+
+
+ITERATION_RANGES = {"routing_entropy_mean": (1.2, 2.5), "routing_maxprob_trend": (0.0, 0.3)}
+
+
+def architecture_checks(routing: list[dict], recurrence: list[dict], num_experts: int) -> dict[str, dict]:
+    """The guide's §5.2 indicators with their healthy ranges: Synthesis I per MoE layer (averaged over iterations),
+    Synthesis II per MoE layer when the block iterates.
+
+    The first expert step starts from the zero latent state of evaluation, so its relative change is not a
+    measurement of the recurrence; state-change indicators use steps 2..r and need r >= 2 (3 for the trend).
+    """
+    checks = {}
+    with_steps = [stats for stats in recurrence if len(stats.get("state_change", [])) >= 2]
+    if with_steps:
+        changes = [stats["state_change"][1:] for stats in with_steps]
+        values = {
+            "mean_steps": np.mean([stats["steps"] for stats in with_steps]),
+            "mean_state_change": np.mean([np.mean(change) for change in changes]),
+            "final_step_contribution": np.mean([stats["final_step_contribution"] for stats in with_steps]),
+        }
+        if all(len(change) >= 2 for change in changes):
+            values["state_change_trend"] = np.mean([np.polyfit(range(len(c)), c, 1)[0] for c in changes])
+        checks.update({name: _check(value, RECURRENCE_RANGES[name]) for name, value in values.items()})
+    layers = sorted({row["layer"] for row in routing})
+    per_layer = [[row for row in routing if row["layer"] == layer] for layer in layers]
+    if per_layer and len(per_layer[0]) > 1:
+        scale = math.log(num_experts) / math.log(8)
+        low, high = ITERATION_RANGES["routing_entropy_mean"]
+        entropy = np.mean([row["router_entropy"] for rows in per_layer for row in rows])
+        trend = np.mean([rows[-1]["max_prob"] - rows[0]["max_prob"] for rows in per_layer])
+        checks["routing_entropy_mean"] = _check(entropy, (low * scale, high * scale))
+        checks["routing_maxprob_trend"] = _check(trend, ITERATION_RANGES["routing_maxprob_trend"])
+    return checks
+
+
+def _check(value: float, bounds: tuple[float, float]) -> dict:
+    return {"value": float(value), "range": list(bounds), "healthy": bool(bounds[0] <= value <= bounds[1])}
+
+
+@torch.no_grad()
+def score_answers(model, test, batch_size: int = 256, **depth) -> np.ndarray:
+    """Greedy exact match of every test example, 0/1: the answer and eos are the argmax at every answer position.
+
+    With teacher forcing on the reference answer, all answer tokens are argmax exactly when greedy decoding produces
+    the answer and then stops, so this equals greedy `generate` exact match in one forward pass per batch. Examples
+    run in order of length, so a batch pads little.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    order = np.argsort([sum(mask) for mask in test["attention_mask"]], kind="stable")
+    hits = np.zeros(len(test), dtype=np.int8)
+    for start in range(0, len(test), batch_size):
+        index = order[start : start + batch_size]
+        batch = collate([test[int(i)] for i in index])
+        batch = {name: tensor.to(device) for name, tensor in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **depth).logits
+        labels = batch["labels"][:, 1:]
+        correct = (logits[:, :-1].argmax(-1) == labels) | (labels == IGNORE_INDEX)  # (batch, seq - 1)
+        hits[index] = correct.all(dim=1).cpu().numpy()
+    return hits
