@@ -58,6 +58,8 @@ from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 import modeling_more
 from configuration_more import MoREConfig
 from more_tools.cards import markdown_table
+from more_tools.comparison import build_variant_configs, load_presets, train_model, training_arguments
+from more_tools.data import TensorExamples, build_depth_dataset, tokenize_qa, train_word_level_tokenizer
 from more_tools.timing import (
     device_description,
     peak_memory,
@@ -67,6 +69,7 @@ from more_tools.timing import (
     synchronize,
     time_interleaved,
 )
+from more_tools.training import collate
 
 
 logger = logging.getLogger(__name__)
@@ -928,6 +931,7 @@ def bench_decode(args, device, dtype):
     }
 
 
+COMPARE_PRESETS = Path(__file__).resolve().parent / "configs" / "compare"  # the comparison job's
 TINY_VARIANTS = ("ffn", "recurrent", "shared_recurrent", "ffn_synthesis2")
 TINY_TARGETS = {"ffn": 1.1, "recurrent": 2.5}  # step time / same-size Llama's, medians of the same rounds
 
@@ -936,11 +940,7 @@ def tiny_job_data(args):
     """The comparison job's data at its main shapes: the preset "default" configs of `TINY_VARIANTS` (sized to the
     `ffn` model as the job sizes them), its word-level tokenizer and tokenized addition examples (fewer than the
     job's)."""
-    from more_data import TensorExamples, build_depth_dataset, tokenize_qa, train_word_level_tokenizer
-
-    import compare_more  # the presets live with the comparison job
-
-    preset = compare_more.PRESETS["default"]
+    preset = load_presets(COMPARE_PRESETS)["default"]
     raw = build_depth_dataset(
         {task: (list(train), list(test)) for task, (train, test) in preset.tasks.items()},
         num_train=args.tiny_train_examples,
@@ -949,7 +949,7 @@ def tiny_job_data(args):
     )
     tokenizer = train_word_level_tokenizer([*raw["train"]["text"], *raw["test"]["text"]], preset.max_length)
     train = TensorExamples.from_dataset(tokenize_qa(raw["train"], tokenizer, preset.max_length, answer_only_loss=True))
-    configs = compare_more.build_variant_configs(preset, list(TINY_VARIANTS), tokenizer, "active")
+    configs = build_variant_configs(preset, list(TINY_VARIANTS), tokenizer, "active")
     return preset, configs, tokenizer, train
 
 
@@ -1005,21 +1005,17 @@ class _StepClock(transformers.TrainerCallback):
 
 def trainer_step_seconds(model, train, tokenizer, preset, steps: int, output_dir: Path, seed: int) -> list[float]:
     """Seconds between consecutive optimizer steps of the job's `MoRETrainer`, built as the job builds it
-    (`compare_more.training_arguments` and `train_model`): the bare step plus the loop around it."""
-    import compare_more
-
+    (`training_arguments` and `train_model` of `more_tools.comparison`): the bare step plus the loop around it."""
     clock = _StepClock()
-    training_args = compare_more.training_arguments(preset.training, seed, output_dir, steps)
+    training_args = training_arguments(preset.training, seed, output_dir, steps)
     # Logging steps (routing statistics, the log) as often as in the job, not every twentieth step of this block.
     training_args.logging_steps = max(1, preset.training["max_steps"] // 20)
-    compare_more.train_model(model, train, training_args, tokenizer, None, clock)
+    train_model(model, train, training_args, tokenizer, None, clock)
     return [b - a for a, b in zip(clock.ends, clock.ends[1:], strict=False)]
 
 
 def bench_tiny(args, device):
     """The comparison job's step, side by side with Llama and Mixtral of the same size (CPU, fp32, one thread)."""
-    from train_more import collate
-
     if device.type != "cpu":
         raise ValueError("--suite tiny measures the CPU job (one thread per job): run it with --device cpu")
     threads = torch.get_num_threads()

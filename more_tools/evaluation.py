@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-import evaluate
 import matplotlib
 import numpy as np
 import torch
@@ -18,7 +17,7 @@ from tqdm.auto import tqdm
 import modeling_more
 from more_tools.cards import render_report
 from more_tools.data import tokenize_qa
-from more_tools.metrics import architecture_checks, exact_match_by_task
+from more_tools.metrics import architecture_checks, exact_match_by_task, expert_utilization
 from more_tools.timing import peak_memory
 from more_tools.training import DataArguments, fit_batch, lm_loss_sum, load_raw_datasets
 
@@ -28,8 +27,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 logger = logging.getLogger(__name__)
-
-METRICS_DIR = Path(__file__).resolve().parents[1] / "examples" / "metrics"
 
 
 # Guide §5.3: "babi_multihop_accuracy" averages bAbI tasks 2, 3 and 16; arithmetic covers the guide's custom
@@ -152,7 +149,7 @@ def perplexity_and_diagnostics(model, batches: list[dict]) -> dict:
         routing.append({"layer": layer, "iteration": iteration, **_to_python(stats)})
         metric_logits.append(logits[mask].numpy())
         metric_layers.append(np.full(int(mask.sum()), index))
-    utilization = evaluate.load(str(METRICS_DIR / "expert_utilization")).compute(
+    utilization = expert_utilization(
         router_logits=np.concatenate(metric_logits), layers=np.concatenate(metric_layers), top_k=top_k
     )
     utilization.pop("per_layer")  # `routing` holds the same numbers per layer x iteration

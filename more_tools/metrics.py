@@ -1,9 +1,10 @@
-"""Generation-based exact match for prompt/answer reasoning data, and the majority-answer baseline it must beat.
+"""The examples' metrics: exact match of answers (greedy generation, or one teacher-forced pass), the majority-answer
+baseline it must beat, and routing health (expert utilisation against the guide's §5.1 ranges, the §5.2 checks).
 
-Prompts follow `more_data`'s convention: they end with `"Answer:"`, the model was trained on
+Prompts follow `more_tools.data`'s convention: they end with `"Answer:"`, the model was trained on
 `bos + prompt + " " + answer + eos`, so greedy generation after `bos + prompt` should produce `" answer"` then eos.
 
-    from more_eval import exact_match_by_task, majority_baseline
+    from more_tools.metrics import exact_match_by_task, majority_baseline
     scores = exact_match_by_task(model, tokenizer, data["test"], num_recurrent_steps=8)
     baseline = majority_baseline(data["train"], data["test"])
 """
@@ -28,8 +29,7 @@ logger = logging.getLogger(__name__)
 def extract_answer(generated: str) -> str:
     """The answer in a generated continuation (research guide §7.5): its first line, up to the first period, stripped.
 
-    Case is kept; `answers_match` compares case-insensitively. `examples/metrics/answer_accuracy` holds a copy of
-    this function (metric modules must be self-contained) that a test keeps identical.
+    Case is kept; `answers_match` compares case-insensitively (so does `examples/metrics/answer_accuracy`, through it).
     """
     return generated.split("\n")[0].split(".")[0].strip()
 
@@ -157,6 +157,98 @@ def exact_match_metrics(
     return metrics
 
 
+# Guide §5.1 healthy ranges of expert utilisation.
+
+
+def entropy_scale(num_experts: int) -> float:
+    """The guide states routing entropies for 8 experts; with E experts they scale by log(E) / log(8)."""
+    return math.log(num_experts) / math.log(8)
+
+
+# Floating point slack on the range bounds, so a perfectly balanced layer (effective experts == E) passes.
+_TOLERANCE = 1e-6
+
+
+def healthy_ranges(num_experts: int) -> dict[str, tuple[float, float]]:
+    """The guide's §5.1 ranges (stated for 8 experts), with counts and entropies scaled to `num_experts`."""
+    scale = entropy_scale(num_experts)
+    return {
+        "load_cv": (0.0, 0.3),
+        "max_load_ratio": (0.8, 1.5),
+        "min_load_ratio": (0.5, 1.2),
+        "effective_experts": (6.0 / 8 * num_experts, float(num_experts)),
+        "router_entropy": (1.5 * scale, 2.8 * scale),
+    }
+
+
+def load_statistics(counts: np.ndarray) -> dict[str, float]:
+    """Balance statistics of one group from the number of assignments per expert."""
+    load = counts / max(counts.sum(), 1)
+    mean = load.mean()
+    return {
+        "load": load.tolist(),
+        "load_cv": float(load.std() / mean) if mean > 0 else math.inf,
+        "max_load_ratio": float(load.max() / mean) if mean > 0 else math.inf,
+        "min_load_ratio": float(load.min() / mean) if mean > 0 else 0.0,
+        "max_min_load_ratio": float(load.max() / load.min()) if load.min() > 0 else math.inf,
+        "effective_experts": float(1.0 / max((load**2).sum(), 1e-12)),
+    }
+
+
+def logit_statistics(logits: np.ndarray, top_k: int) -> tuple[np.ndarray, dict[str, float]]:
+    """Assignment counts (top-k of the softmax) and the routing entropy (nats) and top-1 probability of one group."""
+    shifted = logits - logits.max(-1, keepdims=True)
+    probs = np.exp(shifted)
+    probs /= probs.sum(-1, keepdims=True)
+    chosen = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]
+    counts = np.bincount(chosen.reshape(-1), minlength=logits.shape[-1]).astype(np.float64)
+    entropy = -(probs * np.log(np.clip(probs, 1e-12, None))).sum(-1)
+    return counts, {"router_entropy": float(entropy.mean()), "max_prob": float(probs.max(-1).mean())}
+
+
+def in_range(value: float, bounds: tuple[float, float]) -> bool:
+    low, high = bounds
+    return low - _TOLERANCE <= value <= high + _TOLERANCE
+
+
+def expert_utilization(layers, router_logits=None, expert_ids=None, top_k: int = 1, num_experts: int | None = None):
+    """Expert utilisation per group of rows (MoE layer, or layer x iteration) from router logits or from the experts
+    each token was sent to, with each group checked against `healthy_ranges` (what the `expert_utilization` metric of
+    `examples/metrics` computes): means over groups, `per_layer` detail and the health score."""
+    layers = np.asarray(layers)
+    if router_logits is not None:
+        router_logits = np.asarray(router_logits, dtype=np.float64)
+        num_experts = router_logits.shape[-1]
+    elif num_experts is None:
+        raise ValueError("The 'expert_ids' config needs `num_experts` (experts that got no token count too)")
+    else:
+        expert_ids = np.asarray(expert_ids, dtype=np.int64)
+    ranges = healthy_ranges(num_experts)
+    per_layer = {}
+    for layer in np.unique(layers):
+        rows = layers == layer
+        if router_logits is not None:
+            counts, stats = logit_statistics(router_logits[rows], top_k)
+        else:
+            counts = np.bincount(expert_ids[rows].reshape(-1), minlength=num_experts).astype(np.float64)
+            stats = {}
+        stats = {**load_statistics(counts), **stats}
+        stats["checks"] = {name: in_range(stats[name], bounds) for name, bounds in ranges.items() if name in stats}
+        per_layer[int(layer)] = stats
+    checks = [passed for stats in per_layer.values() for passed in stats["checks"].values()]
+    groups = list(per_layer.values())
+    names = [name for name in groups[0] if name not in ("load", "checks")] if groups else []
+    return {
+        **{name: float(np.mean([stats[name] for stats in groups])) for name in names},
+        "per_layer": per_layer,
+        "health_score": 100.0 * sum(checks) / len(checks) if checks else 0.0,
+        "checks_passed": sum(checks),
+        "num_checks": len(checks),
+        "healthy": bool(checks) and all(checks),
+        "healthy_ranges": ranges,
+    }
+
+
 # Guide §5.2 healthy ranges. Synthesis I (recurrent experts): the state changes from step to step, stably, and the
 # last step still matters. Synthesis II: routing neither collapses nor turns chaotic over iterations (entropy stated
 # for 8 experts, scaled by log(E) / log(8)) and gets moderately more confident.
@@ -193,7 +285,7 @@ def architecture_checks(routing: list[dict], recurrence: list[dict], num_experts
     layers = sorted({row["layer"] for row in routing})
     per_layer = [[row for row in routing if row["layer"] == layer] for layer in layers]
     if per_layer and len(per_layer[0]) > 1:
-        scale = math.log(num_experts) / math.log(8)
+        scale = entropy_scale(num_experts)
         low, high = ITERATION_RANGES["routing_entropy_mean"]
         entropy = np.mean([row["router_entropy"] for rows in per_layer for row in rows])
         trend = np.mean([rows[-1]["max_prob"] - rows[0]["max_prob"] for rows in per_layer])

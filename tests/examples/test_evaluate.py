@@ -1,7 +1,6 @@
 """Evaluation: the local `evaluate` metric modules on hand-made inputs, `examples/evaluate_more.py` on a tiny saved
 model (every output field, JSON, Markdown, plots), parameter counting, and the lm-evaluation-harness task files."""
 
-import importlib.util
 import json
 import math
 import os
@@ -20,7 +19,7 @@ from configuration_more import MoREConfig  # noqa: E402
 from more_tools import evaluation
 from more_tools.data import TASK_GENERATORS, build_reasoning_dataset, load_tokenizer, train_bpe_tokenizer
 from more_tools.evaluation import export_test_split
-from more_tools.metrics import extract_answer
+from more_tools.metrics import healthy_ranges
 from more_tools.training import DataArguments
 
 
@@ -29,31 +28,9 @@ LM_EVAL_TASKS = os.path.join(scripts.EXAMPLES, "lm_eval_tasks")
 TASKS = ("babi1", "babi2", "arithmetic")
 
 
-def _metric_module(name):
-    """The metric file imported as a plain module, to reach its helper functions."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(METRICS, name, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # answer_accuracy
 # ---------------------------------------------------------------------------------------------------------------------
-
-GENERATIONS = [
-    " bathroom",
-    " Bathroom.",
-    "bathroom\n4 Where is John?",
-    " bathroom. John went",
-    "  12 \n",
-    " -7",
-    " s,e",
-    " bath room",
-    "",
-    "\nbathroom",
-    " 3.5",
-]
 
 
 def test_answer_accuracy_known_values():
@@ -69,14 +46,6 @@ def test_answer_accuracy_known_values():
     for prediction, reference in zip(predictions, references, strict=True):
         metric.add_batch(predictions=[prediction], references=[reference])
     assert metric.compute()["exact_match"] == pytest.approx(0.8)
-
-
-def test_answer_accuracy_extraction_matches_more_eval():
-    """The metric module must be self-contained (evaluate copies it away), so its extraction is a copy: keep it equal
-    to the one `more_eval` uses for generation-based accuracy."""
-    module = _metric_module("answer_accuracy")
-    for generated in GENERATIONS:
-        assert module.extract_answer(generated) == extract_answer(generated), repr(generated)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -131,7 +100,7 @@ def test_expert_utilization_from_logits_matches_routing_statistics():
 
 
 def test_expert_utilization_healthy_ranges_are_the_guides_for_eight_experts():
-    ranges = _metric_module("expert_utilization").healthy_ranges(8)
+    ranges = healthy_ranges(8)
     assert ranges == {
         "load_cv": (0.0, 0.3),
         "max_load_ratio": (0.8, 1.5),
@@ -139,7 +108,7 @@ def test_expert_utilization_healthy_ranges_are_the_guides_for_eight_experts():
         "effective_experts": (6.0, 8.0),
         "router_entropy": (1.5, 2.8),
     }
-    four = _metric_module("expert_utilization").healthy_ranges(4)
+    four = healthy_ranges(4)
     assert four["effective_experts"] == (3.0, 4.0)
     assert four["router_entropy"][0] == pytest.approx(1.5 * math.log(4) / math.log(8))
 
