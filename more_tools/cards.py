@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+import pandas as pd
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from configuration_more import MoREConfig
@@ -39,10 +40,9 @@ def fmt(value, digits: int = 3) -> str:
 
 
 def markdown_table(headers: list[str], rows: list[list], cell=fmt) -> str:
-    """The one Markdown table writer of the examples; `cell` formats each value."""
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in rows]
-    return "\n".join(lines)
+    """The one Markdown table writer of the examples; `cell` formats each value (the cells stay as formatted)."""
+    frame = pd.DataFrame([[cell(value) for value in row] for row in rows], columns=headers)
+    return frame.to_markdown(index=False, tablefmt="github", disable_numparse=True)
 
 
 def summary_table(results: dict) -> str:
@@ -263,7 +263,11 @@ def write_model_card_stub(
         f"router, {config.num_moe_iterations} MoE iteration(s), {config.num_recurrent_steps} recurrent steps at "
         "inference. The model code ships with the weights: load it with `trust_remote_code=True`."
     )
-    results = "\n".join(f"| {name} | {value:.4g} |" for name, value in sorted(metrics.items()))
+    results = markdown_table(
+        ["metric", "value"],
+        sorted(metrics.items()),
+        cell=lambda value: value if isinstance(value, str) else f"{value:.4g}",
+    )
     content = f"""---
 {card_data.to_yaml()}
 ---
@@ -285,8 +289,6 @@ tokenizer = AutoTokenizer.from_pretrained("{output_dir.name}")
 
 ## Results
 
-| metric | value |
-|---|---|
 {results}
 
 Run `examples/evaluate_more.py --model_name_or_path {output_dir.name} --output_dir {output_dir.name}/eval` for the
