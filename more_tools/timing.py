@@ -6,10 +6,10 @@ import platform
 import subprocess
 import time
 from collections.abc import Callable
+from itertools import accumulate
 from pathlib import Path
 
 import torch
-from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 from tqdm.auto import tqdm
 
@@ -46,8 +46,8 @@ def peak_memory(fn: Callable, device: torch.device) -> int:
     """Peak bytes of tensor memory allocated while `fn` runs, above what was live before it.
 
     CUDA: the caching allocator's peak statistics. CPU has no such statistics: with `profile_memory=True` torch's CPU
-    allocator reports every allocation and free made during profiling to the profiler, with the running total of the
-    bytes it allocated since profiling began still live; the peak is the largest running total. Tensor memory only:
+    allocator reports every allocation and free made during profiling to the profiler; the peak is the largest running
+    total of those. Tensor memory only:
     neither counts the Python heap, BLAS scratch buffers or what the allocator caches.
     """
     if device.type == "cuda":
@@ -59,18 +59,12 @@ def peak_memory(fn: Callable, device: torch.device) -> int:
         return torch.cuda.max_memory_allocated(device) - start
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = []  # (time, running total after the event, bytes allocated (+) or freed (-))
-    nodes = list(prof.profiler.kineto_results.experimental_event_tree())
-    while nodes:
-        node = nodes.pop()
-        if node.tag == _EventType.Allocation:
-            events.append((node.start_time_ns, node.extra_fields.total_allocated, node.extra_fields.alloc_size))
-        nodes.extend(node.children)
-    if not events:
-        return 0
-    events.sort()
-    start = events[0][1] - events[0][2]
-    return max(total for _, total, _ in events) - start
+    # The profiler's "[memory]" events: bytes allocated (+) or freed (-), in time order; their running sum is the
+    # memory allocated since profiling began.
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
+    return max(accumulate(nbytes for _, nbytes in events)) if events else 0
 
 
 def device_description(device: torch.device) -> str:
