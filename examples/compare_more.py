@@ -9,14 +9,14 @@ equal compute, and does thinking longer at inference help?
     python examples/compare_more.py --preset parity           # prefix parity, a target at every bit (~10 min)
     python examples/compare_more.py compare_args.json         # the same arguments from a JSON file
 
-Protocol. Every variant is trained on the same examples (depth-controlled tasks of `more_data.py`: pointer chasing,
-difficulty = hops; digit addition, difficulty = digits) with difficulties 1..K, once per seed (the seed sets the
-initialisation and the data order), for the same number of optimizer steps, and scored on the same test examples of
+Protocol. Every variant is trained on the same examples (depth-controlled tasks of `more_tools/data.py`: pointer
+chasing, difficulty = hops; digit addition, difficulty = digits) with difficulties 1..K, once per seed (the seed sets
+the initialisation and the data order), for the same number of optimizer steps, and scored on the same test examples of
 difficulties 1..2K. Widths are chosen so that active parameters per token match the `ffn` baseline; a deeper
 `ffn_compute_matched` model matches the FLOPs per token of `recurrent` at its mean training depth instead. Recurrent
-variants train with a random depth and are scored at every inference depth of the sweep. Every accuracy is a mean
-over seeds x examples with a 95 % bootstrap interval, and every variant is compared with `ffn` by a paired bootstrap
-(`more_stats.py`); a difference whose interval contains 0 reads as no difference.
+variants train with a random depth and are scored at every inference depth of the sweep. Every accuracy is a mean over
+seeds x examples with a 95 % bootstrap interval, and every variant is compared with `ffn` by a paired bootstrap
+(`more_tools/stats.py`); a difference whose interval contains 0 reads as no difference.
 
 Writes to `--output_dir` (default `outputs/compare-<preset>`): `comparison.json`, `comparison.md`, plots, and one
 directory per variant with the first seed's model, its tokenizer, model card and diagnostics.

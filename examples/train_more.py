@@ -12,9 +12,9 @@ text corpus, logging the research guide's MoE health metrics and optionally foll
     python examples/train_more.py train_args.json          # the same arguments from a JSON file
 
 The output directory holds the model (with `configuration_more.py` / `modeling_more.py` for `trust_remote_code`), its
-tokenizer and a model-card stub, and loads with `AutoModelForCausalLM` / `AutoTokenizer`. The reusable pieces
-(`PRESETS`, `build_config`, `load_raw_datasets`, `build_tokenizer`, `build_datasets`, `MoRETrainer`,
-`CurriculumCallback`) are imported by `compare_more.py`.
+tokenizer and a model-card stub, and loads with `AutoModelForCausalLM` / `AutoTokenizer`. The training pieces other
+scripts share (`PRESETS`, `DataArguments`, `load_raw_datasets`, `build_datasets`, `MoRETrainer`, `CurriculumCallback`)
+live in `more_tools.training`.
 """
 
 import json

@@ -184,7 +184,7 @@ def build_model_card(
     training_data: str | None = None,
     template_path: str | Path = TEMPLATE_PATH,
 ) -> ModelCard:
-    """A filled model card for a MoRE checkpoint evaluated by `evaluate_more.evaluate_model` (its `results`)."""
+    """A filled model card for a MoRE checkpoint from its `more_tools.evaluation.evaluate_model` `results`."""
     config = results["config"]
     model_name = repo_id.split("/")[-1]
     card_data = ModelCardData(
@@ -199,7 +199,7 @@ def build_model_card(
     if training_data is None:
         evaluation = results.get("evaluation", {})
         training_data = (
-            f"Procedurally generated reasoning tasks of the MoRE repository (`examples/more_data.py`): "
+            f"Procedurally generated reasoning tasks of the MoRE repository (`more_tools/data.py`): "
             f"{evaluation.get('tasks', 'see the training arguments')}, each prompt ending in `Answer:` and followed "
             "by a short answer; train, validation and test splits share no prompt."
         )

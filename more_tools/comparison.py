@@ -179,8 +179,9 @@ class CompareArguments:
     lr_scheduler_type: str | None = field(
         default=None,
         metadata={
+            # "%%": argparse reads help texts as format strings (a lone "%" broke --help).
             "help": "Override the preset's learning-rate schedule (a Transformers `lr_scheduler_type`; "
-            "`warmup_stable_decay` decays over the last 20 % of steps)."
+            "`warmup_stable_decay` decays over the last 20 %% of steps)."
         },
     )
     split: str = field(
@@ -679,7 +680,7 @@ def write_card(variant_dir: Path, name: str, result: dict, preset: Preset, run: 
     if report is None:
         return
     training_data = (
-        f"Depth-controlled synthetic tasks of the MoRE repository (`examples/more_data.py`): "
+        f"Depth-controlled synthetic tasks of the MoRE repository (`more_tools/data.py`): "
         f"{preset.describe_splits()} ({preset.num_train_examples:,} training examples, "
         f"{preset.num_test_per_difficulty} test examples per difficulty); {run['max_steps']} "
         f"steps of {run['batch_size']} examples, seed {run['seeds'][0]} of {run['seeds']}; "

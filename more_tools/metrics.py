@@ -49,14 +49,16 @@ def generate_answers(
 ) -> list[str]:
     """Greedy answers to `prompts`, in order, each passed through `extract_answer`.
 
-    Every prompt is encoded as in training (`more_data.tokenize_qa`: bos, if the tokenizer has one, then the prompt
-    without special tokens); batches are left-padded, so each row generates what its prompt alone would. Prompts are
-    batched by length to waste little compute on padding. The model runs in eval mode (deterministic latent init,
+    Every prompt is encoded as in training (`more_tools.data.tokenize_qa`: bos, if the tokenizer has one, then the
+    prompt without special tokens); batches are left-padded, so each row generates what its prompt alone would. Prompts
+    are batched by length to waste little compute on padding. The model runs in eval mode (deterministic latent init,
     dropless routing) and gets its training mode back afterwards. `generate_kwargs` go to `generate()`, e.g.
     `num_recurrent_steps=8` or `num_moe_iterations=2`.
     """
     if tokenizer.pad_token_id is None:
-        raise ValueError("generate_answers needs a tokenizer with a pad token (more_data.load_tokenizer adds one)")
+        raise ValueError(
+            "generate_answers needs a tokenizer with a pad token (more_tools.data.load_tokenizer adds one)"
+        )
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     # list(): a `datasets` column is a lazy sequence the tokenizer does not accept.
     encoded = [[*bos, *ids] for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
