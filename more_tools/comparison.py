@@ -10,10 +10,9 @@ import os
 import signal
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from queue import Empty
 
 import datasets
 import matplotlib
@@ -1072,31 +1071,35 @@ def run_jobs(jobs: list[Job], data: CompareData, num_workers: int, modules: list
         num_workers, mp_context=context, initializer=_worker_init, initargs=(modules, queue)
     )
     results = {}
+    listener = threading.Thread(target=_forward_steps, args=(queue, progress), daemon=True)
+    listener.start()
     try:
         # Workers start on submit and inherit the environment: their own bars (weights saving, diagnostics) stay off;
         # this process's bar is already built (tqdm reads the variable when it is imported).
         with _environment(TQDM_DISABLE="1"):
             futures = {executor.submit(_run_job_in_worker, jobs[i], data): i for i in order}
-        pending = set(futures)
-        while pending:
-            done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-            _drain(queue, progress)
-            for future in done:
-                i = futures[future]
-                results[i] = future.result()  # re-raises a worker's exception here
-                progress.set_postfix_str(f"done {jobs[i].variant} seed {jobs[i].seed}")
-        # The workers exit on their own, having sent every step (ended, they would leak what they hold: semaphores).
+        for future in as_completed(futures):
+            i = futures[future]
+            results[i] = future.result()  # re-raises a worker's exception here
+            progress.set_postfix_str(f"done {jobs[i].variant} seed {jobs[i].seed}")
+        # The workers exit on their own, having sent every step (ended, they would leak what they hold: semaphores);
+        # the end mark then follows their last step through the queue.
         executor.shutdown()
-        _drain(queue, progress)
+        queue.put(None)
+        listener.join()
+        queue.close()
     except BaseException:  # Ctrl-C or a failed job: stop now, keeping the result files of the finished jobs
         _stop_workers(executor)
+        # A worker ended mid-write may hold the queue's lock: end the listener if the mark gets through, and never
+        # wait for it at exit (the listener is a daemon thread).
+        queue.put(None)
+        queue.cancel_join_thread()
         finished = ", ".join(f"{jobs[i].variant} seed {jobs[i].seed}" for i in sorted(results)) or "none"
         logger.warning(
             "Stopped with %d of %d jobs finished (%s); --resume reuses them", len(results), len(jobs), finished
         )
         raise
     finally:
-        queue.close()
         progress.close()
     return [results[i] for i in range(len(jobs))]
 
@@ -1116,13 +1119,10 @@ def _environment(**variables: str):
                 os.environ[name] = value
 
 
-def _drain(queue, progress) -> None:
-    """Moves the steps the workers reported so far to the progress bar."""
-    while True:
-        try:
-            progress.update(queue.get_nowait())
-        except Empty:
-            return
+def _forward_steps(queue, progress) -> None:
+    """Moves the steps the workers report to the progress bar, until the end mark (None)."""
+    for steps in iter(queue.get, None):
+        progress.update(steps)
 
 
 def _stop_workers(executor: ProcessPoolExecutor) -> None:
