@@ -38,11 +38,7 @@ logger = logging.getLogger(__name__)
 
 
 SUITES = ("moe-layer", "recurrent", "model", "decode", "tiny")
-
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
 # Model sizes: the research guide's base configuration (§3.1) and a tiny one for quick runs.
 MODEL_SIZES = {
     "guide": dict(
@@ -142,8 +138,6 @@ ROUTING_OPS = {
     "aten::value_selecting_reduction_backward",
     "aten::histc",
 }
-
-
 SORT_OPS = {
     "aten::argsort",
     "aten::sort",
@@ -157,8 +151,6 @@ SORT_OPS = {
     "aten::where",
     "aten::arange",
 }
-
-
 GATHER_SCATTER_OPS = {
     "aten::index",
     "aten::index_select",
@@ -170,8 +162,6 @@ GATHER_SCATTER_OPS = {
     "aten::index_copy",
     "aten::embedding_dense_backward",
 }
-
-
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::_grouped_mm", "aten::matmul"}
 
 
@@ -835,8 +825,6 @@ def bench_decode(args, device, dtype):
 
 
 TINY_VARIANTS = ("ffn", "recurrent", "shared_recurrent", "ffn_synthesis2")
-
-
 TINY_TARGETS = {"ffn": 1.1, "recurrent": 2.5}  # step time / same-size Llama's, medians of the same rounds
 
 

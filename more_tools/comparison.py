@@ -53,22 +53,12 @@ logger = logging.getLogger(__name__)
 
 
 BASELINE = "ffn"
-
-
 COMPUTE_MATCHED = "ffn_compute_matched"
-
-
 DEPTH_KNOBS = {"num_recurrent_steps": "r", "num_moe_iterations": "T"}
-
-
 # In-distribution accuracy this many times along training; a multiple of 5, so that one point sits at 80 % of the
 # steps and the change over the last 20 % tells whether a variant has stopped learning.
 LEARNING_CURVE_POINTS = 10
-
-
 FLAT_FROM = 0.8
-
-
 PLOTS = ("accuracy.png", "depth.png", "accuracy_vs_flops.png", "learning_curves.png", "training.png")
 
 
@@ -125,11 +115,7 @@ def load_presets(directory: str | Path) -> dict[str, Preset]:
 
 # Optimisation shared by every preset: AdamW, cosine schedule, 5 % warm-up.
 TRAINING_DEFAULTS = dict(lr_scheduler_type="cosine", weight_decay=0.01)
-
-
 WARMUP_FRACTION = 0.05
-
-
 DECAY_FRACTION = 0.2  # `warmup_stable_decay`: the learning rate decays over the last 20 % of steps
 
 

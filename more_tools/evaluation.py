@@ -32,8 +32,6 @@ logger = logging.getLogger(__name__)
 # Guide §5.3: "babi_multihop_accuracy" averages bAbI tasks 2, 3 and 16; arithmetic covers the guide's custom
 # arithmetic data set, which holds both bare sums and word problems.
 MULTIHOP_TASKS = ("babi2", "babi3", "babi16")
-
-
 ARITHMETIC_TASKS = ("arithmetic", "word_problem")
 
 

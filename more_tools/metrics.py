@@ -118,6 +118,29 @@ def exact_match_by_task(
     return _accuracy_by_task(dataset["task"], hits)
 
 
+@torch.no_grad()
+def score_answers(model, test, batch_size: int = 256, **depth) -> np.ndarray:
+    """Greedy exact match of every test example, 0/1: the answer and eos are the argmax at every answer position.
+
+    With teacher forcing on the reference answer, all answer tokens are argmax exactly when greedy decoding produces
+    the answer and then stops, so this equals greedy `generate` exact match in one forward pass per batch. Examples
+    run in order of length, so a batch pads little.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    order = np.argsort([sum(mask) for mask in test["attention_mask"]], kind="stable")
+    hits = np.zeros(len(test), dtype=np.int8)
+    for start in range(0, len(test), batch_size):
+        index = order[start : start + batch_size]
+        batch = collate([test[int(i)] for i in index])
+        batch = {name: tensor.to(device) for name, tensor in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **depth).logits
+        labels = batch["labels"][:, 1:]
+        correct = (logits[:, :-1].argmax(-1) == labels) | (labels == IGNORE_INDEX)  # (batch, seq - 1)
+        hits[index] = correct.all(dim=1).cpu().numpy()
+    return hits
+
+
 def majority_baseline(train_dataset: Dataset, eval_dataset: Dataset) -> dict[str, float]:
     """Accuracy of always answering a task's most frequent training answer, per task of `eval_dataset`, plus `mean`.
 
@@ -260,8 +283,6 @@ RECURRENCE_RANGES = {
     "state_change_trend": (-0.1, 0.1),
     "final_step_contribution": (0.05, 0.5),
 }
-
-
 ITERATION_RANGES = {"routing_entropy_mean": (1.2, 2.5), "routing_maxprob_trend": (0.0, 0.3)}
 
 
@@ -298,26 +319,3 @@ def architecture_checks(routing: list[dict], recurrence: list[dict], num_experts
 
 def _check(value: float, bounds: tuple[float, float]) -> dict:
     return {"value": float(value), "range": list(bounds), "healthy": bool(bounds[0] <= value <= bounds[1])}
-
-
-@torch.no_grad()
-def score_answers(model, test, batch_size: int = 256, **depth) -> np.ndarray:
-    """Greedy exact match of every test example, 0/1: the answer and eos are the argmax at every answer position.
-
-    With teacher forcing on the reference answer, all answer tokens are argmax exactly when greedy decoding produces
-    the answer and then stops, so this equals greedy `generate` exact match in one forward pass per batch. Examples
-    run in order of length, so a batch pads little.
-    """
-    model.eval()
-    device = next(model.parameters()).device
-    order = np.argsort([sum(mask) for mask in test["attention_mask"]], kind="stable")
-    hits = np.zeros(len(test), dtype=np.int8)
-    for start in range(0, len(test), batch_size):
-        index = order[start : start + batch_size]
-        batch = collate([test[int(i)] for i in index])
-        batch = {name: tensor.to(device) for name, tensor in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **depth).logits
-        labels = batch["labels"][:, 1:]
-        correct = (logits[:, :-1].argmax(-1) == labels) | (labels == IGNORE_INDEX)  # (batch, seq - 1)
-        hits[index] = correct.all(dim=1).cpu().numpy()
-    return hits
