@@ -16,20 +16,16 @@ recurrent latent noise for its own rows). Results also go to `<output_dir>/memor
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
 
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import modeling_more  # noqa: E402, F401  (registers MoRE with the Auto classes)
-from configuration_more import EXPERT_TYPES, MoREConfig  # noqa: E402
-from train_more import PRESETS  # noqa: E402
+import modeling_more  # noqa: F401  (registers MoRE with the Auto classes)
+from configuration_more import EXPERT_TYPES, MoREConfig
+from more_tools.cards import markdown_table
+from more_tools.training import PRESETS
 
 
 MODES = {
@@ -84,15 +80,14 @@ def memory(args) -> dict:
     if rank() == 0:
         mib = 2**20
         print(f"\nPer-rank parameter memory, preset {args.preset!r}, fp32, 2 ranks (MiB; expert weights / the rest)\n")
-        print(
-            "| expert_type | one process | TP rank 0 | TP rank 1 | EP rank 0 | EP rank 1 | EP experts / one process |"
-        )
-        print("|---|---|---|---|---|---|---|")
+        headers = ["expert_type", "one process", "TP rank 0", "TP rank 1", "EP rank 0", "EP rank 1"]
+        headers.append("EP experts / one process")
+        rows = []
         for expert_type, row in results.items():
             cells = [row["one_process"], *row["tp"], *row["ep"]]
-            text = " | ".join(f"{c['experts'] / mib:.2f} / {c['other'] / mib:.2f}" for c in cells)
             ratio = row["ep"][0]["experts"] / row["one_process"]["experts"]
-            print(f"| {expert_type} | {text} | {ratio:.3f} |")
+            rows.append([expert_type, *(f"{c['experts'] / mib:.2f} / {c['other'] / mib:.2f}" for c in cells), ratio])
+        print(markdown_table(headers, rows, cell=lambda value: f"{value:.3f}" if isinstance(value, float) else value))
     return results
 
 

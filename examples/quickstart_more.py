@@ -8,7 +8,6 @@ python examples/quickstart_more.py args.json            # the same arguments fro
 import logging
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from transformers import (
@@ -20,13 +19,9 @@ from transformers import (
     set_seed,
 )
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import modeling_more  # noqa: E402,F401  (registers MoRE with the Auto classes)
-from configuration_more import EXPERT_TYPES, ROUTER_TYPES, MoREConfig  # noqa: E402
-from more_data import build_reasoning_dataset, tokenize_qa, train_bpe_tokenizer  # noqa: E402
+import modeling_more  # noqa: F401  (registers MoRE with the Auto classes)
+from configuration_more import EXPERT_TYPES, ROUTER_TYPES, MoREConfig
+from more_tools.data import build_reasoning_dataset, tokenize_qa, train_bpe_tokenizer
 
 
 logger = logging.getLogger(__name__)

@@ -1,11 +1,14 @@
 """Exact-match answer accuracy of generated continuations, with the MoRE research guide's answer extraction.
 
-`evaluate.load("examples/metrics/answer_accuracy")` copies this file into the evaluate cache, so it imports nothing
-from the repository: the extraction below is kept identical to `examples/more_eval.py::extract_answer` by a test.
+`evaluate.load("examples/metrics/answer_accuracy")` copies this file into the evaluate cache; the extraction and the
+match are `more_tools.metrics.answers_match`, the one generation-based scoring uses (install the repository:
+`pip install -e .`).
 """
 
 import datasets
 import evaluate
+
+from more_tools.metrics import answers_match
 
 
 _DESCRIPTION = """
@@ -38,15 +41,6 @@ _CITATION = """
   year={2015}
 }
 """
-
-
-def extract_answer(generated: str) -> str:
-    """The answer in a generated continuation: first line, up to the first period, stripped (guide §7.5)."""
-    return generated.split("\n")[0].split(".")[0].strip()
-
-
-def answers_match(generated: str, reference: str) -> bool:
-    return extract_answer(generated).lower() == reference.strip().lower()
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)

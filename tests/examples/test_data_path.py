@@ -2,16 +2,10 @@
 `max_length` (after `collate` cuts the padding no row uses), for the comparison job's data and a reasoning task, and
 `TensorExamples` (pre-built tensors, one index per column) gives the same batches as the `datasets` path."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
-from more_data import (  # noqa: E402
+from more_tools.data import (
     TensorExamples,
     build_depth_dataset,
     build_reasoning_dataset,
@@ -19,7 +13,7 @@ from more_data import (  # noqa: E402
     train_bpe_tokenizer,
     train_word_level_tokenizer,
 )
-from train_more import collate  # noqa: E402
+from more_tools.training import collate
 
 
 def assert_same_batches(raw, tokenizer, max_length, answer_only_loss=True):

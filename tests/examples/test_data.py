@@ -1,4 +1,4 @@
-"""Tests of `examples/more_data.py`: task generators (checked against independent solvers), dataset splits, the bAbI
+"""Tests of `more_tools/data.py`: task generators (checked against independent solvers), dataset splits, the bAbI
 file parser, text chunking, tokenizer training and QA tokenization. Everything runs offline on files written here."""
 
 import hashlib
@@ -14,14 +14,12 @@ from pathlib import Path
 
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
-sys.path.insert(0, str(EXAMPLES_DIR))
 
 import pytest  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: E402
 
-from more_data import (  # noqa: E402
+from more_tools.data import (
     TASK_GENERATORS,
     build_reasoning_dataset,
     chunk_corpus,
@@ -361,8 +359,7 @@ def test_reasoning_dataset_is_the_same_in_another_process():
 
     code = (
         "import hashlib, json, sys\n"
-        f"sys.path.insert(0, {str(EXAMPLES_DIR)!r})\n"
-        "from more_data import TASK_GENERATORS, build_reasoning_dataset\n"
+        "from more_tools.data import TASK_GENERATORS, build_reasoning_dataset\n"
         "dataset = build_reasoning_dataset(sorted(TASK_GENERATORS), 22, 11, 11, seed=5)\n"
         "data = {split: rows.to_dict() for split, rows in dataset.items()}\n"
         "sys.stdout.write(hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest())\n"

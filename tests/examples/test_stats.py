@@ -1,15 +1,9 @@
-"""Statistics of the main job (`examples/more_stats.py`): bootstrap intervals on known cases and the paired test."""
-
-import os
-import sys
+"""Statistics of the main job (`more_tools/stats.py`): bootstrap intervals on known cases and the paired test."""
 
 import numpy as np
 import pytest
 
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
-
-import more_stats  # noqa: E402
+from more_tools import stats as more_stats
 
 
 def test_constant_hits_have_a_zero_width_interval():

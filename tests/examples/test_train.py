@@ -12,35 +12,39 @@ import sys
 import textwrap
 
 import pytest
+import scripts
 import torch
 from helpers import MODEL_CASES, random_ids, tiny_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLES = os.path.join(REPO, "examples")
-sys.path.insert(0, EXAMPLES)
-
-import modeling_more  # noqa: E402
-import train_more  # noqa: E402
-from configuration_more import MoREConfig  # noqa: E402
-from more_data import IGNORE_INDEX, build_reasoning_dataset, tokenize_qa, train_bpe_tokenizer  # noqa: E402
-from train_more import (  # noqa: E402
+import modeling_more
+from configuration_more import MoREConfig
+from more_tools.data import IGNORE_INDEX, build_reasoning_dataset, tokenize_qa, train_bpe_tokenizer
+from more_tools.training import (
     PRESETS,
     CurriculumCallback,
     CurriculumStage,
     DataArguments,
-    ModelArguments,
     MoRETrainer,
-    build_config,
     build_datasets,
+    collate,
     fit_batch,
+    last_complete_checkpoint,
     lm_loss_sum,
     load_raw_datasets,
-    parse_config_overrides,
     parse_curriculum,
 )
+
+
+train_more = scripts.load("train_more")
+ModelArguments, build_config, parse_config_overrides = (
+    train_more.ModelArguments,
+    train_more.build_config,
+    train_more.parse_config_overrides,
+)
+REPO = str(scripts.EXAMPLES.parent)
+EXAMPLES = str(scripts.EXAMPLES)
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -242,9 +246,7 @@ def train_with_curriculum(model, train, curriculum, output_dir, **args):
         **args,
     )
     curriculum = CurriculumCallback(parse_curriculum(curriculum))
-    trainer = MoRETrainer(
-        model=model, args=args, train_dataset=train, data_collator=train_more.collate, curriculum=curriculum
-    )
+    trainer = MoRETrainer(model=model, args=args, train_dataset=train, data_collator=collate, curriculum=curriculum)
     trainer.train()
     return trainer
 
@@ -433,7 +435,7 @@ def test_resume_true_skips_checkpoints_cut_short_while_saving(tmp_path, caplog):
     weights_only = _fake_checkpoint(tmp_path, 4, "model.safetensors")
     truncated = _fake_checkpoint(tmp_path, 10, "model.safetensors", "trainer_state.json", state='{"global_st')
     with caplog.at_level("WARNING", logger="train_more"):
-        assert train_more.last_complete_checkpoint(str(tmp_path)) == complete
+        assert last_complete_checkpoint(str(tmp_path)) == complete
     (warning,) = caplog.messages
     assert complete in warning and weights_only in warning and truncated in warning
 
@@ -441,9 +443,9 @@ def test_resume_true_skips_checkpoints_cut_short_while_saving(tmp_path, caplog):
 def test_resume_true_without_a_complete_checkpoint_is_an_error(tmp_path):
     half_written = _fake_checkpoint(tmp_path, 4, "model.safetensors")
     with pytest.raises(ValueError, match=f"No complete checkpoint.*{re.escape(half_written)}.*train from scratch"):
-        train_more.last_complete_checkpoint(str(tmp_path))
+        last_complete_checkpoint(str(tmp_path))
     with pytest.raises(ValueError, match="No complete checkpoint"):
-        train_more.last_complete_checkpoint(str(tmp_path / "missing"))
+        last_complete_checkpoint(str(tmp_path / "missing"))
 
 
 def test_resume_true_after_a_kill_while_saving_continues_from_the_last_complete_checkpoint(trained, tmp_path):
@@ -478,18 +480,17 @@ def test_torch_compile_trains(tmp_path):
 # Distributed
 # ---------------------------------------------------------------------------------------------------------------------
 
-# Runs `train_more.main()` on one rank with a seed of its own (so the ranks' RNGs differ and only rank 0's broadcast
-# can make their depths agree) and records, per training step, the depth used, how many MoE layers left an expert
-# without tokens, one draw of the rank's RNG and the world size.
+# Runs `examples/train_more.py` on one rank with a seed of its own (so the ranks' RNGs differ and only rank 0's
+# broadcast can make their depths agree) and records, per training step, the depth used, how many MoE layers left an
+# expert without tokens, one draw of the rank's RNG and the world size.
 RANK_SCRIPT = """
-import json, os, sys
+import json, os, runpy, sys
 import torch
-sys.path.insert(0, {examples!r})
-import train_more
+from more_tools.training import MoRETrainer
 
 rank = int(os.environ["RANK"])
 record = {{"depth": [], "empty": 0, "rng": [], "world_size": None}}
-record_metrics = train_more.MoRETrainer._record_metrics
+record_metrics = MoRETrainer._record_metrics
 
 def spy(self, outputs, labels, num_items_in_batch=None):
     record["depth"].append(float(outputs.recurrent_steps))
@@ -499,9 +500,9 @@ def spy(self, outputs, labels, num_items_in_batch=None):
     record["world_size"] = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     record_metrics(self, outputs, labels, num_items_in_batch)
 
-train_more.MoRETrainer._record_metrics = spy
+MoRETrainer._record_metrics = spy
 sys.argv += ["--seed", str(rank)]
-train_more.main()
+runpy.run_path({script!r}, run_name="__main__")
 with open(os.path.join({output_dir!r}, f"rank{{rank}}.json"), "w") as f:
     json.dump(record, f)
 """
@@ -526,7 +527,7 @@ DISTRIBUTED_ARGS = [
 def rank_records(launcher, tmp_path, ranks, *extra):
     output_dir = str(tmp_path / "out")
     script = tmp_path / "rank_script.py"
-    script.write_text(RANK_SCRIPT.format(examples=EXAMPLES, output_dir=output_dir))
+    script.write_text(RANK_SCRIPT.format(script=os.path.join(EXAMPLES, "train_more.py"), output_dir=output_dir))
     run([*launcher, str(script), *DISTRIBUTED_ARGS, "--output_dir", output_dir, *extra])
     records = []
     for rank in range(ranks):

@@ -1024,7 +1024,7 @@ class TensorExamples(torch.utils.data.Dataset):
 
     For training tiny models, where the data path is a visible share of a step: a DataLoader batch is one
     `index_select` per column (`__getitems__` returns the batch itself), where a `datasets.Dataset` hands the
-    collator Python lists to stack at every step. `train_more.collate` takes either. With `Trainer`, set
+    collator Python lists to stack at every step. `more_tools.training.collate` takes either. With `Trainer`, set
     `remove_unused_columns=False` (its column filter expects a list of examples; these columns are the model's).
 
     >>> examples = TensorExamples.from_dataset(tokenize_qa(raw, tokenizer, 64))
@@ -1063,7 +1063,7 @@ def tokenize_per_position(
     The logits at position t predict the label at t + 1, so `bos b1 ... bn eos` gets the labels
     `-100 -100 p1 ... pn` (`-100 p1 ... pn` without bos): each target is predicted at its own bit from the prompt up
     to it, never from earlier targets, and the eos only carries the last target. Columns and padding as `tokenize_qa`,
-    so the loss trains on every target and `compare_more.score_answers` asks for all of them.
+    so the loss trains on every target and `more_tools.metrics.score_answers` asks for all of them.
 
     Raises:
         ValueError: An answer has not one token per prompt token, or bos + prompt + eos exceed `max_length` (cutting

@@ -1,20 +1,15 @@
-"""`examples/more_eval.py`: answer extraction, per-task exact match and the majority baseline on hand-made inputs, and
+"""`more_tools/metrics.py`: answer extraction, per-task exact match and the majority baseline on hand-made inputs, and
 batched left-padded generation on a tiny model."""
 
 import functools
-import os
-import sys
 
 import pytest
 from datasets import Dataset
 from helpers import tiny_model
 
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
-
-import more_eval  # noqa: E402
-from more_data import build_reasoning_dataset, train_bpe_tokenizer  # noqa: E402
-from more_eval import answers_match, exact_match_by_task, extract_answer, generate_answers, majority_baseline  # noqa: E402
+from more_tools import metrics as more_eval
+from more_tools.data import build_reasoning_dataset, train_bpe_tokenizer
+from more_tools.metrics import answers_match, exact_match_by_task, extract_answer, generate_answers, majority_baseline
 
 
 @pytest.mark.parametrize(

@@ -2,22 +2,17 @@
 diagnostics; the card round-trips through `ModelCard.load`, offline."""
 
 import json
-import os
 import sys
 
 import pytest
+import scripts
 import torch
 from helpers import tiny_model
 from huggingface_hub import ModelCard
 
-
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
-sys.path.insert(0, EXAMPLES)
-
-import evaluate_more  # noqa: E402
-import model_card_more  # noqa: E402
-from more_data import build_reasoning_dataset, train_bpe_tokenizer  # noqa: E402
-from train_more import DataArguments  # noqa: E402
+from more_tools import cards, evaluation
+from more_tools.data import build_reasoning_dataset, train_bpe_tokenizer
+from more_tools.training import DataArguments
 
 
 REPO_ID = "your-name/more-tiny"
@@ -32,16 +27,14 @@ def evaluated(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    args = evaluate_more.EvaluationArguments(
-        recurrent_steps_sweep="1,2", moe_iterations_sweep="1", throughput_repeats=1
-    )
-    results = evaluate_more.evaluate_model(model, tokenizer, data["test"], args, DataArguments(max_length=256))
+    args = evaluation.EvaluationArguments(recurrent_steps_sweep="1,2", moe_iterations_sweep="1", throughput_repeats=1)
+    results = evaluation.evaluate_model(model, tokenizer, data["test"], args, DataArguments(max_length=256))
     return path, json.loads(json.dumps(results))  # as read back from eval_results.json
 
 
 def test_card_round_trips_with_model_index(evaluated):
     path, results = evaluated
-    card_path = model_card_more.save_model_card(path, results, repo_id=REPO_ID)
+    card_path = cards.save_model_card(path, results, repo_id=REPO_ID)
     assert card_path == path / "README.md"
     card = ModelCard.load(card_path)
 
@@ -61,7 +54,7 @@ def test_card_round_trips_with_model_index(evaluated):
 
 def test_card_text_has_loading_snippet_depth_and_diagnostics(evaluated):
     path, results = evaluated
-    card = model_card_more.build_model_card(results, REPO_ID, training_data="Forty babi1 stories.")
+    card = cards.build_model_card(results, REPO_ID, training_data="Forty babi1 stories.")
     text = card.text
     assert f'AutoModelForCausalLM.from_pretrained("{REPO_ID}", trust_remote_code=True)' in text
     assert "num_recurrent_steps=16" in text and "num_moe_iterations=2" in text
@@ -81,6 +74,6 @@ def test_card_cli_writes_the_card_without_pushing(evaluated, tmp_path, monkeypat
     results_file = tmp_path / "eval_results.json"
     results_file.write_text(json.dumps(results))
     monkeypatch.setattr(sys, "argv", ["model_card_more.py", f"--model_dir={path}", f"--results_file={results_file}"])
-    model_card_more.main()
+    scripts.load("model_card_more").main()
     card = ModelCard.load(path / "README.md")
     assert card.data.model_name == path.name

@@ -1,22 +1,17 @@
-"""Depth-controlled tasks of `more_data.py` (pointer chasing, digit addition, prefix parity): answers against
+"""Depth-controlled tasks of `more_tools/data.py` (pointer chasing, digit addition, prefix parity): answers against
 independent solvers, difficulty controlling the hop, digit or bit count exactly, disjoint splits, the word-level
 tokenizer, and per-position targets sitting where the logits that predict them are."""
 
-import os
 import random
 import re
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 from datasets import Dataset
 
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
-
-import compare_more  # noqa: E402
-import more_data  # noqa: E402
+from more_tools import data as more_data
+from more_tools.metrics import score_answers
 
 
 def solve_pointer(prompt: str) -> tuple[str, int]:
@@ -260,7 +255,7 @@ def test_score_answers_counts_a_parity_string_only_when_every_target_is_right():
     dataset, tokenizer, tokenized = _parity_and_addition()
     parity = [i for i, task in enumerate(dataset["test"]["task"]) if task == "parity"]
     test = tokenized["test"].select(parity)
-    assert compare_more.score_answers(_ParityOracle(tokenizer, lag=0), test).all()
-    lagged = compare_more.score_answers(_ParityOracle(tokenizer, lag=1), test)
+    assert score_answers(_ParityOracle(tokenizer, lag=0), test).all()
+    lagged = score_answers(_ParityOracle(tokenizer, lag=1), test)
     # One position off, every bit 1 gets the previous target: only strings without a 1 pass.
     assert lagged.tolist() == ["1" not in dataset["test"][i]["prompt"] for i in parity]

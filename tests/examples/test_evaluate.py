@@ -1,7 +1,6 @@
 """Evaluation: the local `evaluate` metric modules on hand-made inputs, `examples/evaluate_more.py` on a tiny saved
 model (every output field, JSON, Markdown, plots), parameter counting, and the lm-evaluation-harness task files."""
 
-import importlib.util
 import json
 import math
 import os
@@ -10,52 +9,28 @@ import sys
 import evaluate
 import numpy as np
 import pytest
+import scripts
 import torch
 from helpers import tiny_model
 from transformers import AutoModelForCausalLM
 
-
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
-sys.path.insert(0, EXAMPLES)
-
-import evaluate_more  # noqa: E402
 import modeling_more  # noqa: E402
 from configuration_more import MoREConfig  # noqa: E402
-from more_data import TASK_GENERATORS, build_reasoning_dataset, train_bpe_tokenizer  # noqa: E402
-from more_eval import extract_answer  # noqa: E402
-from train_more import DataArguments  # noqa: E402
+from more_tools import evaluation
+from more_tools.data import TASK_GENERATORS, build_reasoning_dataset, load_tokenizer, train_bpe_tokenizer
+from more_tools.evaluation import export_test_split
+from more_tools.metrics import healthy_ranges
+from more_tools.training import DataArguments
 
 
-METRICS = os.path.join(EXAMPLES, "metrics")
-LM_EVAL_TASKS = os.path.join(EXAMPLES, "lm_eval_tasks")
+METRICS = os.path.join(scripts.EXAMPLES, "metrics")
+LM_EVAL_TASKS = os.path.join(scripts.EXAMPLES, "lm_eval_tasks")
 TASKS = ("babi1", "babi2", "arithmetic")
-
-
-def _metric_module(name):
-    """The metric file imported as a plain module, to reach its helper functions."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(METRICS, name, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # answer_accuracy
 # ---------------------------------------------------------------------------------------------------------------------
-
-GENERATIONS = [
-    " bathroom",
-    " Bathroom.",
-    "bathroom\n4 Where is John?",
-    " bathroom. John went",
-    "  12 \n",
-    " -7",
-    " s,e",
-    " bath room",
-    "",
-    "\nbathroom",
-    " 3.5",
-]
 
 
 def test_answer_accuracy_known_values():
@@ -71,14 +46,6 @@ def test_answer_accuracy_known_values():
     for prediction, reference in zip(predictions, references, strict=True):
         metric.add_batch(predictions=[prediction], references=[reference])
     assert metric.compute()["exact_match"] == pytest.approx(0.8)
-
-
-def test_answer_accuracy_extraction_matches_more_eval():
-    """The metric module must be self-contained (evaluate copies it away), so its extraction is a copy: keep it equal
-    to the one `more_eval` uses for generation-based accuracy."""
-    module = _metric_module("answer_accuracy")
-    for generated in GENERATIONS:
-        assert module.extract_answer(generated) == extract_answer(generated), repr(generated)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -133,7 +100,7 @@ def test_expert_utilization_from_logits_matches_routing_statistics():
 
 
 def test_expert_utilization_healthy_ranges_are_the_guides_for_eight_experts():
-    ranges = _metric_module("expert_utilization").healthy_ranges(8)
+    ranges = healthy_ranges(8)
     assert ranges == {
         "load_cv": (0.0, 0.3),
         "max_load_ratio": (0.8, 1.5),
@@ -141,7 +108,7 @@ def test_expert_utilization_healthy_ranges_are_the_guides_for_eight_experts():
         "effective_experts": (6.0, 8.0),
         "router_entropy": (1.5, 2.8),
     }
-    four = _metric_module("expert_utilization").healthy_ranges(4)
+    four = healthy_ranges(4)
     assert four["effective_experts"] == (3.0, 4.0)
     assert four["router_entropy"][0] == pytest.approx(1.5 * math.log(4) / math.log(8))
 
@@ -160,7 +127,7 @@ def test_expert_ids_config_needs_the_number_of_experts():
 @pytest.mark.parametrize("expert_type", ["ffn", "shared_recurrent"])
 def test_count_parameters_active_excludes_unrouted_experts_only(expert_type):
     model = tiny_model(expert_type=expert_type, num_experts=4, num_experts_per_tok=1)
-    counts = evaluate_more.count_parameters(model)
+    counts = evaluation.count_parameters(model)
     d, f, f_r, layers, experts = 32, 64, 64, 2, 4
     assert counts["total"] == sum(p.numel() for p in model.parameters())
     # Per expert: a gated FFN (ffn), the two d x d projections around the shared engine (shared_recurrent).
@@ -176,7 +143,7 @@ def test_peak_memory_grows_with_the_batch():
     small = {"input_ids": torch.randint(3, 100, (1, 16)), "attention_mask": torch.ones(1, 16, dtype=torch.long)}
     large = {"input_ids": torch.randint(3, 100, (16, 64)), "attention_mask": torch.ones(16, 64, dtype=torch.long)}
     weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    assert weights_mb < evaluate_more.peak_memory_mb(model, small) < evaluate_more.peak_memory_mb(model, large)
+    assert weights_mb < evaluation.peak_memory_mb(model, small) < evaluation.peak_memory_mb(model, large)
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +185,7 @@ def test_evaluate_more_writes_every_output(checkpoint, tmp_path, monkeypatch):
         "--throughput_repeats=1",
     ]
     monkeypatch.setattr(sys, "argv", argv)
-    evaluate_more.main()
+    scripts.load("evaluate_more").main()
 
     results = json.loads((output_dir / "eval_results.json").read_text())
     assert results["config"]["expert_type"] == "recurrent"
@@ -257,11 +224,11 @@ def test_evaluate_more_writes_every_output(checkpoint, tmp_path, monkeypatch):
 
 
 def test_depth_sweep_skips_recurrent_steps_for_experts_without_a_step_loop(checkpoint):
-    tokenizer = evaluate_more.load_tokenizer(checkpoint)
+    tokenizer = load_tokenizer(checkpoint)
     model = tiny_model(vocab_size=len(tokenizer), expert_type="parallel", max_position_embeddings=256)
     test = build_reasoning_dataset(["babi1"], num_train=0, num_validation=0, num_test=2, seed=0)["test"]
-    args = evaluate_more.EvaluationArguments(recurrent_steps_sweep="1,2", moe_iterations_sweep="1,3")
-    sweep = evaluate_more.depth_sweep(model, tokenizer, test, args, max_new_tokens=4)
+    args = evaluation.EvaluationArguments(recurrent_steps_sweep="1,2", moe_iterations_sweep="1,3")
+    sweep = evaluation.depth_sweep(model, tokenizer, test, args, max_new_tokens=4)
     assert set(sweep) == {"num_moe_iterations"} and set(sweep["num_moe_iterations"]) == {1, 3}
 
 
@@ -283,9 +250,6 @@ def test_lm_eval_yaml_for_every_task_and_both_variants():
 
 
 def test_export_writes_the_test_split_as_jsonl(tmp_path):
-    sys.path.insert(0, LM_EVAL_TASKS)
-    from export_more_tasks import export_test_split
-
     data_args = DataArguments(
         tasks="babi1,algebra", num_train_examples=0, num_validation_examples=0, num_test_examples=6, dataset_seed=3
     )
@@ -300,13 +264,8 @@ def test_lm_eval_loads_the_tasks(tmp_path, monkeypatch):
     pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
-    sys.path.insert(0, LM_EVAL_TASKS)
-    from export_more_tasks import export_test_split
-
     monkeypatch.chdir(tmp_path)  # the YAMLs read outputs/lm_eval_data relative to the working directory
-    export_test_split(
-        evaluate_more.DataArguments(tasks="babi1,arithmetic", num_test_examples=4), "outputs/lm_eval_data"
-    )
+    export_test_split(DataArguments(tasks="babi1,arithmetic", num_test_examples=4), "outputs/lm_eval_data")
     tasks = TaskManager(include_path=LM_EVAL_TASKS).load(["more_babi1", "more_arithmetic_loglikelihood"])["tasks"]
     babi1, arithmetic = tasks["more_babi1"], tasks["more_arithmetic_loglikelihood"]
     assert babi1.OUTPUT_TYPE == "generate_until" and arithmetic.OUTPUT_TYPE == "loglikelihood"

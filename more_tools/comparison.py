@@ -1,0 +1,1153 @@
+"""The comparison job (`examples/compare_more.py`): presets, variant configs at matched size and compute, the data,
+one training job per variant x seed (in worker processes), statistics over seeds x examples, tables and plots."""
+
+import contextlib
+import dataclasses
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import matplotlib
+import numpy as np
+import torch
+from tqdm import std as tqdm_std
+from tqdm.auto import tqdm
+from transformers import (
+    AutoModelForCausalLM,
+    PrinterCallback,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+
+import modeling_more
+from configuration_more import MoREConfig
+from more_tools.cards import markdown_table, save_model_card
+from more_tools.data import (
+    TensorExamples,
+    build_depth_dataset,
+    chunk_corpus,
+    load_text_corpus,
+    tokenize_depth_tasks,
+    train_word_level_tokenizer,
+)
+from more_tools.evaluation import model_report, perplexity_and_diagnostics, write_outputs
+from more_tools.metrics import score_answers
+from more_tools.stats import bootstrap_accuracy, paired_difference
+from more_tools.training import MoRETrainer, collate
+
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+logger = logging.getLogger(__name__)
+
+
+BASELINE = "ffn"
+COMPUTE_MATCHED = "ffn_compute_matched"
+DEPTH_KNOBS = {"num_recurrent_steps": "r", "num_moe_iterations": "T"}
+# In-distribution accuracy this many times along training; a multiple of 5, so that one point sits at 80 % of the
+# steps and the change over the last 20 % tells whether a variant has stopped learning.
+LEARNING_CURVE_POINTS = 10
+FLAT_FROM = 0.8
+PLOTS = ("accuracy.png", "depth.png", "accuracy_vs_flops.png", "learning_curves.png", "training.png")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One protocol: the baseline model, the depth of recurrent variants, the data split by difficulty, the optimiser
+    budget, the seeds and the inference-depth sweeps."""
+
+    model: dict  # MoREConfig fields of the `ffn` baseline (every variant starts from them)
+    recurrence: dict  # MoREConfig fields added to variants whose experts iterate (training depth, inference default)
+    tasks: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]  # task -> (training difficulties, test difficulties)
+    num_train_examples: int
+    num_test_per_difficulty: int
+    training: dict  # TrainingArguments fields
+    seeds: int
+    recurrent_depths: tuple[int, ...]
+    moe_iterations: tuple[int, ...]
+    variants: tuple[str, ...] | None  # None: every registered variant
+    max_length: int = 128
+    corpus: bool = False  # pretrain on a text corpus first (--corpus_name / --corpus_file), then the tasks
+
+    def trained(self, task: str) -> tuple[int, ...]:
+        return self.tasks[task][0]
+
+    def tested(self, task: str) -> tuple[int, ...]:
+        return self.tasks[task][1]
+
+    def describe_splits(self) -> str:
+        return "; ".join(
+            f"{task}: trained on {list(train)}, tested on {list(test)}" for task, (train, test) in self.tasks.items()
+        )
+
+
+def load_presets(directory: str | Path) -> dict[str, Preset]:
+    """Every `<name>.json` of `directory` as a preset, by name. JSON lists become the preset's tuples; a file with
+    `"extends": "<name>"` takes that preset and replaces the fields it names."""
+    files = {path.stem: json.loads(path.read_text()) for path in sorted(Path(directory).glob("*.json"))}
+
+    def fields(name: str) -> dict:
+        own = dict(files[name])
+        base = own.pop("extends", None)
+        return own if base is None else {**fields(base), **own}
+
+    presets = {}
+    for name in files:
+        values = fields(name)
+        values["tasks"] = {task: (tuple(train), tuple(test)) for task, (train, test) in values["tasks"].items()}
+        for key in ("recurrent_depths", "moe_iterations", "variants"):
+            if values.get(key) is not None:
+                values[key] = tuple(values[key])
+        presets[name] = Preset(**values)
+    return presets
+
+
+# Optimisation shared by every preset: AdamW, cosine schedule, 5 % warm-up.
+TRAINING_DEFAULTS = dict(lr_scheduler_type="cosine", weight_decay=0.01)
+WARMUP_FRACTION = 0.05
+DECAY_FRACTION = 0.2  # `warmup_stable_decay`: the learning rate decays over the last 20 % of steps
+
+
+def comparison_variants() -> dict[str, dict]:
+    """MoREConfig overrides of every compared model: every registered expert type with the linear router (`ffn`
+    first), the compute-matched deeper `ffn`, Synthesis II on `ffn`, and the RMoE router with FFN and recurrent
+    experts."""
+    names = sorted(modeling_more.EXPERT_REGISTRY, key=lambda name: name != BASELINE)
+    variants = {name: {"expert_type": name} for name in names}
+    variants[COMPUTE_MATCHED] = {"expert_type": "ffn"}  # depth set by `compute_matched_config`
+    variants["ffn_synthesis2"] = {
+        "expert_type": "ffn",
+        "num_moe_iterations": 2,
+        "train_moe_iterations_min": 1,
+        "train_moe_iterations_max": 3,
+    }
+    variants["ffn_gru_router"] = {"expert_type": "ffn", "router_type": "gru"}
+    variants["recurrent_gru_router"] = {"expert_type": "recurrent", "router_type": "gru"}
+    return variants
+
+
+@dataclass
+class CompareArguments:
+    preset: str = field(
+        default="default",
+        metadata={
+            "help": "Protocol and budget: a file of examples/configs/compare/ (smoke, default, full, guide, parity)."
+        },
+    )
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where every output goes (outputs/compare-<preset>)."}
+    )
+    variants: str | None = field(
+        default=None, metadata={"help": "Comma-separated subset of the variants (default: the preset's)."}
+    )
+    seeds: int | None = field(default=None, metadata={"help": "Training seeds per variant (default: the preset's)."})
+    seed_offset: int = field(
+        default=0,
+        metadata={
+            "help": "First training seed: jobs use seeds seed_offset .. seed_offset + seeds - 1, so a run with "
+            "--seed_offset 3 replicates the default run on a disjoint seed set (same data, same test examples)."
+        },
+    )
+    max_steps: int | None = field(default=None, metadata={"help": "Override the preset's optimizer steps."})
+    learning_rate: float | None = field(default=None, metadata={"help": "Override the preset's learning rate."})
+    lr_scheduler_type: str | None = field(
+        default=None,
+        metadata={
+            # "%%": argparse reads help texts as format strings (a lone "%" broke --help).
+            "help": "Override the preset's learning-rate schedule (a Transformers `lr_scheduler_type`; "
+            "`warmup_stable_decay` decays over the last 20 %% of steps)."
+        },
+    )
+    split: str = field(
+        default="test",
+        metadata={
+            "help": "Score on 'test', or on 'validation': examples of the same difficulties drawn apart from the test "
+            "split and from training, for protocol choices (e.g. the learning rate) that must never see test."
+        },
+    )
+    match_parameters: str = field(
+        default="active",
+        metadata={"help": "Match each variant's 'active' parameters per token or its 'total' parameters to ffn's."},
+    )
+    num_workers: int = field(
+        default=2, metadata={"help": "Parallel single-thread training processes (CPU); 1 trains in this process."}
+    )
+    dataset_seed: int = field(default=0, metadata={"help": "Seed of the generated train and test examples."})
+    expert_modules: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated Python modules to import first (they register extra expert types)."},
+    )
+    corpus_name: str | None = field(
+        default=None, metadata={"help": "guide preset: a Hub text corpus to pretrain on first (e.g. wikitext)."}
+    )
+    corpus_config_name: str | None = field(default=None, metadata={"help": "Its configuration (wikitext-103-raw-v1)."})
+    corpus_file: str | None = field(default=None, metadata={"help": "guide preset: a local .txt corpus instead."})
+    corpus_steps: int = field(default=10000, metadata={"help": "guide preset: optimizer steps of corpus pretraining."})
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "Load the results of jobs (variant x seed) that finished in an earlier run with the same settings "
+            "(model, training, seed, depths, data); run the others."
+        },
+    )
+    dry_run: bool = field(
+        default=False, metadata={"help": "Run the preset's pipeline with 2 steps and a few examples (for tests)."}
+    )
+
+
+def is_recurrent(config: MoREConfig) -> bool:
+    """Experts that iterate a latent state (their depth is `num_recurrent_steps`)."""
+    return issubclass(modeling_more.get_expert_class(config.expert_type), modeling_more.MoRERecurrentExperts)
+
+
+def iterates_layers(config: MoREConfig) -> bool:
+    """Synthesis II: the MoE block itself is iterated (its depth is `num_moe_iterations`)."""
+    return config.num_moe_iterations > 1 or config.train_moe_iterations_max is not None
+
+
+def size_knob(expert_type: str) -> str:
+    """The width that sizes an expert: the MLP of the Huginn block for block experts, `intermediate_size` else."""
+    expert_class = modeling_more.get_expert_class(expert_type)
+    if issubclass(expert_class, modeling_more.MoREHuginnExperts):
+        return "recurrent_intermediate_size"
+    return "intermediate_size"
+
+
+def meta_model(config: MoREConfig):
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def parameter_counts(config: MoREConfig) -> dict[str, int]:
+    model = meta_model(config)
+    return {"total": model.num_parameters(), "active": model.num_parameters(active=True)}
+
+
+def mean_training_depth(config: MoREConfig) -> tuple[float, float]:
+    """Expected (recurrent steps, MoE iterations) of a training batch under the config's samplers."""
+    steps = float(config.num_recurrent_steps)
+    if is_recurrent(config) and config.recurrent_steps_sampler != "fixed":
+        # Both samplers centre on the range's mean (the log-normal Poisson rate is clipped to the range).
+        steps = (config.train_recurrent_steps_min + config.train_recurrent_steps_max) / 2
+    iterations = float(config.num_moe_iterations)
+    if config.train_moe_iterations_min is not None:
+        iterations = (config.train_moe_iterations_min + config.train_moe_iterations_max) / 2
+    return steps, iterations
+
+
+def training_flops_per_token(config: MoREConfig) -> float:
+    """Forward + backward FLOPs per token (3x the forward) at the mean training depth, interpolated between depths."""
+    model = meta_model(config)
+    steps, iterations = mean_training_depth(config)
+
+    def forward(s: float, t: float) -> float:
+        # FLOPs are affine in each depth, so the value at a fractional mean is the interpolation of its neighbours.
+        low_s, low_t = max(1, int(s)), max(1, int(t))
+        base = model.flops_per_token(num_recurrent_steps=low_s, num_moe_iterations=low_t)
+        slope_s = model.flops_per_token(num_recurrent_steps=low_s + 1, num_moe_iterations=low_t) - base
+        slope_t = model.flops_per_token(num_recurrent_steps=low_s, num_moe_iterations=low_t + 1) - base
+        return base + (s - low_s) * slope_s + (t - low_t) * slope_t
+
+    return 3 * forward(steps, iterations)
+
+
+WIDTH_MULTIPLE = 4  # matched widths: fp32 rows of 16 bytes, as grouped_mm needs
+
+
+def matched_config(config: MoREConfig, target: int, which: str) -> MoREConfig:
+    """`config` with its size knob set so that its `which` ("active" or "total") parameter count is closest to
+    `target`.
+
+    Widths are multiples of `WIDTH_MULTIPLE` (fp32 rows of 16 bytes: grouped_mm then needs no zero-padding of the
+    weights at every call). Counts grow with the knob, so a bisection finds the first width at or above the target;
+    the closer of it and the width below wins. A type that is larger than the target even at the smallest width keeps
+    that width (reported as a mismatch).
+    """
+    knob = size_knob(config.expert_type)
+    fields = config.to_dict()
+
+    def resized(units: int) -> MoREConfig:
+        return MoREConfig(**{**fields, knob: WIDTH_MULTIPLE * units})
+
+    def count(units: int) -> int:
+        return parameter_counts(resized(units))[which]
+
+    low, high = 1, 16 * config.hidden_size // WIDTH_MULTIPLE
+    if count(low) == count(high):
+        logger.warning(f"`{knob}` does not size {config.expert_type!r} experts: they run unmatched, at their own size")
+        return config
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (middle + 1, high) if count(middle) < target else (low, middle)
+    return resized(min((low, max(low - 1, 1)), key=lambda units: abs(count(units) - target)))
+
+
+def compute_matched_config(config: MoREConfig, target_flops: float) -> MoREConfig:
+    """The `ffn` config with as many layers (same width) as bring its training FLOPs per token closest to the
+    target's: the deeper-FFN answer to "is it the compute or the recurrence?"."""
+    fields = config.to_dict()
+    candidates = [
+        MoREConfig(**{**fields, "num_hidden_layers": layers}) for layers in range(1, 8 * config.num_hidden_layers + 1)
+    ]
+    return min(candidates, key=lambda candidate: abs(training_flops_per_token(candidate) - target_flops))
+
+
+def build_variant_configs(preset: Preset, names: list[str], tokenizer, match: str) -> dict[str, MoREConfig]:
+    """Every requested variant's config: the preset's baseline model plus the variant's overrides (and the preset's
+    recurrence fields for iterating experts), sized to the `ffn` baseline."""
+    base = {
+        **preset.model,
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "max_position_embeddings": preset.max_length,
+    }
+    overrides = comparison_variants()
+
+    def raw(name: str) -> MoREConfig:
+        config = MoREConfig(**base, **overrides[name])
+        if is_recurrent(config):
+            config = MoREConfig(**{**config.to_dict(), **preset.recurrence})
+        return config
+
+    target = parameter_counts(raw(BASELINE))[match]
+    configs = {}
+    for name in names:
+        config = raw(name)
+        if name == COMPUTE_MATCHED:
+            reference = matched_config(raw("recurrent"), target, match)
+            config = compute_matched_config(config, training_flops_per_token(reference))
+        elif name != BASELINE:
+            config = matched_config(config, target, match)
+        configs[name] = config
+    return configs
+
+
+@dataclass
+class CompareData:
+    """Everything a training job needs, built once in the main process: the tokenized train split, the test split
+    (with its task and difficulty per example) and, for the guide preset, corpus blocks to pretrain on."""
+
+    tokenizer_dir: str
+    train: TensorExamples  # input_ids / attention_mask / labels, one tensor each: no per-step collation
+    test: object
+    test_tasks: list[str]
+    test_difficulties: list[int]
+    in_distribution: list[int]  # test example indices of trained difficulties (the learning curves)
+    corpus_train: object | None = None
+    corpus_validation: object | None = None
+
+
+def build_data(preset: Preset, args: CompareArguments, output_dir: Path) -> CompareData:
+    validation = args.split == "validation"
+    raw = build_depth_dataset(
+        {task: (list(train), list(test)) for task, (train, test) in preset.tasks.items()},
+        num_train=preset.num_train_examples,
+        num_test_per_difficulty=preset.num_test_per_difficulty,
+        seed=args.dataset_seed,
+        num_validation_per_difficulty=preset.num_test_per_difficulty if validation else 0,
+    )
+    if validation:  # everything below scores the validation examples in place of the test examples
+        raw = datasets.DatasetDict({"train": raw["train"], "test": raw["validation"]})
+    texts = [*raw["train"]["text"], *raw["test"]["text"]]
+    corpus = None
+    if preset.corpus:
+        corpus = load_corpus(args)
+        texts += list(corpus["train"]["text"])
+    tokenizer = train_word_level_tokenizer(texts, model_max_length=preset.max_length)
+    tokenizer_dir = output_dir / "tokenizer"
+    tokenizer.save_pretrained(tokenizer_dir)
+    tokenized = tokenize_depth_tasks(raw, tokenizer, preset.max_length)  # in order: test_tasks etc. stay aligned
+    data = CompareData(
+        tokenizer_dir=str(tokenizer_dir),
+        train=TensorExamples.from_dataset(tokenized["train"]),
+        test=tokenized["test"],
+        test_tasks=list(raw["test"]["task"]),
+        test_difficulties=list(raw["test"]["difficulty"]),
+        in_distribution=[
+            i
+            for i, (task, difficulty) in enumerate(zip(raw["test"]["task"], raw["test"]["difficulty"], strict=True))
+            if difficulty in preset.trained(task)
+        ],
+    )
+    if corpus is not None:
+        data.corpus_train = TensorExamples.from_dataset(chunk_corpus(corpus["train"], tokenizer, preset.max_length))
+        if "validation" in corpus:
+            data.corpus_validation = chunk_corpus(corpus["validation"], tokenizer, preset.max_length)
+    return data
+
+
+def data_settings(preset: Preset, args: CompareArguments) -> dict:
+    """What `build_data` builds the examples, the tokenizer and the corpus blocks from (keep the two in step)."""
+    settings = {
+        "tasks": preset.tasks,
+        "num_train_examples": preset.num_train_examples,
+        "num_test_per_difficulty": preset.num_test_per_difficulty,
+        "max_length": preset.max_length,
+        "dataset_seed": args.dataset_seed,
+        "split": args.split,
+    }
+    if preset.corpus:
+        settings["corpus"] = [args.corpus_name, args.corpus_config_name, args.corpus_file]
+    return settings
+
+
+def load_corpus(args: CompareArguments):
+    """The guide preset's pretraining corpus: a Hub dataset by name (train and validation) or a local text file."""
+    from datasets import DatasetDict
+
+    if args.corpus_name is not None:
+        return DatasetDict(
+            {
+                split: load_text_corpus(args.corpus_name, args.corpus_config_name, split=split)
+                for split in ("train", "validation")
+            }
+        )
+    if args.corpus_file is not None:
+        return DatasetDict({"train": load_text_corpus(args.corpus_file)})
+    raise ValueError("--preset guide pretrains on a corpus: pass --corpus_name (e.g. wikitext) or --corpus_file")
+
+
+@dataclass
+class Job:
+    variant: str
+    seed: int
+    config: dict
+    output_dir: str
+    save_model: bool  # the first seed keeps its model, tokenizer, model card and diagnostics
+    training: dict
+    corpus_steps: int
+    recurrent_depths: tuple[int, ...]
+    moe_iterations: tuple[int, ...]
+    data_settings: dict  # what its training and test examples are built from (`data_settings`)
+
+
+class _ProgressCallback(TrainerCallback):
+    """Sends each finished optimizer step to the main process's progress bar."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.queue is not None:
+            self.queue.put(1)
+
+
+class _LearningCurve(TrainerCallback):
+    """Scores the in-distribution test examples at the default depth `points` times along training, and keeps the
+    training time spent so far without these evaluations: accuracy against steps, FLOPs and seconds, so variants can
+    be compared at equal time or compute as well as at equal steps."""
+
+    def __init__(self, test, points: int):
+        self.test, self.points = test, points
+        self.curve: list[dict] = []
+        self.eval_seconds = 0.0
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        every = max(1, state.max_steps // self.points)
+        if state.global_step % every and state.global_step != state.max_steps:
+            return
+        start = time.perf_counter()
+        accuracy = float(score_answers(model, self.test).mean())
+        model.train()
+        self.curve.append(
+            {"step": state.global_step, "seconds": start - self.start - self.eval_seconds, "accuracy": accuracy}
+        )
+        self.eval_seconds += time.perf_counter() - start
+
+
+def training_arguments(training: dict, seed: int, output_dir: Path, max_steps: int) -> TrainingArguments:
+    """A job's `TrainingArguments`: the preset's `training` fields over the shared optimisation defaults."""
+    training = {
+        **TRAINING_DEFAULTS,
+        "warmup_steps": max(1, round(WARMUP_FRACTION * max_steps)),
+        **training,
+        "max_steps": max_steps,
+    }
+    if training["lr_scheduler_type"] == "warmup_stable_decay":
+        training["lr_scheduler_kwargs"] = {"num_decay_steps": max(1, round(DECAY_FRACTION * max_steps))}
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        seed=seed,
+        logging_steps=max(1, max_steps // 20),
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        remove_unused_columns=False,  # the data are `TensorExamples`, which hold the model's columns only
+        use_cpu=not torch.cuda.is_available(),
+        **training,
+    )
+
+
+def train_model(model, dataset, training_args: TrainingArguments, tokenizer, queue, callback=None) -> list[dict]:
+    """Trains `model` as a job does (`MoRETrainer`, steps reported to `queue`, plus `callback`); the loss logs."""
+    trainer = MoRETrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        data_collator=collate,
+        callbacks=[_ProgressCallback(queue)] + ([callback] if callback is not None else []),
+    )
+    trainer.remove_callback(PrinterCallback)  # the main process shows one progress bar for every job
+    trainer.train()
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+def depth_sweeps(config: MoREConfig, job: Job) -> dict[str, tuple[int, ...]]:
+    """Inference depths a variant is scored at: expert steps for iterating experts, MoE iterations for Synthesis II."""
+    sweeps = {}
+    if is_recurrent(config):
+        sweeps["num_recurrent_steps"] = job.recurrent_depths
+    if iterates_layers(config):
+        sweeps["num_moe_iterations"] = job.moe_iterations
+    return sweeps
+
+
+def run_job(job: Job, data: CompareData, queue=None) -> dict:
+    """Trains one variant with one seed and scores it on the whole test split at its default depth and every depth
+    of its sweeps. Runs in a worker process (one thread) or in the main process."""
+    if torch.get_num_threads() > 1 and not torch.cuda.is_available():
+        torch.set_num_threads(1)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(data.tokenizer_dir)
+    config = MoREConfig(**job.config)
+    output_dir = Path(job.output_dir)
+    set_seed(job.seed)
+    model = AutoModelForCausalLM.from_config(config)
+    start = time.perf_counter()
+    logs = []
+    if data.corpus_train is not None:  # guide preset: language-model pretraining first
+        args = training_arguments(job.training, job.seed, output_dir / f"pretrain-seed{job.seed}", job.corpus_steps)
+        logs += train_model(model, data.corpus_train, args, tokenizer, queue)
+    max_steps = job.training["max_steps"]
+    args = training_arguments(job.training, job.seed, output_dir / f"trainer-seed{job.seed}", max_steps)
+    curve = _LearningCurve(data.test.select(data.in_distribution), LEARNING_CURVE_POINTS)
+    logs += train_model(model, data.train, args, tokenizer, queue, curve)
+    train_seconds = time.perf_counter() - start - curve.eval_seconds
+    scores = {"default": score_answers(model, data.test).tolist()}
+    for knob, depths in depth_sweeps(config, job).items():
+        scores[knob] = {str(depth): score_answers(model, data.test, **{knob: depth}).tolist() for depth in depths}
+    result = {
+        "variant": job.variant,
+        "seed": job.seed,
+        "train_seconds": train_seconds,
+        "scores": scores,
+        "training_log": logs,
+        "learning_curve": curve.curve,
+        "settings": job_settings(job),
+    }
+    if is_main_process():
+        if job.save_model:
+            result["diagnostics"] = save_variant(model, tokenizer, data, scores, output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_atomically(Path(job_result_path(job)), json.dumps(result))
+    return result
+
+
+def job_result_path(job: Job) -> str:
+    return str(Path(job.output_dir) / f"result-seed{job.seed}.json")
+
+
+def job_settings(job: Job) -> dict:
+    """Everything a job's result follows from, as JSON (tuples read back as lists): not where it is written, nor the
+    version of the code (transformers' included)."""
+    settings = dataclasses.asdict(job)
+    del settings["output_dir"]
+    settings["config"].pop("transformers_version", None)
+    return json.loads(json.dumps(settings))
+
+
+def finished_result(job: Job) -> dict | None:
+    """The result an earlier run left for `job` if it was produced with the job's settings, else None (saying why:
+    the job has to run again)."""
+    path = Path(job_result_path(job))
+    if not path.exists():
+        return None
+    try:
+        result = json.loads(path.read_text())
+        produced_with = result.get("settings")
+    except (ValueError, AttributeError) as error:  # not JSON (cut short by a crash), or not a result object
+        logger.warning(
+            "Running %s seed %d again: its result file %s is unreadable (%s)", job.variant, job.seed, path, error
+        )
+        return None
+    changes = ["none recorded"] if produced_with is None else setting_changes(produced_with, job_settings(job))
+    if changes:
+        logger.info(
+            "Running %s seed %d again: %s has other settings (%s)", job.variant, job.seed, path, "; ".join(changes)
+        )
+        return None
+    return result
+
+
+def setting_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """`name: old -> new` for every setting that differs, nested ones by dotted names."""
+    changes = []
+    for key in sorted(old.keys() | new.keys()):
+        before, after = old.get(key), new.get(key)
+        if isinstance(before, dict) and isinstance(after, dict):
+            changes += setting_changes(before, after, f"{prefix}{key}.")
+        elif before != after:
+            changes.append(f"{prefix}{key}: {before!r} -> {after!r}")
+    return changes
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replaces `path` by `text` in one step: a crash or Ctrl-C while writing leaves the old file (or none), never a
+    part of the new one."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same directory: os.replace does not copy
+    try:
+        with open(temporary, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())  # on disk before the rename, so a power cut does not leave an empty file either
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def is_main_process() -> bool:
+    """Rank 0 under `accelerate launch` / torchrun (every rank trains; one writes)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def save_variant(model, tokenizer, data: CompareData, scores: dict, output_dir: Path) -> dict:
+    """The first seed's model with its tokenizer, and an `evaluate_more`-style report of it (accuracy per task x
+    difficulty, depth sweeps, routing and recurrence diagnostics of guide §5.1-5.2, with their plots)."""
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    batches = [
+        collate([data.test[i] for i in range(s, min(s + 64, len(data.test)))])
+        for s in range(0, min(len(data.test), 256), 64)
+    ]
+
+    def by_cell(hits: list[int]) -> dict[str, float]:
+        hits = np.asarray(hits)
+        accuracy = {}
+        cells = list(zip(data.test_tasks, data.test_difficulties, strict=True))
+        for task, difficulty in sorted(set(cells)):
+            index = [i for i, cell in enumerate(cells) if cell == (task, difficulty)]
+            accuracy[f"{task}-{difficulty}"] = float(hits[index].mean())
+        accuracy["mean"] = float(hits.mean())
+        return accuracy
+
+    report = model_report(
+        model,
+        perplexity_and_diagnostics(model, batches),
+        perplexity_on="answers",
+        exact_match=by_cell(scores["default"]),
+        depth_sweep={
+            knob: {int(d): by_cell(h) for d, h in sweep.items()} for knob, sweep in scores.items() if knob != "default"
+        },
+    )
+    write_outputs(report, output_dir)
+    return report
+
+
+def write_card(variant_dir: Path, name: str, result: dict, preset: Preset, run: dict) -> None:
+    """The model card of the variant's first-seed checkpoint, from its report."""
+    report = result["diagnostics"]
+    if report is None:
+        return
+    training_data = (
+        f"Depth-controlled synthetic tasks of the MoRE repository (`more_tools/data.py`): "
+        f"{preset.describe_splits()} ({preset.num_train_examples:,} training examples, "
+        f"{preset.num_test_per_difficulty} test examples per difficulty); {run['max_steps']} "
+        f"steps of {run['batch_size']} examples, seed {run['seeds'][0]} of {run['seeds']}; "
+        f"`examples/compare_more.py --preset {run['preset']}` (variant `{name}`). The comparison over all seeds, "
+        "with confidence intervals, is in `comparison.md` next to this directory."
+    )
+    save_model_card(variant_dir, report, repo_id=f"more-{name}", training_data=training_data)
+
+
+_progress_queue = None  # a worker's queue to the main process's progress bar, set by `_worker_init`
+
+
+def _worker_init(modules: list[str], queue) -> None:
+    # Ctrl-C reaches every process of the terminal's group: the main process alone decides, and ends the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A worker's bars are off: a thread lock spares tqdm its multiprocessing one, which an ended worker would leak.
+    tqdm_std.tqdm.set_lock(threading.RLock())
+    torch.set_num_threads(1)
+    for name in modules:
+        __import__(name)
+    global _progress_queue
+    _progress_queue = queue
+
+
+def _run_job_in_worker(job: Job, data: CompareData) -> dict:
+    """`run_job` in a worker, its steps sent to the main process's progress bar."""
+    return run_job(job, data, _progress_queue)
+
+
+def _hit_matrix(runs: list[dict], select) -> np.ndarray:
+    """(seeds, examples) 0/1 matrix of one variant, in seed order, from each run's scores picked by `select`."""
+    return np.array([select(run["scores"]) for run in sorted(runs, key=lambda run: run["seed"])], dtype=np.int8)
+
+
+def _cells(data: CompareData, preset: Preset) -> dict[tuple[str, int], np.ndarray]:
+    """Test example indices of every task x difficulty."""
+    tasks, difficulties = np.array(data.test_tasks), np.array(data.test_difficulties)
+    return {
+        (task, difficulty): np.flatnonzero((tasks == task) & (difficulties == difficulty))
+        for task in preset.tasks
+        for difficulty in preset.tested(task)
+    }
+
+
+def summarise(runs: dict[str, list[dict]], data: CompareData, preset: Preset) -> dict[str, dict]:
+    """Per variant: accuracy with 95 % CI per task x difficulty, in- and out-of-distribution means, the paired
+    difference to `ffn`, and the depth curves."""
+    cells = _cells(data, preset)
+    groups = {
+        "in_distribution": lambda task, difficulty: difficulty in preset.trained(task),
+        "out_of_distribution": lambda task, difficulty: difficulty not in preset.trained(task),
+    }
+
+    def index_of(task: str, keep) -> np.ndarray:
+        return np.concatenate(
+            [index for (t, d), index in cells.items() if t == task and keep(t, d)] or [np.array([], int)]
+        )
+
+    def estimates(hits: np.ndarray, base: np.ndarray | None) -> dict:
+        out = {}
+        for task in preset.tasks:
+            entry = {str(d): bootstrap_accuracy(hits[:, cells[(task, d)]]).to_dict() for d in preset.tested(task)}
+            for group, keep in groups.items():
+                index = index_of(task, keep)
+                if len(index):
+                    entry[group] = bootstrap_accuracy(hits[:, index]).to_dict()
+            if base is not None:
+                entry["vs_ffn"] = {
+                    str(d): paired_difference(hits[:, cells[(task, d)]], base[:, cells[(task, d)]]).to_dict()
+                    for d in preset.tested(task)
+                }
+                for group, keep in groups.items():
+                    index = index_of(task, keep)
+                    if len(index):
+                        entry["vs_ffn"][group] = paired_difference(hits[:, index], base[:, index]).to_dict()
+            out[task] = entry
+        return out
+
+    base = _hit_matrix(runs[BASELINE], lambda s: s["default"]) if BASELINE in runs else None
+    summary = {}
+    for name, variant_runs in runs.items():
+        hits = _hit_matrix(variant_runs, lambda s: s["default"])
+        paired = base if (base is not None and name != BASELINE and base.shape == hits.shape) else None
+        curves = {}
+        for knob in DEPTH_KNOBS:
+            if knob in variant_runs[0]["scores"]:
+                curves[knob] = {
+                    depth: estimates(_hit_matrix(variant_runs, lambda s, k=knob, d=depth: s[k][d]), None)
+                    for depth in variant_runs[0]["scores"][knob]
+                }
+        accuracy = estimates(hits, paired)
+        summary[name] = {
+            "accuracy": accuracy,
+            "depth_curves": curves,
+            "convergence": convergence(variant_runs, accuracy),
+        }
+    return summary
+
+
+def convergence(variant_runs: list[dict], accuracy: dict) -> dict:
+    """Whether a variant had stopped learning: the change of its in-distribution accuracy (mean over seeds) over the
+    last 20 % of the steps, against the half-width of its final in-distribution 95 % CI (the narrowest over tasks).
+    A change inside that half-width reads as flat; a comparison of variants still learning measures how fast they
+    escape a plateau, not what they can do."""
+    curves = [run["learning_curve"] for run in variant_runs]
+    steps = np.array([point["step"] for point in curves[0]])
+    mean = np.mean([[point["accuracy"] for point in curve] for curve in curves], axis=0)  # (points,)
+    start = int(np.searchsorted(steps, FLAT_FROM * steps[-1]))
+    change = float(mean[-1] - mean[start])
+    half_widths = [
+        (entry["in_distribution"]["ci95"][1] - entry["in_distribution"]["ci95"][0]) / 2
+        for entry in accuracy.values()
+        if "in_distribution" in entry
+    ]
+    half_width = min(half_widths) if half_widths else float("nan")
+    return {
+        "from_step": int(steps[start]),
+        "to_step": int(steps[-1]),
+        "change": change,
+        "ci_half_width": half_width,
+        "flat": bool(abs(change) <= half_width),
+    }
+
+
+def _ci(entry: dict | None) -> str:
+    if entry is None:
+        return "–"
+    low, high = entry["ci95"]
+    return f"{entry['mean']:.3f} [{low:.2f}, {high:.2f}]"
+
+
+def _delta(entry: dict | None) -> str:
+    """A paired difference to ffn: marked when its interval excludes 0, else read as no difference."""
+    if entry is None:
+        return "–"
+    low, high = entry["ci95"]
+    text = f"{entry['mean']:+.3f} [{low:+.2f}, {high:+.2f}]"
+    if not entry["significant"]:
+        return f"{text} no difference"
+    return f"**{text} {'better' if entry['mean'] > 0 else 'worse'}**"
+
+
+def variant_rows(results: dict, preset: Preset) -> tuple[list[str], list[list]]:
+    headers = ["variant", "active params", "total params", "FLOPs/token (inference)", "training FLOPs", "train s"]
+    headers.append(f"last {100 - round(100 * FLAT_FROM)} % of steps: Δ in-distribution (CI half-width)")
+    rows = []
+    for name, result in results.items():
+        flat = result["convergence"]
+        change = f"{flat['change']:+.3f} ({flat['ci_half_width']:.3f})"
+        rows.append(
+            [
+                name,
+                result["active_params"],
+                result["total_params"],
+                result["flops_per_token"],
+                f"{result['training_flops']:.2e}",
+                round(float(np.mean(result["train_seconds"])), 1),
+                f"{change} flat" if flat["flat"] else f"**{change} still learning**",
+            ]
+        )
+    return headers, rows
+
+
+def accuracy_rows(results: dict, preset: Preset, task: str) -> tuple[list[str], list[list]]:
+    headers = ["variant", "in-distribution", "Δ vs ffn", "out-of-distribution", "Δ vs ffn"]
+    headers += [f"difficulty {d}" for d in preset.tested(task)]
+    rows = []
+    for name, result in results.items():
+        entry = result["accuracy"][task]
+        versus = entry.get("vs_ffn", {})
+        rows.append(
+            [
+                name,
+                _ci(entry.get("in_distribution")),
+                _delta(versus.get("in_distribution")) if versus else "(baseline)" if name == BASELINE else "–",
+                _ci(entry.get("out_of_distribution")),
+                _delta(versus.get("out_of_distribution")) if versus else "–",
+                *[_ci(entry[str(d)]) for d in preset.tested(task)],
+            ]
+        )
+    return headers, rows
+
+
+def depth_rows(results: dict, preset: Preset, task: str) -> tuple[list[str], list[list]]:
+    """Accuracy at every inference depth, per variant x difficulty (mean [95 % CI])."""
+    depths = sorted({(knob, int(d)) for r in results.values() for knob, c in r["depth_curves"].items() for d in c})
+    headers = ["variant", "difficulty"] + [f"{DEPTH_KNOBS[knob]}={depth}" for knob, depth in depths]
+    rows = []
+    for name, result in results.items():
+        curves = result["depth_curves"]
+        if not curves:
+            continue
+        for difficulty in preset.tested(task):
+            cells = []
+            for knob, depth in depths:
+                curve = curves.get(knob, {}).get(str(depth))
+                cells.append(_ci(curve[task][str(difficulty)]) if curve else "–")
+            rows.append([name, difficulty, *cells])
+    return headers, rows
+
+
+def render_comparison(results: dict, preset: Preset, run: dict) -> str:
+    parts = [
+        "# MoRE comparison",
+        f"Preset `{run['preset']}`: {len(run['seeds'])} seeds per variant ({run['seeds']}), "
+        f"{run['max_steps']} optimizer steps x {run['batch_size']} examples for every variant (equal steps = equal "
+        f"data), parameters matched on **{run['match_parameters']}** counts to `ffn` "
+        f"(`{COMPUTE_MATCHED}`: training FLOPs per token matched to `recurrent` instead); "
+        f"{preset.describe_splits()}, with "
+        f"{preset.num_test_per_difficulty} examples each (the same for every variant); wall time "
+        f"{run['wall_seconds'] / 60:.1f} min on {run['device']}.",
+        "Accuracy: greedy exact match, mean over seeds x examples [95 % bootstrap CI]. Δ vs ffn: paired bootstrap "
+        "over the same seeds and examples; **bold** where its 95 % CI excludes 0, else no difference.",
+        markdown_table(*variant_rows(results, preset)),
+    ]
+    for task in preset.tasks:
+        parts += [f"## {task}", markdown_table(*accuracy_rows(results, preset, task))]
+        headers, rows = depth_rows(results, preset, task)
+        if rows:
+            parts += [f"### {task}: accuracy by inference depth (r = expert steps, T = MoE iterations)"]
+            parts += [markdown_table(headers, rows)]
+    return "\n\n".join(parts) + "\n"
+
+
+def _legend_outside(ax) -> None:
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+
+
+def plot_accuracy_by_difficulty(results: dict, preset: Preset, path: Path) -> None:
+    """Accuracy (95 % CI) against difficulty, one panel per task; the trained difficulties are shaded."""
+    fig, axes = plt.subplots(1, len(preset.tasks), figsize=(5 * len(preset.tasks) + 2.5, 4), squeeze=False)
+    for ax, task in zip(axes[0], preset.tasks, strict=True):
+        ax.axvspan(min(preset.trained(task)) - 0.5, max(preset.trained(task)) + 0.5, color="0.92")
+        for index, (name, result) in enumerate(results.items()):
+            entries = [result["accuracy"][task][str(d)] for d in preset.tested(task)]
+            means = np.array([e["mean"] for e in entries])
+            errors = np.array([[e["mean"] - e["ci95"][0], e["ci95"][1] - e["mean"]] for e in entries]).T
+            offset = (index - len(results) / 2) * 0.04
+            x = np.array(preset.tested(task)) + offset
+            ax.errorbar(x, means, yerr=errors, fmt="-o", ms=3, capsize=2, color=f"C{index % 10}", label=name)
+        ax.set(xlabel="difficulty (shaded: trained)", ylabel="exact match", title=task, ylim=(0, 1.02))
+        ax.set_xticks(preset.tested(task))
+    _legend_outside(axes[0][-1])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_depth_curves(results: dict, preset: Preset, path: Path) -> None:
+    """Accuracy against inference depth with 95 % CI bands: a row per iterating variant, a column per task, a line per
+    difficulty (dashed: harder than trained)."""
+    panels = [(name, knob) for name, r in results.items() for knob in r["depth_curves"]]
+    if not panels:
+        return
+    fig, axes = plt.subplots(
+        len(panels), len(preset.tasks), figsize=(4.5 * len(preset.tasks) + 2.5, 3 * len(panels)), squeeze=False
+    )
+    for row, (name, knob) in enumerate(panels):
+        curve = results[name]["depth_curves"][knob]
+        depths = sorted(curve, key=int)
+        for column, task in enumerate(preset.tasks):
+            ax = axes[row][column]
+            for index, difficulty in enumerate(preset.tested(task)):
+                entries = [curve[d][task][str(difficulty)] for d in depths]
+                x = [int(d) for d in depths]
+                means = [e["mean"] for e in entries]
+                style = "-" if difficulty in preset.trained(task) else "--"
+                ax.plot(x, means, style, marker="o", ms=3, color=f"C{index}", label=f"difficulty {difficulty}")
+                ax.fill_between(
+                    x, [e["ci95"][0] for e in entries], [e["ci95"][1] for e in entries], color=f"C{index}", alpha=0.15
+                )
+            ax.set_xscale("log", base=2)
+            ax.set_xticks([int(d) for d in depths], [str(d) for d in depths])
+            ax.set(
+                ylim=(0, 1.02),
+                xlabel=f"{knob} ({DEPTH_KNOBS[knob]}) at inference",
+                ylabel="exact match",
+                title=f"{name}: {task}",
+            )
+    _legend_outside(axes[0][-1])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_accuracy_vs_flops(results: dict, preset: Preset, path: Path) -> None:
+    """In- and out-of-distribution accuracy (95 % CI) against the total training FLOPs of each variant."""
+    groups = ("in_distribution", "out_of_distribution")
+    fig, axes = plt.subplots(1, len(preset.tasks), figsize=(5 * len(preset.tasks) + 2.5, 4), squeeze=False)
+    for ax, task in zip(axes[0], preset.tasks, strict=True):
+        for index, (name, result) in enumerate(results.items()):
+            for group, marker in zip(groups, ("o", "s"), strict=True):
+                entry = result["accuracy"][task].get(group)
+                if entry is None:
+                    continue
+                error = [[entry["mean"] - entry["ci95"][0]], [entry["ci95"][1] - entry["mean"]]]
+                label = name if group == groups[0] else None
+                ax.errorbar(
+                    result["training_flops"],
+                    entry["mean"],
+                    yerr=error,
+                    fmt=marker,
+                    color=f"C{index % 10}",
+                    capsize=2,
+                    label=label,
+                    mfc="white" if group == groups[1] else None,
+                )
+        ax.set_xscale("log")
+        ax.set(
+            xlabel="training FLOPs (circles: trained difficulties, squares: harder)",
+            ylabel="exact match",
+            title=task,
+            ylim=(0, 1.02),
+        )
+    _legend_outside(axes[0][-1])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_learning_curves(runs: dict[str, list[dict]], results: dict, path: Path) -> None:
+    """In-distribution accuracy along training (mean over seeds) against training FLOPs and against training seconds:
+    where the equal-steps ranking differs from an equal-compute or equal-time one, the curves show it."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for index, (name, variant_runs) in enumerate(runs.items()):
+        curves = [run["learning_curve"] for run in variant_runs]
+        steps = np.array([point["step"] for point in curves[0]])
+        accuracy = np.mean([[point["accuracy"] for point in curve] for curve in curves], axis=0)
+        seconds = np.mean([[point["seconds"] for point in curve] for curve in curves], axis=0)
+        flops = results[name]["training_flops"] * steps / steps[-1]
+        for ax, x in zip(axes, (flops, seconds), strict=True):
+            ax.plot(x, accuracy, "-o", ms=3, color=f"C{index % 10}", label=name)
+    axes[0].set(xlabel="training FLOPs", ylabel="exact match, trained difficulties", ylim=(0, 1.02))
+    axes[1].set(xlabel="training seconds (one CPU thread)", ylabel="exact match, trained difficulties", ylim=(0, 1.02))
+    axes[0].set_title("accuracy vs compute")
+    axes[1].set_title("accuracy vs time")
+    _legend_outside(axes[1])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_training(runs: dict[str, list[dict]], path: Path) -> None:
+    """Language-model loss along training of every variant (mean over seeds)."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for index, (name, variant_runs) in enumerate(runs.items()):
+        steps = [entry["step"] for entry in variant_runs[0]["training_log"]]
+        losses = np.mean([[entry["lm_loss"] for entry in run["training_log"]] for run in variant_runs], axis=0)
+        ax.plot(steps, losses, color=f"C{index % 10}", label=name)
+    ax.set(xlabel="step", ylabel="answer loss (mean over seeds)", title="training", yscale="log")
+    _legend_outside(ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def resolve_variants(args: CompareArguments, preset: Preset) -> list[str]:
+    known = comparison_variants()
+    if args.variants is not None:
+        names = [name.strip() for name in args.variants.split(",") if name.strip()]
+    else:
+        names = list(preset.variants or known)
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise ValueError(f"Unknown variants {unknown}; valid variants: {list(known)}")
+    if COMPUTE_MATCHED in names and "recurrent" not in modeling_more.EXPERT_REGISTRY:
+        raise ValueError(f"{COMPUTE_MATCHED} matches the compute of `recurrent`, which is not registered")
+    return names
+
+
+def run_jobs(jobs: list[Job], data: CompareData, num_workers: int, modules: list[str]) -> list[dict]:
+    """Every job, in parallel single-thread worker processes (or here with one worker), with one progress bar over
+    all optimizer steps."""
+    total = sum(job.training["max_steps"] + (job.corpus_steps if data.corpus_train is not None else 0) for job in jobs)
+    progress = tqdm(total=total, desc="training (all variants x seeds)", unit="step", smoothing=0.05)
+    if num_workers <= 1:
+        results = []
+        for job in jobs:
+            progress.set_postfix_str(f"{job.variant} seed {job.seed}")
+            results.append(run_job(job, data, _InlineProgress(progress)))
+        progress.close()
+        return results
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()  # one item per optimizer step of any worker
+    # Costliest jobs first (training FLOPs per token), so the last minutes do not wait on one slow variant.
+    costs = [training_flops_per_token(MoREConfig(**job.config)) for job in jobs]
+    order = sorted(range(len(jobs)), key=lambda i: -costs[i])
+    executor = ProcessPoolExecutor(
+        num_workers, mp_context=context, initializer=_worker_init, initargs=(modules, queue)
+    )
+    results = {}
+    listener = threading.Thread(target=_forward_steps, args=(queue, progress), daemon=True)
+    listener.start()
+    try:
+        # Workers start on submit and inherit the environment: their own bars (weights saving, diagnostics) stay off;
+        # this process's bar is already built (tqdm reads the variable when it is imported).
+        with _environment(TQDM_DISABLE="1"):
+            futures = {executor.submit(_run_job_in_worker, jobs[i], data): i for i in order}
+        for future in as_completed(futures):
+            i = futures[future]
+            results[i] = future.result()  # re-raises a worker's exception here
+            progress.set_postfix_str(f"done {jobs[i].variant} seed {jobs[i].seed}")
+        # The workers exit on their own, having sent every step (ended, they would leak what they hold: semaphores);
+        # the end mark then follows their last step through the queue.
+        executor.shutdown()
+        queue.put(None)
+        listener.join()
+        queue.close()
+    except BaseException:  # Ctrl-C or a failed job: stop now, keeping the result files of the finished jobs
+        _stop_workers(executor)
+        # A worker ended mid-write may hold the queue's lock: end the listener if the mark gets through, and never
+        # wait for it at exit (the listener is a daemon thread).
+        queue.put(None)
+        queue.cancel_join_thread()
+        finished = ", ".join(f"{jobs[i].variant} seed {jobs[i].seed}" for i in sorted(results)) or "none"
+        logger.warning(
+            "Stopped with %d of %d jobs finished (%s); --resume reuses them", len(results), len(jobs), finished
+        )
+        raise
+    finally:
+        progress.close()
+    return [results[i] for i in range(len(jobs))]
+
+
+@contextlib.contextmanager
+def _environment(**variables: str):
+    """Environment variables set for the duration (and for the processes started meanwhile)."""
+    previous = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
+
+
+def _forward_steps(queue, progress) -> None:
+    """Moves the steps the workers report to the progress bar, until the end mark (None)."""
+    for steps in iter(queue.get, None):
+        progress.update(steps)
+
+
+def _stop_workers(executor: ProcessPoolExecutor) -> None:
+    """Ends the running jobs at once and cancels the others. ProcessPoolExecutor would wait for running jobs (an hour
+    on the guide preset); Python 3.14's `terminate_workers` does this."""
+    workers = list((executor._processes or {}).values())  # None once shut down
+    for process in workers:
+        process.terminate()
+    for process in workers:
+        process.join()
+    executor.shutdown(cancel_futures=True)
+
+
+class _InlineProgress:
+    """The queue interface of `_ProgressCallback` for jobs run in the main process."""
+
+    def __init__(self, progress):
+        self.progress = progress
+
+    def put(self, steps: int) -> None:
+        self.progress.update(steps)
+
+
+def dry_run_preset(preset: Preset, tiny_model: dict) -> Preset:
+    """The preset's pipeline at a few steps and examples, on `tiny_model` (the default preset's model) narrowed
+    further, keeping the preset's expert count (tests exercise the GPU presets this way on CPU)."""
+    return dataclasses.replace(
+        preset,
+        model={
+            **preset.model,
+            **{k: v for k, v in tiny_model.items() if k not in ("num_experts", "num_experts_per_tok")},
+            "hidden_size": 32,
+            "intermediate_size": 64,
+        },
+        num_train_examples=32,
+        num_test_per_difficulty=2,
+        training={**preset.training, "max_steps": 2, "per_device_train_batch_size": 4, "bf16": False},
+        seeds=1,
+        recurrent_depths=preset.recurrent_depths[:2],
+        moe_iterations=preset.moe_iterations[:2],
+        max_length=64,
+    )
