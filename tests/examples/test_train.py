@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 import modeling_more
 from configuration_more import MoREConfig
 from more_tools.data import IGNORE_INDEX, build_reasoning_dataset, tokenize_qa, train_bpe_tokenizer
+from more_tools.models import ModelArguments, build_config, parse_config_overrides
 from more_tools.training import (
     PRESETS,
     CurriculumCallback,
@@ -37,12 +38,6 @@ from more_tools.training import (
 )
 
 
-train_more = scripts.load("train_more")
-ModelArguments, build_config, parse_config_overrides = (
-    train_more.ModelArguments,
-    train_more.build_config,
-    train_more.parse_config_overrides,
-)
 REPO = str(scripts.EXAMPLES.parent)
 EXAMPLES = str(scripts.EXAMPLES)
 
@@ -463,7 +458,7 @@ def test_resume_true_after_a_kill_while_saving_continues_from_the_last_complete_
 @pytest.mark.slow
 def test_torch_compile_trains(tmp_path):
     """`--torch_compile` (Trainer compiles the model with inductor): a short run trains and saves a loadable model.
-    Slow: minutes of compilation on a shared CPU (`tests/test_compile.py` covers compiled training steps)."""
+    Slow: minutes of compilation on a shared CPU (`tests/model/test_compile.py` covers compiled training steps)."""
     output_dir = str(tmp_path / "compiled")
     script = os.path.join(EXAMPLES, "train_more.py")
     args = ["--preset", "tiny", "--expert_type", "recurrent", "--tasks", "babi1", "--num_train_examples", "32"]

@@ -6,17 +6,15 @@ import sys
 import textwrap
 
 import pytest
-from helpers import tiny_model
+from helpers import REPO_ROOT, tiny_model
 
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    sys.path.insert(0, EXAMPLES)
-    from more_data import train_bpe_tokenizer
+    from more_tools.data import train_bpe_tokenizer
 
     path = tmp_path_factory.mktemp("ckpt")
     tiny_model().save_pretrained(path)
@@ -63,5 +61,5 @@ def test_tokenizer_after_loading_the_model_as_remote_code(checkpoint):
 
 
 def test_tokenizer_on_the_installed_path(checkpoint):
-    repo = os.path.dirname(EXAMPLES)
+    repo = REPO_ROOT
     _load_tokenizer(checkpoint, f"sys.path.insert(0, {repo!r}); import modeling_more")

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from helpers import EXPERT_TYPES, random_ids, tiny_model
+from helpers import EXPERT_TYPES, REPO_ROOT, random_ids, tiny_model
 from parallel_worker import train_losses
 from transformers import AutoModelForCausalLM
 from transformers.distributed import DistributedConfig
@@ -20,7 +20,6 @@ import modeling_more  # registers MoRE with the Auto classes
 
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO_ROOT = os.path.dirname(TESTS_DIR)
 MODES = ("tp", "ep")
 # Every expert type, top-2 with a shared expert and a dense layer; plus a model whose router gives every expert the
 # same logit, so top-2 sends every token to the same two experts and under EP one rank has no rows (its graph and

@@ -3,8 +3,6 @@ guide aliases, save/load round trip, registries in sync."""
 
 import inspect
 import json
-import os
-import sys
 
 import pytest
 from helpers import tiny_config, tiny_model
@@ -14,9 +12,6 @@ from transformers.testing_utils import CaptureLogger
 import configuration_more
 import modeling_more
 from configuration_more import MoREConfig
-
-
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
 
 BAD_VALUES = [
@@ -100,10 +95,11 @@ def _from_constructor(field, value, tmp_path):
 
 
 def _from_config_overrides(field, value, tmp_path):
-    """As `train_more.build_config` does with `--config_overrides field=value`."""
-    if EXAMPLES not in sys.path:
-        sys.path.insert(0, EXAMPLES)
-    from train_more import ModelArguments, config_updates  # here: the other tests do not need the training stack
+    """As `train_more.py`'s `build_config` does with `--config_overrides field=value`."""
+    from more_tools.models import (  # here: the other tests do not need the training stack
+        ModelArguments,
+        config_updates,
+    )
 
     return tiny_config(**config_updates(ModelArguments(config_overrides=f"{field}={json.dumps(value)}")))
 

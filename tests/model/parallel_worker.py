@@ -1,6 +1,6 @@
 """One rank of `test_parallel.py`, run under `torchrun --nproc_per_node 2` (gloo on CPU).
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/parallel_worker.py ROOT
+    python -m torch.distributed.run --nproc_per_node 2 tests/model/parallel_worker.py ROOT
 
 ROOT holds `cases.json` (checkpoint names), the checkpoints and `inputs.pt`. For every checkpoint and mode (`tp`:
 `tp_plan="auto"`, `ep`: `DistributedConfig(tp_size=2, ep_size=2)`) this rank loads the model sharded, runs a forward

@@ -1,5 +1,6 @@
 """A researcher's own expert type: one class plus `modeling_more.register_expert`, no edit of the model files. The
-toy expert of the README (tests/toy_expert.py) is built, initialised, trained, saved, loaded and generated with."""
+toy expert of the README (tests/model/toy_expert.py) is built, initialised, trained, saved, loaded and generated
+with."""
 
 import importlib
 import json
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import random_ids, run_without_project, tiny_config
+from helpers import REPO_ROOT, random_ids, run_without_project, tiny_config
 from transformers import AutoModelForCausalLM
 
 import configuration_more
@@ -106,7 +107,7 @@ def test_readme_shows_the_toy_expert():
     """The README's example is exactly the tested module (from its imports on)."""
     source = (Path(__file__).parent / "toy_expert.py").read_text()
     code = source[source.index("import math") :]
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(REPO_ROOT) / "README.md").read_text()
     assert code.strip() in readme
 
 
