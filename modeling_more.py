@@ -1719,31 +1719,39 @@ class MoRESparseMoeBlock(nn.Module):
         >>> out.shape, len(reports)  # one report per iteration
         (torch.Size([2, 5, 32]), 2)
         """
-        position_ids, settings = self._defaults(hidden_states, position_ids, cache_offset, settings)
-        pools = self._cache_pools(cache, cache_offset, settings.num_moe_iterations)
-        state = None if router_memory is None else router_memory.read(self.layer_idx)
-        delta, report, state = self.routed_pass(
-            hidden_states, token_mask, position_ids, cache_offset, settings, pools[0], None, state
-        )
-        if router_memory is not None:
-            router_memory.write(self.layer_idx, state)
-        return delta, (report,)
-
-    def _defaults(self, hidden_states, position_ids, cache_offset, settings):
         if position_ids is None:
             batch, seq_len = hidden_states.shape[:2]
             position_ids = torch.arange(cache_offset, cache_offset + seq_len, device=hidden_states.device)
             position_ids = position_ids.expand(batch, -1)
         if settings is None:
             settings = MoREForwardSettings.from_config(self.config)
-        return position_ids, settings
-
-    def _cache_pools(self, cache, cache_offset, iterations):
-        """The expert pool of every iteration, all fetched before any iteration writes: an iteration the cached tokens
-        never ran starts from the earlier iteration's state as it was before this call, not after it cached the new
-        tokens."""
+        # The expert pool of every iteration, all fetched before any iteration writes: an iteration the cached tokens
+        # never ran starts from the earlier iteration's state as it was before this call, not after it cached the new
+        # tokens.
         inherit = cache_offset > 0
-        return [None if cache is None else cache.expert_pool(self.layer_idx, i, inherit) for i in range(iterations)]
+        pools = [
+            None if cache is None else cache.expert_pool(self.layer_idx, i, inherit)
+            for i in range(settings.num_moe_iterations)
+        ]
+        state = None if router_memory is None else router_memory.read(self.layer_idx)
+        passes = self.run_passes(hidden_states, token_mask, position_ids, cache_offset, settings, pools, state)
+        out, reports, state = passes
+        if router_memory is not None:
+            router_memory.write(self.layer_idx, state)
+        return out, reports
+
+    def run_passes(self, hidden_states, token_mask, position_ids, cache_offset, settings, pools, state):
+        """The routed passes of one call: one here (`MoREIteratedMoeBlock` iterates). Returns (output, reports,
+        router state)."""
+        if settings.num_moe_iterations != 1:
+            raise ValueError(
+                f"`MoRESparseMoeBlock` runs one routed pass, got num_moe_iterations={settings.num_moe_iterations}; "
+                "`MoREIteratedMoeBlock` (every MoE layer of a model) iterates."
+            )
+        out, report, state = self.routed_pass(
+            hidden_states, token_mask, position_ids, cache_offset, settings, pools[0], None, state
+        )
+        return out, (report,), state
 
     def routed_pass(self, hidden_states, token_mask, position_ids, cache_offset, settings, pool, logits, state):
         """One routed pass. hidden_states (batch, seq, hidden) -> (delta (batch, seq, hidden), report, router state);
@@ -1811,25 +1819,13 @@ class MoREIteratedMoeBlock(MoRESparseMoeBlock):
     the decoder layer's residual stays the usual `h + mlp(norm(h))`. With T = 1 it is one routed pass; every MoE
     layer is built as this block, because T is a per-call setting (`num_moe_iterations`)."""
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        token_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        cache_offset: int = 0,
-        settings: "MoREForwardSettings | None" = None,
-        cache: "MoRECache | None" = None,
-        router_memory: MoRERouterMemory | None = None,
-    ) -> tuple[torch.Tensor, tuple[MoREPassReport, ...]]:
-        """As `MoRESparseMoeBlock.forward`, one report per iteration."""
-        position_ids, settings = self._defaults(hidden_states, position_ids, cache_offset, settings)
+    def run_passes(self, hidden_states, token_mask, position_ids, cache_offset, settings, pools, state):
+        """`settings.num_moe_iterations` routed passes, one report each."""
         iterations = settings.num_moe_iterations
-        pools = self._cache_pools(cache, cache_offset, iterations)
         backprop = self.config.num_backprop_iterations
         # Truncated backprop through iterations: the first ones run without building a graph.
         first_grad_iteration = 0 if backprop is None else max(0, iterations - backprop)
         grad_enabled = torch.is_grad_enabled()
-        state = None if router_memory is None else router_memory.read(self.layer_idx)
         total, logits, reports = None, None, []
         for iteration in range(iterations):
             with torch.set_grad_enabled(grad_enabled and iteration >= first_grad_iteration):
@@ -1841,9 +1837,7 @@ class MoREIteratedMoeBlock(MoRESparseMoeBlock):
             if iteration + 1 < iterations:
                 hidden_states = hidden_states + delta
             total = delta if total is None else total + delta  # state_T - state_0, without a zeros-plus-delta
-        if router_memory is not None:
-            router_memory.write(self.layer_idx, state)
-        return total, tuple(reports)
+        return total, tuple(reports), state
 
 
 # ---------------------------------------------------------------------------------------------------------------------
