@@ -205,6 +205,8 @@ def test_resume_loads_finished_jobs_instead_of_training(tmp_path, monkeypatch):
 def test_a_registered_expert_type_joins_the_comparison(tmp_path, monkeypatch):
     """A researcher's own expert (tests/model/toy_expert.py) registered by `--expert_modules`, also in the workers."""
     monkeypatch.syspath_prepend(str(scripts.EXAMPLES.parent / "tests" / "model"))  # where the toy expert's module is
+    # A test that imported the toy before (and unregistered it after) leaves the module cached: import it afresh.
+    monkeypatch.delitem(sys.modules, "toy_expert", raising=False)
     try:
         output_dir, comparison = _run(
             tmp_path, monkeypatch, "--expert_modules=toy_expert", "--variants=ffn,toy", "--seeds=2", "--num_workers=2"
