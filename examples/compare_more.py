@@ -15,8 +15,8 @@ the initialisation and the data order), for the same number of optimizer steps, 
 difficulties 1..2K. Widths are chosen so that active parameters per token match the `ffn` baseline; a deeper
 `ffn_compute_matched` model matches the FLOPs per token of `recurrent` at its mean training depth instead. Recurrent
 variants train with a random depth and are scored at every inference depth of the sweep. Every accuracy is a mean over
-seeds x examples with a 95 % bootstrap interval, and every variant is compared with `ffn` by a paired bootstrap
-(`more_tools/stats.py`); a difference whose interval contains 0 reads as no difference.
+seeds x examples with a 95 % t interval over both, and every variant is compared with `ffn` on the same seeds and
+examples (`more_tools/stats.py`); a difference whose interval contains 0 reads as no difference.
 
 Writes to `--output_dir` (default `outputs/compare-<preset>`): `comparison.json`, `comparison.md`, plots, and one
 directory per variant with the first seed's model, its tokenizer, model card and diagnostics.

@@ -41,7 +41,7 @@ from more_tools.data import (
 )
 from more_tools.evaluation import model_report, perplexity_and_diagnostics, write_outputs
 from more_tools.metrics import score_answers
-from more_tools.stats import bootstrap_accuracy, paired_difference
+from more_tools.stats import estimate_accuracy, paired_difference
 from more_tools.training import MoRETrainer, collate
 
 
@@ -727,11 +727,11 @@ def summarise(runs: dict[str, list[dict]], data: CompareData, preset: Preset) ->
     def estimates(hits: np.ndarray, base: np.ndarray | None) -> dict:
         out = {}
         for task in preset.tasks:
-            entry = {str(d): bootstrap_accuracy(hits[:, cells[(task, d)]]).to_dict() for d in preset.tested(task)}
+            entry = {str(d): estimate_accuracy(hits[:, cells[(task, d)]]).to_dict() for d in preset.tested(task)}
             for group, keep in groups.items():
                 index = index_of(task, keep)
                 if len(index):
-                    entry[group] = bootstrap_accuracy(hits[:, index]).to_dict()
+                    entry[group] = estimate_accuracy(hits[:, index]).to_dict()
             if base is not None:
                 entry["vs_ffn"] = {
                     str(d): paired_difference(hits[:, cells[(task, d)]], base[:, cells[(task, d)]]).to_dict()
@@ -877,8 +877,9 @@ def render_comparison(results: dict, preset: Preset, run: dict) -> str:
         f"{preset.describe_splits()}, with "
         f"{preset.num_test_per_difficulty} examples each (the same for every variant); wall time "
         f"{run['wall_seconds'] / 60:.1f} min on {run['device']}.",
-        "Accuracy: greedy exact match, mean over seeds x examples [95 % bootstrap CI]. Δ vs ffn: paired bootstrap "
-        "over the same seeds and examples; **bold** where its 95 % CI excludes 0, else no difference.",
+        "Accuracy: greedy exact match, mean over seeds x examples [95 % t interval over seeds and examples]. "
+        "Δ vs ffn: paired over the same seeds and examples; **bold** where its 95 % CI excludes 0, else no "
+        "difference.",
         markdown_table(*variant_rows(results, preset)),
     ]
     for task in preset.tasks:

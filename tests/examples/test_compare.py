@@ -149,7 +149,7 @@ def test_smoke_preset_every_variant_two_seeds_with_intervals(tmp_path, monkeypat
     for plot in compare_tools.PLOTS:
         assert (output_dir / plot).read_bytes()[:4] == b"\x89PNG"
     report = (output_dir / "comparison.md").read_text()
-    assert "95 % bootstrap CI" in report and "no difference" in report and "r=2" in report
+    assert "95 % t interval" in report and "no difference" in report and "r=2" in report
 
 
 def test_default_output_directory_is_per_preset(tmp_path, monkeypatch):
