@@ -41,7 +41,7 @@ from more_tools.data import (
 )
 from more_tools.evaluation import model_report, perplexity_and_diagnostics, write_outputs
 from more_tools.metrics import score_answers
-from more_tools.stats import estimate_accuracy, paired_difference
+from more_tools.stats import estimate_accuracy, paired_difference, wilson_half_width
 from more_tools.training import MoRETrainer, collate
 
 
@@ -769,24 +769,33 @@ def convergence(variant_runs: list[dict], accuracy: dict) -> dict:
     """Whether a variant had stopped learning: the change of its in-distribution accuracy (mean over seeds) over the
     last 20 % of the steps, against the half-width of its final in-distribution 95 % CI (the narrowest over tasks).
     A change inside that half-width reads as flat; a comparison of variants still learning measures how fast they
-    escape a plateau, not what they can do."""
-    curves = [run["learning_curve"] for run in variant_runs]
-    steps = np.array([point["step"] for point in curves[0]])
-    mean = np.mean([[point["accuracy"] for point in curve] for curve in curves], axis=0)  # (points,)
+    escape a plateau, not what they can do.
+
+    Seed by seed too: a seed whose own change (up, still learning, or down, a late collapse) exceeds the test-set noise
+    of its final accuracy (Wilson half-width) is not flat, however wide the variant's interval (with 3 bimodal seeds it
+    can span most of [0, 1])."""
+    curves = np.array(
+        [[point["accuracy"] for point in run["learning_curve"]] for run in variant_runs]
+    )  # (seeds, points)
+    steps = np.array([point["step"] for point in variant_runs[0]["learning_curve"]])
     start = int(np.searchsorted(steps, FLAT_FROM * steps[-1]))
+    mean = curves.mean(axis=0)  # (points,)
     change = float(mean[-1] - mean[start])
-    half_widths = [
-        (entry["in_distribution"]["ci95"][1] - entry["in_distribution"]["ci95"][0]) / 2
-        for entry in accuracy.values()
-        if "in_distribution" in entry
+    entries = [entry["in_distribution"] for entry in accuracy.values() if "in_distribution" in entry]
+    half_width = min((entry["ci95"][1] - entry["ci95"][0]) / 2 for entry in entries) if entries else float("nan")
+    examples = sum(entry["n"] for entry in entries)  # the curve scores every in-distribution test example
+    seeds_not_flat = [
+        int(run["seed"])
+        for run, curve in zip(variant_runs, curves, strict=True)
+        if examples and abs(curve[-1] - curve[start]) > wilson_half_width(float(curve[-1]), examples)
     ]
-    half_width = min(half_widths) if half_widths else float("nan")
     return {
         "from_step": int(steps[start]),
         "to_step": int(steps[-1]),
         "change": change,
         "ci_half_width": half_width,
         "flat": bool(abs(change) <= half_width),
+        "seeds_not_flat": seeds_not_flat,
     }
 
 
@@ -815,6 +824,8 @@ def variant_rows(results: dict, preset: Preset) -> tuple[list[str], list[list]]:
     for name, result in results.items():
         flat = result["convergence"]
         change = f"{flat['change']:+.3f} ({flat['ci_half_width']:.3f})"
+        moving = flat["seeds_not_flat"]
+        seeds = f"; seeds not flat: {', '.join(map(str, moving))}" if moving else ""
         rows.append(
             [
                 name,
@@ -823,7 +834,7 @@ def variant_rows(results: dict, preset: Preset) -> tuple[list[str], list[list]]:
                 result["flops_per_token"],
                 f"{result['training_flops']:.2e}",
                 round(float(np.mean(result["train_seconds"])), 1),
-                f"{change} flat" if flat["flat"] else f"**{change} still learning**",
+                (f"{change} flat" if flat["flat"] else f"**{change} still learning**") + seeds,
             ]
         )
     return headers, rows

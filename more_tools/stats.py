@@ -92,6 +92,18 @@ def _t_interval(mean: float, seed_values: np.ndarray, example_values: np.ndarray
     return mean - half_width, mean + half_width, p_value  # Python floats: JSON-serialisable
 
 
+def wilson_half_width(accuracy: float, examples: int) -> float:
+    """Half-width of the 95 % Wilson interval of one run's accuracy on `examples` examples: the test-set noise of a
+    single seed, still above 0 at an accuracy of 0 or 1 (where the normal approximation gives 0).
+
+    >>> round(wilson_half_width(1.0, 400), 4)
+    0.0048
+    """
+    z = float(scipy_stats.norm.ppf(0.5 + CONFIDENCE / 2))
+    spread = accuracy * (1 - accuracy) / examples + z**2 / (4 * examples**2)
+    return z * float(np.sqrt(spread)) / (1 + z**2 / examples)
+
+
 def estimate_accuracy(hits) -> Estimate:
     """Mean accuracy of a (seeds, examples) hit matrix with its 95 % t interval over seeds and examples.
 

@@ -264,17 +264,42 @@ def test_validation_split_is_scored_apart_from_the_test_split(tmp_path):
 def _curve_runs(accuracies):
     steps = [100 * (i + 1) for i in range(len(accuracies[0]))]
     return [
-        {"learning_curve": [{"step": s, "accuracy": a} for s, a in zip(steps, acc, strict=True)]} for acc in accuracies
+        {"seed": seed, "learning_curve": [{"step": s, "accuracy": a} for s, a in zip(steps, acc, strict=True)]}
+        for seed, acc in enumerate(accuracies)
     ]
 
 
 def test_convergence_reads_the_last_fifth_of_training_against_the_ci_half_width():
-    accuracy = {"addition": {"in_distribution": {"ci95": [0.90, 0.96]}}}  # half-width 0.03
+    accuracy = {"addition": {"in_distribution": {"ci95": [0.90, 0.96], "n": 400}}}  # half-width 0.03
     still = compare_tools.convergence(_curve_runs([[0.1] * 7 + [0.5, 0.7, 0.95]] * 2), accuracy)
     assert (still["from_step"], still["to_step"]) == (800, 1000)
-    assert not still["flat"] and still["change"] == pytest.approx(0.45)
+    assert not still["flat"] and still["change"] == pytest.approx(0.45) and still["seeds_not_flat"] == [0, 1]
     flat = compare_tools.convergence(_curve_runs([[0.2] * 7 + [0.93, 0.94, 0.95], [0.2] * 10]), accuracy)
     assert flat["flat"] and flat["change"] == pytest.approx(0.01) and flat["ci_half_width"] == pytest.approx(0.03)
+
+
+def test_a_seed_still_moving_is_reported_inside_a_wide_interval():
+    """Three bimodal seeds give an interval of most of [0, 1]: the variant reads flat, but a seed that gained 0.12
+    over the last fifth (far beyond the test-set noise of 400 examples) is not flat; one that moved by a single example
+    is."""
+    accuracy = {"addition": {"in_distribution": {"ci95": [0.05, 0.95], "n": 400}}}
+    runs = _curve_runs([[0.5] * 8 + [0.75, 0.87], [1.0] * 8 + [0.9975, 1.0], [0.1] * 10])
+    result = compare_tools.convergence(runs, accuracy)
+    assert result["flat"] and result["seeds_not_flat"] == [0]
+    row = compare_tools.variant_rows(
+        {
+            "v": {
+                "convergence": result,
+                "active_params": 1,
+                "total_params": 1,
+                "flops_per_token": 1,
+                "training_flops": 1.0,
+                "train_seconds": [1.0],
+            }
+        },
+        None,
+    )[1][0]
+    assert row[-1].endswith("flat; seeds not flat: 0")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

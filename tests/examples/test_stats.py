@@ -90,6 +90,11 @@ def test_intervals_stay_inside_the_possible_range():
     assert -1.0 == difference.low < difference.mean < difference.high <= 1.0
 
 
+def test_wilson_half_width_is_the_test_set_noise_of_one_seed():
+    assert more_stats.wilson_half_width(0.5, 400) == pytest.approx(1.96 * (0.25 / 400) ** 0.5, rel=0.01)
+    assert 0.004 < more_stats.wilson_half_width(1.0, 400) < 0.006  # above 0 where the normal approximation is 0
+
+
 def test_bad_shapes_are_refused():
     with pytest.raises(ValueError, match="seeds, examples"):
         more_stats.estimate_accuracy(np.ones(5))
