@@ -171,6 +171,7 @@ def main():
         if torch.cuda.is_available()
         else f"CPU, {args.num_workers} single-thread workers",
         "wall_seconds": time.perf_counter() - start,
+        "reused_jobs": len(done),
     }
     training_logs = {name: [run["training_log"] for run in variant_runs] for name, variant_runs in runs.items()}
     comparison = {"run": run, "results": results, "training_logs": training_logs}

@@ -887,7 +887,12 @@ def render_comparison(results: dict, preset: Preset, run: dict) -> str:
         f"(`{COMPUTE_MATCHED}`: training FLOPs per token matched to `recurrent` instead); "
         f"{preset.describe_splits()}, with "
         f"{preset.num_test_per_difficulty} examples each (the same for every variant); wall time "
-        f"{run['wall_seconds'] / 60:.1f} min on {run['device']}.",
+        f"{run['wall_seconds'] / 60:.1f} min on {run['device']}"
+        + (
+            f" ({run['reused_jobs']} of the jobs reused by --resume, not trained in that time)."
+            if run["reused_jobs"]
+            else "."
+        ),
         "Accuracy: greedy exact match, mean over seeds x examples [95 % t interval over seeds and examples]. "
         "Δ vs ffn: paired over the same seeds and examples; **bold** where its 95 % CI excludes 0, else no "
         "difference.",

@@ -200,6 +200,10 @@ def test_resume_loads_finished_jobs_instead_of_training(tmp_path, monkeypatch):
     for name in ("ffn", "recurrent"):
         assert second["results"][name]["accuracy"] == first["results"][name]["accuracy"]
         assert second["results"][name]["depth_curves"] == first["results"][name]["depth_curves"]
+    # The wall time of a resumed run is not the training's: the report says so.
+    assert (first["run"]["reused_jobs"], second["run"]["reused_jobs"]) == (0, 2)
+    report = (output_dir / "comparison.md").read_text()
+    assert "(2 of the jobs reused by --resume, not trained in that time)" in report
 
 
 def test_a_registered_expert_type_joins_the_comparison(tmp_path, monkeypatch):
