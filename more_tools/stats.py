@@ -85,7 +85,7 @@ def _t_interval(mean: float, seed_values: np.ndarray, example_values: np.ndarray
     variance = sum(part for part, _ in components)
     if variance == 0:  # every seed and every example alike: no spread to estimate
         return mean, mean, 1.0 if mean == 0 else 0.0
-    dof = variance**2 / sum(part**2 / dof for part, dof in components if part > 0)
+    dof = variance**2 / sum(part**2 / part_dof for part, part_dof in components if part > 0)
     scale = float(np.sqrt(variance))
     half_width = float(scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, dof)) * scale
     p_value = float(2 * scipy_stats.t.sf(abs(mean) / scale, dof))
