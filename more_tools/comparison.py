@@ -142,7 +142,8 @@ class CompareArguments:
     preset: str = field(
         default="default",
         metadata={
-            "help": "Protocol and budget: a file of examples/configs/compare/ (smoke, default, full, guide, parity)."
+            "help": "Protocol and budget: a file of examples/configs/compare/ (smoke, default, converged, full, "
+            "guide, parity)."
         },
     )
     output_dir: str | None = field(
