@@ -768,8 +768,10 @@ def summarise(runs: dict[str, list[dict]], data: CompareData, preset: Preset) ->
 
 def convergence(variant_runs: list[dict], accuracy: dict) -> dict:
     """Whether a variant had stopped learning: the change of its in-distribution accuracy (mean over seeds) over the
-    last 20 % of the steps, against the half-width of its final in-distribution 95 % CI (the narrowest over tasks).
-    A change inside that half-width reads as flat; a comparison of variants still learning measures how fast they
+    last 20 % of the steps, against the half-width of its final in-distribution 95 % CI (the narrowest over tasks),
+    or the test-set noise of the mean (Wilson half-width over every seed's examples) where that is wider: the t
+    interval is 0 wide when every seed scores every example right, and one example more would then read as learning.
+    A change inside that tolerance reads as flat; a comparison of variants still learning measures how fast they
     escape a plateau, not what they can do.
 
     Seed by seed too: a seed whose own change (up, still learning, or down, a late collapse) exceeds the test-set noise
@@ -785,6 +787,8 @@ def convergence(variant_runs: list[dict], accuracy: dict) -> dict:
     entries = [entry["in_distribution"] for entry in accuracy.values() if "in_distribution" in entry]
     half_width = min((entry["ci95"][1] - entry["ci95"][0]) / 2 for entry in entries) if entries else float("nan")
     examples = sum(entry["n"] for entry in entries)  # the curve scores every in-distribution test example
+    noise = wilson_half_width(float(mean[-1]), examples * len(variant_runs)) if examples else 0.0
+    tolerance = max(half_width, noise)
     seeds_not_flat = [
         int(run["seed"])
         for run, curve in zip(variant_runs, curves, strict=True)
@@ -795,7 +799,8 @@ def convergence(variant_runs: list[dict], accuracy: dict) -> dict:
         "to_step": int(steps[-1]),
         "change": change,
         "ci_half_width": half_width,
-        "flat": bool(abs(change) <= half_width),
+        "tolerance": tolerance,
+        "flat": bool(abs(change) <= tolerance),
         "seeds_not_flat": seeds_not_flat,
     }
 
@@ -820,11 +825,11 @@ def _delta(entry: dict | None) -> str:
 
 def variant_rows(results: dict, preset: Preset) -> tuple[list[str], list[list]]:
     headers = ["variant", "active params", "total params", "FLOPs/token (inference)", "training FLOPs", "train s"]
-    headers.append(f"last {100 - round(100 * FLAT_FROM)} % of steps: Δ in-distribution (CI half-width)")
+    headers.append(f"last {100 - round(100 * FLAT_FROM)} % of steps: Δ in-distribution (tolerance)")
     rows = []
     for name, result in results.items():
         flat = result["convergence"]
-        change = f"{flat['change']:+.3f} ({flat['ci_half_width']:.3f})"
+        change = f"{flat['change']:+.3f} ({flat['tolerance']:.3f})"
         moving = flat["seeds_not_flat"]
         seeds = f"; seeds not flat: {', '.join(map(str, moving))}" if moving else ""
         rows.append(

@@ -282,6 +282,18 @@ def test_convergence_reads_the_last_fifth_of_training_against_the_ci_half_width(
     assert flat["flat"] and flat["change"] == pytest.approx(0.01) and flat["ci_half_width"] == pytest.approx(0.03)
 
 
+def test_a_variant_at_ceiling_reads_flat_within_the_test_set_noise():
+    """Every seed right on every example: the t interval is 0 wide, so the tolerance falls back to the test-set noise
+    of the mean, and a gain of one example in the last fifth reads flat; a gain of 0.05 does not."""
+    accuracy = {"addition": {"in_distribution": {"ci95": [1.0, 1.0], "n": 400}}}
+    ceiling = compare_tools.convergence(_curve_runs([[1.0] * 7 + [0.9975, 1.0, 1.0]] + [[1.0] * 10] * 2), accuracy)
+    assert ceiling["change"] == pytest.approx(0.0025 / 3) and ceiling["ci_half_width"] == 0
+    assert 0.0025 / 3 < ceiling["tolerance"] < 0.005
+    assert ceiling["flat"] and ceiling["seeds_not_flat"] == []
+    late = compare_tools.convergence(_curve_runs([[0.85] * 8 + [0.85, 1.0]] * 3), accuracy)
+    assert not late["flat"] and late["seeds_not_flat"] == [0, 1, 2]
+
+
 def test_a_seed_still_moving_is_reported_inside_a_wide_interval():
     """Three bimodal seeds give an interval of most of [0, 1]: the variant reads flat, but a seed that gained 0.12
     over the last fifth (far beyond the test-set noise of 400 examples) is not flat; one that moved by a single example
