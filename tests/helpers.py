@@ -40,7 +40,12 @@ _WITHOUT_PROJECT = textwrap.dedent(
     sys.meta_path[:] = [
         f for f in sys.meta_path if "editable" not in type(f).__name__.lower() and "editable" not in repr(f).lower()
     ]
-    sys.path[:] = [p for p in sys.path if not os.path.realpath(p or os.getcwd()).startswith(repo_root)]
+
+    def inside_repo(path):
+        # A path component match, not a string prefix: a `<repo>-venv` next to the repository keeps its packages.
+        return os.path.commonpath([os.path.realpath(path or os.getcwd()), repo_root]) == repo_root
+
+    sys.path[:] = [p for p in sys.path if not inside_repo(p)]
     for name in ("modeling_more", "configuration_more"):
         assert importlib.util.find_spec(name) is None, f"{name} is importable"
     """
