@@ -1,6 +1,7 @@
 """The main job (`examples/compare_more.py`): size and compute matching, the smoke preset end to end for every
 registered variant (2 seeds, confidence intervals, depth curves, FLOPs), and the GPU preset's dry run."""
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -52,6 +53,15 @@ def test_variants_cover_every_expert_type_synthesis2_a_recurrent_router_and_the_
     # The guide's questions need at least these in the default preset (issue: subset that still answers them).
     assert {"ffn", "recurrent", "shared_recurrent", compare_tools.COMPUTE_MATCHED, "ffn_synthesis2"} <= set(default)
     assert "ffn_gru_router" in default
+
+
+def test_converged_preset_is_the_default_protocol_with_more_steps():
+    """`converged` answers the default's question at convergence: it may differ in the step count only (its own
+    `training` block would silently keep an old rate if the default's changed)."""
+    default, converged = (dataclasses.asdict(compare_more.PRESETS[name]) for name in ("default", "converged"))
+    steps = converged["training"].pop("max_steps")
+    assert steps > default["training"].pop("max_steps")
+    assert converged == default
 
 
 @pytest.mark.parametrize("match", ["active", "total"])
