@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 BASELINE = "ffn"
 COMPUTE_MATCHED = "ffn_compute_matched"
+COMPUTE_REFERENCE = "recurrent"  # the variant whose training FLOPs per token `ffn_compute_matched` matches
 DEPTH_KNOBS = {"num_recurrent_steps": "r", "num_moe_iterations": "T"}
 # In-distribution accuracy this many times along training; a multiple of 5, so that one point sits at 80 % of the
 # steps and the change over the last 20 % tells whether a variant has stopped learning.
@@ -328,7 +329,7 @@ def build_variant_configs(preset: Preset, names: list[str], tokenizer, match: st
     for name in names:
         config = raw(name)
         if name == COMPUTE_MATCHED:
-            reference = matched_config(raw("recurrent"), target, match)
+            reference = matched_config(raw(COMPUTE_REFERENCE), target, match)
             config = compute_matched_config(config, training_flops_per_token(reference))
         elif name != BASELINE:
             config = matched_config(config, target, match)
@@ -711,9 +712,24 @@ def _cells(data: CompareData, preset: Preset) -> dict[tuple[str, int], np.ndarra
     }
 
 
+def paired_baselines(name: str, runs: dict[str, list[dict]]) -> dict[str, np.ndarray]:
+    """The hit matrices (seeds, examples) a variant is compared with on the same seeds and examples: `ffn` at equal
+    active parameters (`vs_ffn`, every other variant) and, for `recurrent`, the compute-matched deeper `ffn` at equal
+    training FLOPs per token (`vs_compute_matched`). A baseline not run, or run on other seeds, is left out."""
+    pairs = {"vs_ffn": BASELINE} if name != BASELINE else {}
+    if name == COMPUTE_REFERENCE:
+        pairs["vs_compute_matched"] = COMPUTE_MATCHED
+    seeds = sorted(run["seed"] for run in runs[name])
+    return {
+        key: _hit_matrix(runs[other], lambda s: s["default"])
+        for key, other in pairs.items()
+        if other in runs and sorted(run["seed"] for run in runs[other]) == seeds
+    }
+
+
 def summarise(runs: dict[str, list[dict]], data: CompareData, preset: Preset) -> dict[str, dict]:
     """Per variant: accuracy with 95 % CI per task x difficulty, in- and out-of-distribution means, the paired
-    difference to `ffn`, and the depth curves."""
+    differences to its baselines (`paired_baselines`), and the depth curves."""
     cells = _cells(data, preset)
     groups = {
         "in_distribution": lambda task, difficulty: difficulty in preset.trained(task),
@@ -725,7 +741,7 @@ def summarise(runs: dict[str, list[dict]], data: CompareData, preset: Preset) ->
             [index for (t, d), index in cells.items() if t == task and keep(t, d)] or [np.array([], int)]
         )
 
-    def estimates(hits: np.ndarray, base: np.ndarray | None) -> dict:
+    def estimates(hits: np.ndarray, baselines: dict[str, np.ndarray]) -> dict:
         out = {}
         for task in preset.tasks:
             entry = {str(d): estimate_accuracy(hits[:, cells[(task, d)]]).to_dict() for d in preset.tested(task)}
@@ -733,31 +749,29 @@ def summarise(runs: dict[str, list[dict]], data: CompareData, preset: Preset) ->
                 index = index_of(task, keep)
                 if len(index):
                     entry[group] = estimate_accuracy(hits[:, index]).to_dict()
-            if base is not None:
-                entry["vs_ffn"] = {
+            for key, base in baselines.items():
+                entry[key] = {
                     str(d): paired_difference(hits[:, cells[(task, d)]], base[:, cells[(task, d)]]).to_dict()
                     for d in preset.tested(task)
                 }
                 for group, keep in groups.items():
                     index = index_of(task, keep)
                     if len(index):
-                        entry["vs_ffn"][group] = paired_difference(hits[:, index], base[:, index]).to_dict()
+                        entry[key][group] = paired_difference(hits[:, index], base[:, index]).to_dict()
             out[task] = entry
         return out
 
-    base = _hit_matrix(runs[BASELINE], lambda s: s["default"]) if BASELINE in runs else None
     summary = {}
     for name, variant_runs in runs.items():
         hits = _hit_matrix(variant_runs, lambda s: s["default"])
-        paired = base if (base is not None and name != BASELINE and base.shape == hits.shape) else None
         curves = {}
         for knob in DEPTH_KNOBS:
             if knob in variant_runs[0]["scores"]:
                 curves[knob] = {
-                    depth: estimates(_hit_matrix(variant_runs, lambda s, k=knob, d=depth: s[k][d]), None)
+                    depth: estimates(_hit_matrix(variant_runs, lambda s, k=knob, d=depth: s[k][d]), {})
                     for depth in variant_runs[0]["scores"][knob]
                 }
-        accuracy = estimates(hits, paired)
+        accuracy = estimates(hits, paired_baselines(name, runs))
         summary[name] = {
             "accuracy": accuracy,
             "depth_curves": curves,
@@ -847,22 +861,27 @@ def variant_rows(results: dict, preset: Preset) -> tuple[list[str], list[list]]:
 
 
 def accuracy_rows(results: dict, preset: Preset, task: str) -> tuple[list[str], list[list]]:
+    """Accuracy per variant; the equal-compute columns (`recurrent` vs `ffn_compute_matched`) only when both ran."""
+    equal_compute = any("vs_compute_matched" in result["accuracy"][task] for result in results.values())
     headers = ["variant", "in-distribution", "Δ vs ffn", "out-of-distribution", "Δ vs ffn"]
+    if equal_compute:
+        headers += [f"in-distribution Δ vs {COMPUTE_MATCHED}", f"out-of-distribution Δ vs {COMPUTE_MATCHED}"]
     headers += [f"difficulty {d}" for d in preset.tested(task)]
     rows = []
     for name, result in results.items():
         entry = result["accuracy"][task]
         versus = entry.get("vs_ffn", {})
-        rows.append(
-            [
-                name,
-                _ci(entry.get("in_distribution")),
-                _delta(versus.get("in_distribution")) if versus else "(baseline)" if name == BASELINE else "–",
-                _ci(entry.get("out_of_distribution")),
-                _delta(versus.get("out_of_distribution")) if versus else "–",
-                *[_ci(entry[str(d)]) for d in preset.tested(task)],
-            ]
-        )
+        row = [
+            name,
+            _ci(entry.get("in_distribution")),
+            _delta(versus.get("in_distribution")) if versus else "(baseline)" if name == BASELINE else "–",
+            _ci(entry.get("out_of_distribution")),
+            _delta(versus.get("out_of_distribution")) if versus else "–",
+        ]
+        if equal_compute:
+            matched = entry.get("vs_compute_matched", {})
+            row += [_delta(matched.get("in_distribution")), _delta(matched.get("out_of_distribution"))]
+        rows.append(row + [_ci(entry[str(d)]) for d in preset.tested(task)])
     return headers, rows
 
 
@@ -901,7 +920,8 @@ def render_comparison(results: dict, preset: Preset, run: dict) -> str:
         ),
         "Accuracy: greedy exact match, mean over seeds x examples [95 % t interval over seeds and examples]. "
         "Δ vs ffn: paired over the same seeds and examples; **bold** where its 95 % CI excludes 0, else no "
-        "difference.",
+        f"difference. Δ vs {COMPUTE_MATCHED} (`{COMPUTE_REFERENCE}` only): the same at equal training FLOPs per "
+        "token.",
         markdown_table(*variant_rows(results, preset)),
     ]
     for task in preset.tasks:

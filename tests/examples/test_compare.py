@@ -328,6 +328,48 @@ def test_a_seed_still_moving_is_reported_inside_a_wide_interval():
     assert row[-1].endswith("flat; seeds not flat: 0")
 
 
+def _hit_runs(hits: np.ndarray, seeds) -> list[dict]:
+    """Finished jobs of one variant with these per-seed 0/1 test scores (seeds, examples): no depth sweep, a
+    one-point learning curve."""
+    return [
+        {"seed": seed, "scores": {"default": row.tolist()}, "learning_curve": [{"step": 1, "accuracy": row.mean()}]}
+        for seed, row in zip(seeds, hits, strict=True)
+    ]
+
+
+def test_recurrent_is_compared_with_the_compute_matched_ffn_at_equal_compute():
+    """`recurrent` gets the paired difference to the FLOP-matched deeper `ffn` (equal compute) next to the one to
+    `ffn` (equal active parameters), on the same seeds and examples; no other variant does, and a compute-matched run
+    on other seeds is not paired."""
+    preset = compare_more.PRESETS["smoke"]
+    cells = [(task, d) for task in preset.tasks for d in preset.tested(task)]
+    tasks, difficulties = zip(*[cell for cell in cells for _ in range(preset.num_test_per_difficulty)], strict=True)
+    data = compare_tools.CompareData("", None, None, tasks, difficulties, [])
+    rng = np.random.default_rng(0)
+    hits = {name: rng.integers(0, 2, (3, len(tasks))) for name in ("ffn", "ffn_compute_matched", "recurrent")}
+    runs = {name: _hit_runs(matrix, [0, 1, 2]) for name, matrix in hits.items()}
+    runs["ffn_synthesis2"] = _hit_runs(hits["ffn"][::-1], [0, 1, 2])
+    results = compare_tools.summarise(runs, data, preset)
+    task, trained = "addition", list(preset.trained("addition"))
+    index = [i for i, (t, d) in enumerate(zip(tasks, difficulties, strict=True)) if t == task and d in trained]
+    matched = results["recurrent"]["accuracy"][task]["vs_compute_matched"]["in_distribution"]
+    expected = compare_tools.paired_difference(hits["recurrent"][:, index], hits["ffn_compute_matched"][:, index])
+    assert matched == expected.to_dict()
+    assert matched["mean"] == pytest.approx(
+        hits["recurrent"][:, index].mean() - hits["ffn_compute_matched"][:, index].mean()
+    )
+    assert "vs_ffn" in results["recurrent"]["accuracy"][task]
+    assert ["recurrent"] == [n for n, r in results.items() if "vs_compute_matched" in r["accuracy"][task]]
+    headers, rows = compare_tools.accuracy_rows(results, preset, task)
+    column = headers.index("in-distribution Δ vs ffn_compute_matched")
+    assert [row[column] != "–" for row in rows] == [name == "recurrent" for name in results]
+    # A compute-matched run on other seeds: no equal-compute pairing, and no such column.
+    runs["ffn_compute_matched"] = _hit_runs(hits["ffn_compute_matched"], [3, 4, 5])
+    other_seeds = compare_tools.summarise(runs, data, preset)
+    assert "vs_compute_matched" not in other_seeds["recurrent"]["accuracy"][task]
+    assert not any("ffn_compute_matched" in h for h in compare_tools.accuracy_rows(other_seeds, preset, task)[0])
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The script as a user runs it: a process of its own with 2 workers, --resume, Ctrl-C
 # ---------------------------------------------------------------------------------------------------------------------
