@@ -677,10 +677,11 @@ def write_card(variant_dir: Path, name: str, result: dict, preset: Preset, run: 
     save_model_card(variant_dir, report, repo_id=f"more-{name}", training_data=training_data)
 
 
-_progress_queue = None  # a worker's queue to the main process's progress bar, set by `_worker_init`
+# A worker's own state, set once by `_worker_init`: its queue to the main process's progress bar and the jobs' data.
+_worker_state: dict = {}
 
 
-def _worker_init(modules: list[str], queue) -> None:
+def _worker_init(modules: list[str], queue, data: CompareData) -> None:
     # Ctrl-C reaches every process of the terminal's group: the main process alone decides, and ends the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A worker's bars are off: a thread lock spares tqdm its multiprocessing one, which an ended worker would leak.
@@ -688,13 +689,15 @@ def _worker_init(modules: list[str], queue) -> None:
     torch.set_num_threads(1)
     for name in modules:
         __import__(name)
-    global _progress_queue
-    _progress_queue = queue
+    # The data arrive once, as the worker starts. Sent with every job, their tensors' shared memory changed hands
+    # (through a listener thread of the main process) just as a job ended, when a Ctrl-C ends the workers: a worker
+    # ended mid-handshake made that thread print a second traceback.
+    _worker_state.update(queue=queue, data=data)
 
 
-def _run_job_in_worker(job: Job, data: CompareData) -> dict:
-    """`run_job` in a worker, its steps sent to the main process's progress bar."""
-    return run_job(job, data, _progress_queue)
+def _run_job_in_worker(job: Job) -> dict:
+    """`run_job` in a worker, on the data it received at start, its steps sent to the main process's progress bar."""
+    return run_job(job, _worker_state["data"], _worker_state["queue"])
 
 
 def _hit_matrix(runs: list[dict], select) -> np.ndarray:
@@ -1097,7 +1100,7 @@ def run_jobs(jobs: list[Job], data: CompareData, num_workers: int, modules: list
     costs = [training_flops_per_token(MoREConfig(**job.config)) for job in jobs]
     order = sorted(range(len(jobs)), key=lambda i: -costs[i])
     executor = ProcessPoolExecutor(
-        num_workers, mp_context=context, initializer=_worker_init, initargs=(modules, queue)
+        num_workers, mp_context=context, initializer=_worker_init, initargs=(modules, queue, data)
     )
     results = {}
     listener = threading.Thread(target=_forward_steps, args=(queue, progress), daemon=True)
@@ -1106,7 +1109,7 @@ def run_jobs(jobs: list[Job], data: CompareData, num_workers: int, modules: list
         # Workers start on submit and inherit the environment: their own bars (weights saving, diagnostics) stay off;
         # this process's bar is already built (tqdm reads the variable when it is imported).
         with _environment(TQDM_DISABLE="1"):
-            futures = {executor.submit(_run_job_in_worker, jobs[i], data): i for i in order}
+            futures = {executor.submit(_run_job_in_worker, jobs[i]): i for i in order}
         for future in as_completed(futures):
             i = futures[future]
             results[i] = future.result()  # re-raises a worker's exception here
