@@ -715,16 +715,17 @@ def _cells(data: CompareData, preset: Preset) -> dict[tuple[str, int], np.ndarra
     }
 
 
-def paired_baselines(name: str, runs: dict[str, list[dict]]) -> dict[str, np.ndarray]:
-    """The hit matrices (seeds, examples) a variant is compared with on the same seeds and examples: `ffn` at equal
-    active parameters (`vs_ffn`, every other variant) and, for `recurrent`, the compute-matched deeper `ffn` at equal
-    training FLOPs per token (`vs_compute_matched`). A baseline not run, or run on other seeds, is left out."""
+def paired_baselines(name: str, runs: dict[str, list[dict]], hits: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The hit matrices (seeds, examples; `hits` holds every variant's) a variant is compared with on the same seeds
+    and examples: `ffn` at equal active parameters (`vs_ffn`, every other variant) and, for `recurrent`, the
+    compute-matched deeper `ffn` at equal training FLOPs per token (`vs_compute_matched`). A baseline not run, or run
+    on other seeds, is left out."""
     pairs = {"vs_ffn": BASELINE} if name != BASELINE else {}
     if name == COMPUTE_REFERENCE:
         pairs["vs_compute_matched"] = COMPUTE_MATCHED
     seeds = sorted(run["seed"] for run in runs[name])
     return {
-        key: _hit_matrix(runs[other], lambda s: s["default"])
+        key: hits[other]
         for key, other in pairs.items()
         if other in runs and sorted(run["seed"] for run in runs[other]) == seeds
     }
@@ -764,9 +765,9 @@ def summarise(runs: dict[str, list[dict]], data: CompareData, preset: Preset) ->
             out[task] = entry
         return out
 
+    hits = {name: _hit_matrix(variant_runs, lambda s: s["default"]) for name, variant_runs in runs.items()}
     summary = {}
     for name, variant_runs in runs.items():
-        hits = _hit_matrix(variant_runs, lambda s: s["default"])
         curves = {}
         for knob in DEPTH_KNOBS:
             if knob in variant_runs[0]["scores"]:
@@ -774,7 +775,7 @@ def summarise(runs: dict[str, list[dict]], data: CompareData, preset: Preset) ->
                     depth: estimates(_hit_matrix(variant_runs, lambda s, k=knob, d=depth: s[k][d]), {})
                     for depth in variant_runs[0]["scores"][knob]
                 }
-        accuracy = estimates(hits, paired_baselines(name, runs))
+        accuracy = estimates(hits[name], paired_baselines(name, runs, hits))
         summary[name] = {
             "accuracy": accuracy,
             "depth_curves": curves,
