@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import datasets
+import numpy as np
 import torch
 from transformers import AutoTokenizer, HfArgumentParser
 
@@ -55,6 +56,7 @@ from more_tools.comparison import (
     render_comparison,
     resolve_variants,
     run_jobs,
+    steps_trained,
     summarise,
     training_flops_per_token,
     write_card,
@@ -124,6 +126,7 @@ def main():
             recurrent_depths=preset.recurrent_depths,
             moe_iterations=preset.moe_iterations,
             data_settings=data_settings(preset, args),
+            stop_at_accuracy=preset.stop_at_accuracy,
         )
         for name, config in configs.items()
         for seed in seeds
@@ -150,13 +153,15 @@ def main():
     )
     for name, config in configs.items():
         model = meta_model(config)
+        steps = [steps_trained(run) for run in sorted(runs[name], key=lambda r: r["seed"])]
         results[name].update(
             config=config.to_diff_dict(),
             active_params=model.num_parameters(active=True),
             total_params=model.num_parameters(),
             flops_per_token=model.flops_per_token(),
             training_flops_per_token=training_flops_per_token(config),
-            training_flops=training_flops_per_token(config) * tokens_per_step * training["max_steps"],
+            steps=steps,  # per seed: max_steps, or fewer where the stop rule ended the job
+            training_flops=training_flops_per_token(config) * tokens_per_step * float(np.mean(steps)),
             train_seconds=[run["train_seconds"] for run in sorted(runs[name], key=lambda r: r["seed"])],
             learning_curves=[run["learning_curve"] for run in sorted(runs[name], key=lambda r: r["seed"])],
             diagnostics=next((run["diagnostics"] for run in runs[name] if "diagnostics" in run), None),

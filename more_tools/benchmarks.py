@@ -901,7 +901,7 @@ def trainer_step_seconds(model, train, tokenizer, preset, steps: int, output_dir
     training_args = training_arguments(preset.training, seed, output_dir, steps)
     # Logging steps (routing statistics, the log) as often as in the job, not every twentieth step of this block.
     training_args.logging_steps = max(1, preset.training["max_steps"] // 20)
-    train_model(model, train, training_args, tokenizer, None, clock)
+    train_model(model, train, training_args, tokenizer, None, [clock])
     return [b - a for a, b in zip(clock.ends, clock.ends[1:], strict=False)]
 
 

@@ -41,7 +41,7 @@ from more_tools.data import (
 )
 from more_tools.evaluation import model_report, perplexity_and_diagnostics, write_outputs
 from more_tools.metrics import score_answers
-from more_tools.stats import estimate_accuracy, paired_difference, wilson_half_width
+from more_tools.stats import estimate_accuracy, paired_difference, within_noise
 from more_tools.training import MoRETrainer, collate
 
 
@@ -60,6 +60,7 @@ DEPTH_KNOBS = {"num_recurrent_steps": "r", "num_moe_iterations": "T"}
 # steps and the change over the last 20 % tells whether a variant has stopped learning.
 LEARNING_CURVE_POINTS = 10
 FLAT_FROM = 0.8
+STOP_CHECKS = 20  # the stop rule's checks along `max_steps`: every 5 %, so one sits 20 % before each
 PLOTS = ("accuracy.png", "depth.png", "accuracy_vs_flops.png", "learning_curves.png", "training.png")
 
 
@@ -80,6 +81,9 @@ class Preset:
     variants: tuple[str, ...] | None  # None: every registered variant
     max_length: int = 128
     corpus: bool = False  # pretrain on a text corpus first (--corpus_name / --corpus_file), then the tasks
+    # Stop a job once it has converged (`_StopWhenConverged`): validation exact match at least this on the trained
+    # difficulties, now and 20 % of its steps ago; `max_steps` is then a cap. None trains every job `max_steps`.
+    stop_at_accuracy: float | None = None
 
     def trained(self, task: str) -> tuple[int, ...]:
         return self.tasks[task][0]
@@ -348,21 +352,25 @@ class CompareData:
     test_tasks: list[str]
     test_difficulties: list[int]
     in_distribution: list[int]  # test example indices of trained difficulties (the learning curves)
+    stopping: object | None = None  # validation examples of trained difficulties (the stop rule), if the preset stops
     corpus_train: object | None = None
     corpus_validation: object | None = None
 
 
 def build_data(preset: Preset, args: CompareArguments, output_dir: Path) -> CompareData:
     validation = args.split == "validation"
+    stops = preset.stop_at_accuracy is not None
     raw = build_depth_dataset(
         {task: (list(train), list(test)) for task, (train, test) in preset.tasks.items()},
         num_train=preset.num_train_examples,
         num_test_per_difficulty=preset.num_test_per_difficulty,
         seed=args.dataset_seed,
-        num_validation_per_difficulty=preset.num_test_per_difficulty if validation else 0,
+        num_validation_per_difficulty=preset.num_test_per_difficulty if validation or stops else 0,
     )
     if validation:  # everything below scores the validation examples in place of the test examples
-        raw = datasets.DatasetDict({"train": raw["train"], "test": raw["validation"]})
+        raw = datasets.DatasetDict({"train": raw["train"], "test": raw["validation"], "validation": raw["validation"]})
+    if not stops:
+        raw.pop("validation", None)
     texts = [*raw["train"]["text"], *raw["test"]["text"]]
     corpus = None
     if preset.corpus:
@@ -372,6 +380,10 @@ def build_data(preset: Preset, args: CompareArguments, output_dir: Path) -> Comp
     tokenizer_dir = output_dir / "tokenizer"
     tokenizer.save_pretrained(tokenizer_dir)
     tokenized = tokenize_depth_tasks(raw, tokenizer, preset.max_length)  # in order: test_tasks etc. stay aligned
+    stopping = None
+    if stops:  # never the test split: on --split validation, the examples it scores
+        trained = [i for i, row in enumerate(raw["validation"]) if row["difficulty"] in preset.trained(row["task"])]
+        stopping = tokenized["validation"].select(trained)
     data = CompareData(
         tokenizer_dir=str(tokenizer_dir),
         train=TensorExamples.from_dataset(tokenized["train"]),
@@ -383,6 +395,7 @@ def build_data(preset: Preset, args: CompareArguments, output_dir: Path) -> Comp
             for i, (task, difficulty) in enumerate(zip(raw["test"]["task"], raw["test"]["difficulty"], strict=True))
             if difficulty in preset.trained(task)
         ],
+        stopping=stopping,
     )
     if corpus is not None:
         data.corpus_train = TensorExamples.from_dataset(chunk_corpus(corpus["train"], tokenizer, preset.max_length))
@@ -401,6 +414,8 @@ def data_settings(preset: Preset, args: CompareArguments) -> dict:
         "dataset_seed": args.dataset_seed,
         "split": args.split,
     }
+    if preset.stop_at_accuracy is not None:  # the validation split is drawn, so training draws around its prompts
+        settings["validation_split"] = True
     if preset.corpus:
         settings["corpus"] = [args.corpus_name, args.corpus_config_name, args.corpus_file]
     return settings
@@ -434,6 +449,7 @@ class Job:
     recurrent_depths: tuple[int, ...]
     moe_iterations: tuple[int, ...]
     data_settings: dict  # what its training and test examples are built from (`data_settings`)
+    stop_at_accuracy: float | None = None  # the preset's stop rule (None: train max_steps)
 
 
 class _ProgressCallback(TrainerCallback):
@@ -445,6 +461,10 @@ class _ProgressCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.queue is not None:
             self.queue.put(1)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.queue is not None and state.global_step < state.max_steps:  # stopped early: the steps it skips
+            self.queue.put(state.max_steps - state.global_step)
 
 
 class _LearningCurve(TrainerCallback):
@@ -460,7 +480,8 @@ class _LearningCurve(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         every = max(1, state.max_steps // self.points)
-        if state.global_step % every and state.global_step != state.max_steps:
+        last = state.global_step == state.max_steps or control.should_training_stop
+        if state.global_step % every and not last:
             return
         start = time.perf_counter()
         accuracy = float(score_answers(model, self.test).mean())
@@ -469,6 +490,35 @@ class _LearningCurve(TrainerCallback):
             {"step": state.global_step, "seconds": start - self.start - self.eval_seconds, "accuracy": accuracy}
         )
         self.eval_seconds += time.perf_counter() - start
+
+
+class _StopWhenConverged(TrainerCallback):
+    """Stops training once the model has converged: every 5 % of `max_steps` (`STOP_CHECKS`) it scores the validation
+    examples of the trained difficulties (exact match, at the default depth), and stops when that accuracy is at least
+    `threshold` both now and at the check 20 % of the steps ago (`FLAT_FROM`), and that earlier accuracy lies within
+    the test-set noise of the current one (`within_noise`, the flatness test of `convergence`): the curve is high and
+    flat over the last 20 % of the steps it trained. Checks run before the learning-curve callback's, which then
+    scores the model it stopped with."""
+
+    def __init__(self, examples, threshold: float, checks: int = STOP_CHECKS):
+        self.examples, self.threshold, self.checks = examples, threshold, checks
+        self.curve: list[dict] = []  # (step, validation accuracy) of every check
+        self.eval_seconds = 0.0
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        every = max(1, state.max_steps // self.checks)
+        if state.global_step % every:
+            return
+        start = time.perf_counter()
+        accuracy = float(score_answers(model, self.examples).mean())
+        model.train()
+        self.eval_seconds += time.perf_counter() - start
+        earlier = [point["accuracy"] for point in self.curve if point["step"] <= FLAT_FROM * state.global_step]
+        self.curve.append({"step": state.global_step, "accuracy": accuracy})
+        if not earlier or min(accuracy, earlier[-1]) < self.threshold:
+            return
+        if abs(accuracy - earlier[-1]) <= within_noise(accuracy, earlier[-1], len(self.examples)):
+            control.should_training_stop = True
 
 
 def training_arguments(training: dict, seed: int, output_dir: Path, max_steps: int) -> TrainingArguments:
@@ -494,15 +544,16 @@ def training_arguments(training: dict, seed: int, output_dir: Path, max_steps: i
     )
 
 
-def train_model(model, dataset, training_args: TrainingArguments, tokenizer, queue, callback=None) -> list[dict]:
-    """Trains `model` as a job does (`MoRETrainer`, steps reported to `queue`, plus `callback`); the loss logs."""
+def train_model(model, dataset, training_args: TrainingArguments, tokenizer, queue, callbacks=()) -> list[dict]:
+    """Trains `model` as a job does (`MoRETrainer`, steps reported to `queue`, plus `callbacks` in order); the loss
+    logs."""
     trainer = MoRETrainer(
         model=model,
         args=training_args,
         train_dataset=dataset,
         processing_class=tokenizer,
         data_collator=collate,
-        callbacks=[_ProgressCallback(queue)] + ([callback] if callback is not None else []),
+        callbacks=[_ProgressCallback(queue), *callbacks],
     )
     trainer.remove_callback(PrinterCallback)  # the main process shows one progress bar for every job
     trainer.train()
@@ -538,9 +589,14 @@ def run_job(job: Job, data: CompareData, queue=None) -> dict:
         logs += train_model(model, data.corpus_train, args, tokenizer, queue)
     max_steps = job.training["max_steps"]
     args = training_arguments(job.training, job.seed, output_dir / f"trainer-seed{job.seed}", max_steps)
-    curve = _LearningCurve(data.test.select(data.in_distribution), LEARNING_CURVE_POINTS)
-    logs += train_model(model, data.train, args, tokenizer, queue, curve)
-    train_seconds = time.perf_counter() - start - curve.eval_seconds
+    # With the stop rule, test accuracy at every check too, so a stopped job's last 20 % has points at both ends.
+    points = LEARNING_CURVE_POINTS if job.stop_at_accuracy is None else STOP_CHECKS
+    curve = _LearningCurve(data.test.select(data.in_distribution), points)
+    callbacks = [curve]
+    if job.stop_at_accuracy is not None:
+        callbacks.insert(0, _StopWhenConverged(data.stopping, job.stop_at_accuracy))
+    logs += train_model(model, data.train, args, tokenizer, queue, callbacks)
+    train_seconds = time.perf_counter() - start - sum(callback.eval_seconds for callback in callbacks)
     scores = {"default": score_answers(model, data.test).tolist()}
     for knob, depths in depth_sweeps(config, job).items():
         scores[knob] = {str(depth): score_answers(model, data.test, **{knob: depth}).tolist() for depth in depths}
@@ -553,6 +609,8 @@ def run_job(job: Job, data: CompareData, queue=None) -> dict:
         "learning_curve": curve.curve,
         "settings": job_settings(job),
     }
+    if job.stop_at_accuracy is not None:
+        result["validation_curve"] = callbacks[0].curve
     if is_main_process():
         if job.save_model:
             result["diagnostics"] = save_variant(model, tokenizer, data, scores, output_dir)
@@ -666,11 +724,13 @@ def write_card(variant_dir: Path, name: str, result: dict, preset: Preset, run: 
     report = result["diagnostics"]
     if report is None:
         return
+    fixed = preset.stop_at_accuracy is None  # every job trained max_steps
     training_data = (
         f"Depth-controlled synthetic tasks of the MoRE repository (`more_tools/data.py`): "
         f"{preset.describe_splits()} ({preset.num_train_examples:,} training examples, "
-        f"{preset.num_test_per_difficulty} test examples per difficulty); {run['max_steps']} "
-        f"steps of {run['batch_size']} examples, seed {run['seeds'][0]} of {run['seeds']}; "
+        f"{preset.num_test_per_difficulty} test examples per difficulty); "
+        f"{'' if fixed else 'up to '}{run['max_steps']} steps of {run['batch_size']} examples"
+        f"{'' if fixed else ', stopped once converged'}, seed {run['seeds'][0]} of {run['seeds']}; "
         f"`examples/compare_more.py --preset {run['preset']}` (variant `{name}`). The comparison over all seeds, "
         "with confidence intervals, is in `comparison.md` next to this directory."
     )
@@ -787,34 +847,43 @@ def summarise(runs: dict[str, list[dict]], data: CompareData, preset: Preset) ->
 def convergence(variant_runs: list[dict], accuracy: dict) -> dict:
     """Whether a variant had stopped learning: the change of its in-distribution accuracy (mean over seeds) over the
     last 20 % of the steps, against the half-width of its final in-distribution 95 % CI (the narrowest over tasks),
-    or the test-set noise of the mean (Wilson half-width over every seed's examples) where that is wider: the t
-    interval is 0 wide when every seed scores every example right, and one example more would then read as learning.
-    A change inside that tolerance reads as flat; a comparison of variants still learning measures how fast they
-    escape a plateau, not what they can do.
+    or the test-set noise of the mean where that is wider: the t interval is 0 wide when every seed scores every
+    example right, and one example more would then read as learning. The noise is the distance from the final mean to
+    its Wilson interval (over every seed's examples) on the side of the earlier value (`within_noise`): at 1.0 the
+    interval is one-sided, so half its width would call an earlier value inside it a change. A change inside that
+    tolerance reads as flat; a comparison of variants still learning measures how fast they escape a plateau, not
+    what they can do.
 
     Seed by seed too: a seed whose own change (up, still learning, or down, a late collapse) exceeds the test-set noise
-    of its final accuracy (Wilson half-width) is not flat, however wide the variant's interval (with 3 bimodal seeds it
-    can span most of [0, 1])."""
-    curves = np.array(
-        [[point["accuracy"] for point in run["learning_curve"]] for run in variant_runs]
-    )  # (seeds, points)
-    steps = np.array([point["step"] for point in variant_runs[0]["learning_curve"]])
-    start = int(np.searchsorted(steps, FLAT_FROM * steps[-1]))
-    mean = curves.mean(axis=0)  # (points,)
-    change = float(mean[-1] - mean[start])
+    of its final accuracy (`within_noise` on its examples) is not flat, however wide the variant's interval (with 3
+    bimodal seeds it can span most of [0, 1]).
+
+    Seeds stopped by the stop rule end at different steps: each seed's window is the last 20 % of its own steps, and
+    the variant's change is the mean of the seeds' changes (with equal steps, the change of the mean curve)."""
+    windows = []  # (accuracy at the window's start, final accuracy, start step, final step) per seed
+    for run in variant_runs:
+        steps = np.array([point["step"] for point in run["learning_curve"]])
+        # The last point at or before 80 % of its steps: with a stopped seed's last point off the grid, the window
+        # is then at least its last 20 %.
+        start = max(0, int(np.searchsorted(steps, FLAT_FROM * steps[-1], side="right")) - 1)
+        curve = run["learning_curve"]
+        windows.append((curve[start]["accuracy"], curve[-1]["accuracy"], int(steps[start]), int(steps[-1])))
+    first, final, from_steps, to_steps = (np.array(column) for column in zip(*windows, strict=True))
+    change = float(np.mean(final - first))
     entries = [entry["in_distribution"] for entry in accuracy.values() if "in_distribution" in entry]
     half_width = min((entry["ci95"][1] - entry["ci95"][0]) / 2 for entry in entries) if entries else float("nan")
     examples = sum(entry["n"] for entry in entries)  # the curve scores every in-distribution test example
-    noise = wilson_half_width(float(mean[-1]), examples * len(variant_runs)) if examples else 0.0
+    noise = within_noise(float(final.mean()), float(first.mean()), examples * len(variant_runs)) if examples else 0.0
     tolerance = max(half_width, noise)
     seeds_not_flat = [
         int(run["seed"])
-        for run, curve in zip(variant_runs, curves, strict=True)
-        if examples and abs(curve[-1] - curve[start]) > wilson_half_width(float(curve[-1]), examples)
+        for run, before, after in zip(variant_runs, first, final, strict=True)
+        if examples and abs(after - before) > within_noise(float(after), float(before), examples)
     ]
     return {
-        "from_step": int(steps[start]),
-        "to_step": int(steps[-1]),
+        # Means over seeds (each seed's own window where the stop rule ended them at different steps).
+        "from_step": int(round(from_steps.mean())),
+        "to_step": int(round(to_steps.mean())),
         "change": change,
         "ci_half_width": half_width,
         "tolerance": tolerance,
@@ -841,8 +910,14 @@ def _delta(entry: dict | None) -> str:
     return f"**{text} {'better' if entry['mean'] > 0 else 'worse'}**"
 
 
+def steps_trained(run: dict) -> int:
+    """A job's optimizer steps: `max_steps`, or fewer where the stop rule ended it (its learning curve's end)."""
+    return run["learning_curve"][-1]["step"]
+
+
 def variant_rows(results: dict, preset: Preset) -> tuple[list[str], list[list]]:
-    headers = ["variant", "active params", "total params", "FLOPs/token (inference)", "training FLOPs", "train s"]
+    headers = ["variant", "active params", "total params", "FLOPs/token (inference)", "training FLOPs", "steps"]
+    headers.append("train s")
     headers.append(f"last {100 - round(100 * FLAT_FROM)} % of steps: Δ in-distribution (tolerance)")
     rows = []
     for name, result in results.items():
@@ -857,6 +932,7 @@ def variant_rows(results: dict, preset: Preset) -> tuple[list[str], list[list]]:
                 result["total_params"],
                 result["flops_per_token"],
                 f"{result['training_flops']:.2e}",
+                round(float(np.mean(result["steps"]))),
                 round(float(np.mean(result["train_seconds"])), 1),
                 (f"{change} flat" if flat["flat"] else f"**{change} still learning**") + seeds,
             ]
@@ -907,12 +983,22 @@ def depth_rows(results: dict, preset: Preset, task: str) -> tuple[list[str], lis
     return headers, rows
 
 
+def steps_budget(preset: Preset, run: dict) -> str:
+    if preset.stop_at_accuracy is None:
+        return f"{run['max_steps']} optimizer steps (equal steps = equal data)"
+    return (
+        f"up to {run['max_steps']} optimizer steps, each job stopped once converged (validation exact match on the "
+        f"trained difficulties >= {preset.stop_at_accuracy} at a check every 5 % of the steps and at the check 20 % "
+        "of its steps earlier; `steps`: mean over seeds)"
+    )
+
+
 def render_comparison(results: dict, preset: Preset, run: dict) -> str:
     parts = [
         "# MoRE comparison",
         f"Preset `{run['preset']}`: {len(run['seeds'])} seeds per variant ({run['seeds']}), "
-        f"{run['max_steps']} optimizer steps x {run['batch_size']} examples for every variant (equal steps = equal "
-        f"data), parameters matched on **{run['match_parameters']}** counts to `ffn` "
+        f"{steps_budget(preset, run)} x {run['batch_size']} examples for every variant, "
+        f"parameters matched on **{run['match_parameters']}** counts to `ffn` "
         f"(`{COMPUTE_MATCHED}`: training FLOPs per token matched to `recurrent` instead); "
         f"{preset.describe_splits()}, with "
         f"{preset.num_test_per_difficulty} examples each (the same for every variant); wall time "
@@ -1033,16 +1119,22 @@ def plot_accuracy_vs_flops(results: dict, preset: Preset, path: Path) -> None:
     plt.close(fig)
 
 
+def _carried_mean(curves: list[list[dict]], steps: np.ndarray, key: str) -> np.ndarray:
+    """(points,) mean over seeds of `key` at each of `steps`, each seed at its last point up to the step."""
+    return np.mean([[[p[key] for p in curve if p["step"] <= step][-1] for step in steps] for curve in curves], axis=0)
+
+
 def plot_learning_curves(runs: dict[str, list[dict]], results: dict, path: Path) -> None:
     """In-distribution accuracy along training (mean over seeds) against training FLOPs and against training seconds:
-    where the equal-steps ranking differs from an equal-compute or equal-time one, the curves show it."""
+    where the equal-steps ranking differs from an equal-compute or equal-time one, the curves show it. A seed the stop
+    rule ended counts from then on with the model it stopped with (its accuracy, seconds and FLOPs stay)."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for index, (name, variant_runs) in enumerate(runs.items()):
         curves = [run["learning_curve"] for run in variant_runs]
-        steps = np.array([point["step"] for point in curves[0]])
-        accuracy = np.mean([[point["accuracy"] for point in curve] for curve in curves], axis=0)
-        seconds = np.mean([[point["seconds"] for point in curve] for curve in curves], axis=0)
-        flops = results[name]["training_flops"] * steps / steps[-1]
+        steps = np.array(sorted({point["step"] for curve in curves for point in curve}))
+        accuracy, seconds = (_carried_mean(curves, steps, key) for key in ("accuracy", "seconds"))
+        flops_per_step = results[name]["training_flops"] / np.mean(results[name]["steps"])
+        flops = flops_per_step * np.mean([np.minimum(steps, steps_trained(run)) for run in variant_runs], axis=0)
         for ax, x in zip(axes, (flops, seconds), strict=True):
             ax.plot(x, accuracy, "-o", ms=3, color=f"C{index % 10}", label=name)
     axes[0].set(xlabel="training FLOPs", ylabel="exact match, trained difficulties", ylim=(0, 1.02))
@@ -1056,11 +1148,13 @@ def plot_learning_curves(runs: dict[str, list[dict]], results: dict, path: Path)
 
 
 def plot_training(runs: dict[str, list[dict]], path: Path) -> None:
-    """Language-model loss along training of every variant (mean over seeds)."""
+    """Language-model loss along training of every variant (mean over seeds; a seed the stop rule ended counts with
+    its last logged loss from then on)."""
     fig, ax = plt.subplots(figsize=(8, 4))
     for index, (name, variant_runs) in enumerate(runs.items()):
-        steps = [entry["step"] for entry in variant_runs[0]["training_log"]]
-        losses = np.mean([[entry["lm_loss"] for entry in run["training_log"]] for run in variant_runs], axis=0)
+        logs = [run["training_log"] for run in variant_runs]
+        steps = np.array(sorted({entry["step"] for log in logs for entry in log}))
+        losses = _carried_mean(logs, steps, "lm_loss")
         ax.plot(steps, losses, color=f"C{index % 10}", label=name)
     ax.set(xlabel="step", ylabel="answer loss (mean over seeds)", title="training", yscale="log")
     _legend_outside(ax)

@@ -92,16 +92,40 @@ def _t_interval(mean: float, seed_values: np.ndarray, example_values: np.ndarray
     return mean - half_width, mean + half_width, p_value  # Python floats: JSON-serialisable
 
 
+def wilson_interval(accuracy: float, examples: int) -> tuple[float, float]:
+    """95 % Wilson interval of one run's accuracy on `examples` examples: the test-set noise of a single seed, still
+    wide at an accuracy of 0 or 1 (where the normal approximation gives 0 width), and one-sided there.
+
+    >>> [round(bound, 4) for bound in wilson_interval(1.0, 400)]
+    [0.9905, 1.0]
+    """
+    z = float(scipy_stats.norm.ppf(0.5 + CONFIDENCE / 2))
+    spread = accuracy * (1 - accuracy) / examples + z**2 / (4 * examples**2)
+    half_width = z * float(np.sqrt(spread)) / (1 + z**2 / examples)
+    center = (accuracy + z**2 / (2 * examples)) / (1 + z**2 / examples)
+    return center - half_width, center + half_width
+
+
 def wilson_half_width(accuracy: float, examples: int) -> float:
-    """Half-width of the 95 % Wilson interval of one run's accuracy on `examples` examples: the test-set noise of a
-    single seed, still above 0 at an accuracy of 0 or 1 (where the normal approximation gives 0).
+    """Half the width of `wilson_interval`.
 
     >>> round(wilson_half_width(1.0, 400), 4)
     0.0048
     """
-    z = float(scipy_stats.norm.ppf(0.5 + CONFIDENCE / 2))
-    spread = accuracy * (1 - accuracy) / examples + z**2 / (4 * examples**2)
-    return z * float(np.sqrt(spread)) / (1 + z**2 / examples)
+    low, high = wilson_interval(accuracy, examples)
+    return (high - low) / 2
+
+
+def within_noise(final: float, earlier: float, examples: int) -> float:
+    """How far below (or above) `final` accuracy an `earlier` one may lie and still be inside the Wilson interval of
+    `final` on `examples` examples: the change that test-set noise alone explains, on the side it happened. At 1.0 the
+    whole interval lies below: 0.0095 on 400 examples, twice `wilson_half_width`.
+
+    >>> round(within_noise(1.0, 0.99, 400), 4)
+    0.0095
+    """
+    low, high = wilson_interval(final, examples)
+    return final - low if earlier <= final else high - final
 
 
 def estimate_accuracy(hits) -> Estimate:

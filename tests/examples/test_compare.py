@@ -55,13 +55,15 @@ def test_variants_cover_every_expert_type_synthesis2_a_recurrent_router_and_the_
     assert "ffn_gru_router" in default
 
 
-def test_converged_preset_is_the_default_protocol_with_more_steps():
-    """`converged` answers the default's question at convergence: it may differ in the step count only (its own
-    `training` block would silently keep an old rate if the default's changed)."""
-    default, converged = (dataclasses.asdict(compare_more.PRESETS[name]) for name in ("default", "converged"))
-    steps = converged["training"].pop("max_steps")
-    assert steps > default["training"].pop("max_steps")
-    assert converged == default
+@pytest.mark.parametrize("name", ["converged", "quick"])
+def test_fixed_step_presets_are_the_default_protocol_without_its_stop_rule(name):
+    """The default stops each job once converged, within `max_steps`; `converged` and `quick` train every job a fixed
+    number of steps and may differ in that only (their own `training` blocks would silently keep an old rate if the
+    default's changed)."""
+    default, fixed = (dataclasses.asdict(compare_more.PRESETS[preset]) for preset in ("default", name))
+    assert 0 < default.pop("stop_at_accuracy") <= 1 and fixed.pop("stop_at_accuracy") is None
+    assert fixed["training"].pop("max_steps") <= default["training"].pop("max_steps")
+    assert fixed == default
 
 
 @pytest.mark.parametrize("match", ["active", "total"])
@@ -275,6 +277,134 @@ def test_validation_split_is_scored_apart_from_the_test_split(tmp_path):
     assert len(validation) == len(test) and not test & validation
 
 
+def test_the_stop_rule_scores_validation_examples_of_trained_difficulties_only(tmp_path):
+    preset = dataclasses.replace(compare_more.PRESETS["smoke"], stop_at_accuracy=0.99)
+    data = compare_tools.build_data(preset, compare_tools.CompareArguments(), tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(data.tokenizer_dir)
+
+    def prompts(split):
+        return {tokenizer.decode([i for i in ids if i > 3]) for ids in split["input_ids"]}
+
+    assert len(data.stopping) and not prompts(data.stopping) & prompts(data.test)
+    validation = compare_tools.build_depth_dataset(
+        {task: (list(train), list(test)) for task, (train, test) in preset.tasks.items()},
+        num_train=preset.num_train_examples,
+        num_test_per_difficulty=preset.num_test_per_difficulty,
+        num_validation_per_difficulty=preset.num_test_per_difficulty,
+    )["validation"]
+    trained = [row for row in validation if row["difficulty"] in preset.trained(row["task"])]
+    assert len(data.stopping) == len(trained) < len(validation)
+
+
+class _ScriptedModel:
+    """What `_StopWhenConverged` calls on a model, scored from a script of accuracies (one per check)."""
+
+    def __init__(self, accuracies):
+        self.accuracies = iter(accuracies)
+
+    def train(self):
+        return self
+
+
+def _stop_steps(monkeypatch, accuracies, max_steps=100):
+    """The step at which the stop rule ends training (None: it never does) when checks score `accuracies`."""
+    from transformers import TrainerControl, TrainerState
+
+    model = _ScriptedModel(accuracies)
+    monkeypatch.setattr(compare_tools, "score_answers", lambda m, examples: np.array([next(m.accuracies)]))
+    stop = compare_tools._StopWhenConverged(examples=range(400), threshold=0.99)
+    state, control = TrainerState(max_steps=max_steps), TrainerControl()
+    for step in range(1, max_steps + 1):
+        state.global_step = step
+        stop.on_step_end(None, state, control, model=model)
+        if control.should_training_stop:
+            return step, stop.curve
+    return None, stop.curve
+
+
+def test_the_stop_rule_ends_training_once_high_now_and_a_fifth_of_the_steps_ago(monkeypatch):
+    """Checks every 5 % of max_steps (100: every 5 steps); a check stops training when it and the latest check at or
+    before 80 % of the steps so far both reach the threshold and differ by no more than the test-set noise of 400
+    examples."""
+    step, curve = _stop_steps(monkeypatch, [0.5, 0.995, 0.995, 1.0])
+    assert step == 15 and [point["step"] for point in curve] == [5, 10, 15]  # at 15, 80 % is 12: check 10
+    assert _stop_steps(monkeypatch, [0.995, 0.995])[0] == 10  # the first check alone never stops
+    # High once, then lower: the window must be high at both ends; 0.98 < 0.99 keeps training.
+    step, _ = _stop_steps(monkeypatch, [0.2, 0.995, 0.98, 0.995, 0.995, 0.995])
+    assert step == 25  # at 20 the check 80 % back (15) read 0.98; at 25 it is check 20
+    assert _stop_steps(monkeypatch, [0.98] * 20)[0] is None
+    # 0.99 -> 1.0 is 4 examples of 400, beyond the noise at 1.0 (3.8 examples): not flat yet.
+    assert _stop_steps(monkeypatch, [0.5, 0.99, 1.0, 1.0, 1.0])[0] == 20
+
+
+def test_a_stopped_job_ends_its_learning_curve_there_and_fills_the_progress_bar(tmp_path):
+    preset = dataclasses.replace(compare_more.PRESETS["smoke"], stop_at_accuracy=0.0)  # converged at every check
+    data = compare_tools.build_data(preset, compare_tools.CompareArguments(), tmp_path)
+    configs = compare_tools.build_variant_configs(
+        preset, ["ffn"], AutoTokenizer.from_pretrained(data.tokenizer_dir), "active"
+    )
+    training = {**preset.training, "max_steps": 40}
+    job = compare_tools.Job(
+        variant="ffn",
+        seed=0,
+        config=configs["ffn"].to_dict(),
+        output_dir=str(tmp_path / "ffn"),
+        save_model=False,
+        training=training,
+        corpus_steps=0,
+        recurrent_depths=(),
+        moe_iterations=(),
+        data_settings={},
+        stop_at_accuracy=0.0,
+    )
+    steps = []
+
+    class Queue:
+        def put(self, count):
+            steps.append(count)
+
+    result = compare_tools.run_job(job, data, Queue())
+    assert [point["step"] for point in result["validation_curve"]] == [2, 4]  # a check every 40 // 20 steps
+    assert compare_tools.steps_trained(result) == 4 == result["learning_curve"][-1]["step"]
+    assert sum(steps) == 40  # the steps it skipped advance the bar at once
+
+
+def test_a_run_whose_seeds_stop_at_different_steps_reports_and_plots_them(tmp_path, monkeypatch):
+    """Seed 0 stops at its second check (step 4 of 40), seed 1 trains all 40 steps: the tables, statistics and plots
+    take curves and logs of different lengths."""
+    smoke = compare_more.PRESETS["smoke"]
+    monkeypatch.setitem(compare_more.PRESETS, "smoke", dataclasses.replace(smoke, stop_at_accuracy=0.0))
+    original = compare_tools._StopWhenConverged.on_step_end
+
+    def stop_seed_0_only(self, args, state, control, **kwargs):
+        original(self, args, state, control, **kwargs)
+        control.should_training_stop = control.should_training_stop and args.seed == 0
+
+    monkeypatch.setattr(compare_tools._StopWhenConverged, "on_step_end", stop_seed_0_only)
+    output_dir, report = _run(
+        tmp_path, monkeypatch, "--variants=ffn,recurrent", "--seeds=2", "--max_steps=40", "--num_workers=1"
+    )
+    for name in ("ffn", "recurrent"):
+        result = report["results"][name]
+        assert result["steps"] == [4, 40]
+        assert [curve[-1]["step"] for curve in result["learning_curves"]] == [4, 40]
+        assert result["convergence"]["to_step"] == 22  # the mean of the seeds' last steps
+    assert "up to 40 optimizer steps" in (output_dir / "comparison.md").read_text()
+    assert all((output_dir / plot).stat().st_size > 0 for plot in compare_tools.PLOTS)
+
+
+def test_convergence_reads_each_stopped_seed_over_the_last_fifth_of_its_own_steps():
+    accuracy = {"addition": {"in_distribution": {"ci95": [0.98, 1.0], "n": 400}}}  # half-width 0.01
+    long = [{"step": 100 * (i + 1), "accuracy": a} for i, a in enumerate([0.1] * 7 + [0.6, 1.0, 1.0])]
+    short = [{"step": 100 * (i + 1), "accuracy": a} for i, a in enumerate([0.1, 0.2, 0.99, 1.0, 1.0])]
+    runs = [{"seed": 0, "learning_curve": long}, {"seed": 1, "learning_curve": short}]
+    result = compare_tools.convergence(runs, accuracy)
+    # seed 0: 1000 steps, window from 800 (0.6 -> 1.0); seed 1: 500 steps, window from 400 (1.0 -> 1.0)
+    assert result["change"] == pytest.approx(0.4 / 2)
+    assert (result["from_step"], result["to_step"]) == (600, 750)
+    assert not result["flat"] and result["seeds_not_flat"] == [0]
+
+
 def _curve_runs(accuracies):
     steps = [100 * (i + 1) for i in range(len(accuracies[0]))]
     return [
@@ -320,6 +450,7 @@ def test_a_seed_still_moving_is_reported_inside_a_wide_interval():
                 "total_params": 1,
                 "flops_per_token": 1,
                 "training_flops": 1.0,
+                "steps": [10],
                 "train_seconds": [1.0],
             }
         },
