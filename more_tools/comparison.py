@@ -41,7 +41,7 @@ from more_tools.data import (
 )
 from more_tools.evaluation import model_report, perplexity_and_diagnostics, write_outputs
 from more_tools.metrics import score_answers
-from more_tools.stats import estimate_accuracy, paired_difference, within_noise
+from more_tools.stats import estimate_accuracy, noise_between, paired_difference, within_noise
 from more_tools.training import MoRETrainer, collate
 
 
@@ -848,15 +848,16 @@ def convergence(variant_runs: list[dict], accuracy: dict) -> dict:
     """Whether a variant had stopped learning: the change of its in-distribution accuracy (mean over seeds) over the
     last 20 % of the steps, against the half-width of its final in-distribution 95 % CI (the narrowest over tasks),
     or the test-set noise of the mean where that is wider: the t interval is 0 wide when every seed scores every
-    example right, and one example more would then read as learning. The noise is the distance from the final mean to
-    its Wilson interval (over every seed's examples) on the side of the earlier value (`within_noise`): at 1.0 the
-    interval is one-sided, so half its width would call an earlier value inside it a change. A change inside that
+    example right, and one example more would then read as learning. The noise (`noise_between`, over every seed's
+    examples) takes the two means as noise of each other when either lies inside the other's Wilson interval: near 0
+    or 1 the interval is one-sided, so half its width would call a value inside it a change. A change inside that
     tolerance reads as flat; a comparison of variants still learning measures how fast they escape a plateau, not
-    what they can do.
+    what they can do. (The stop rule, `_StopWhenConverged`, asks more: the earlier check inside the current one's
+    interval.)
 
     Seed by seed too: a seed whose own change (up, still learning, or down, a late collapse) exceeds the test-set noise
-    of its final accuracy (`within_noise` on its examples) is not flat, however wide the variant's interval (with 3
-    bimodal seeds it can span most of [0, 1]).
+    between its two accuracies (`noise_between` on its examples) is not flat, however wide the variant's interval
+    (with 3 bimodal seeds it can span most of [0, 1]).
 
     Seeds stopped by the stop rule end at different steps: each seed's window is the last 20 % of its own steps, and
     the variant's change is the mean of the seeds' changes (with equal steps, the change of the mean curve)."""
@@ -873,12 +874,12 @@ def convergence(variant_runs: list[dict], accuracy: dict) -> dict:
     entries = [entry["in_distribution"] for entry in accuracy.values() if "in_distribution" in entry]
     half_width = min((entry["ci95"][1] - entry["ci95"][0]) / 2 for entry in entries) if entries else float("nan")
     examples = sum(entry["n"] for entry in entries)  # the curve scores every in-distribution test example
-    noise = within_noise(float(final.mean()), float(first.mean()), examples * len(variant_runs)) if examples else 0.0
+    noise = noise_between(float(final.mean()), float(first.mean()), examples * len(variant_runs)) if examples else 0.0
     tolerance = max(half_width, noise)
     seeds_not_flat = [
         int(run["seed"])
         for run, before, after in zip(variant_runs, first, final, strict=True)
-        if examples and abs(after - before) > within_noise(float(after), float(before), examples)
+        if examples and abs(after - before) > noise_between(float(after), float(before), examples)
     ]
     return {
         # Means over seeds (each seed's own window where the stop rule ended them at different steps).

@@ -128,6 +128,17 @@ def within_noise(final: float, earlier: float, examples: int) -> float:
     return final - low if earlier <= final else high - final
 
 
+def noise_between(final: float, earlier: float, examples: int) -> float:
+    """The largest change between two accuracies on `examples` examples that test-set noise explains: either one
+    inside the other's Wilson interval (`within_noise` both ways). Symmetric in the two, so one example lost at 1.0
+    (inside the interval of 1.0) is noise as much as one example gained.
+
+    >>> round(noise_between(0.9975, 1.0, 400), 4)
+    0.0095
+    """
+    return max(within_noise(final, earlier, examples), within_noise(earlier, final, examples))
+
+
 def estimate_accuracy(hits) -> Estimate:
     """Mean accuracy of a (seeds, examples) hit matrix with its 95 % t interval over seeds and examples.
 

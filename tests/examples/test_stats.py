@@ -90,6 +90,19 @@ def test_intervals_stay_inside_the_possible_range():
     assert -1.0 == difference.low < difference.mean < difference.high <= 1.0
 
 
+def test_noise_between_two_accuracies_is_symmetric_and_one_sided_at_the_ceiling():
+    """At 1.0 the Wilson interval of 400 examples is [0.9905, 1]: a gain from 0.9925 (3 examples) or a loss to it is
+    noise, a gain from 0.99 (4 examples) is not; half the interval's width (0.0048) would call 2 examples a change."""
+    assert more_stats.wilson_interval(1.0, 400)[1] == pytest.approx(1.0)
+    for earlier, final in ((0.9925, 1.0), (1.0, 0.9925)):
+        assert abs(final - earlier) <= more_stats.noise_between(final, earlier, 400)
+        assert more_stats.noise_between(final, earlier, 400) == more_stats.noise_between(earlier, final, 400)
+    assert 0.01 > more_stats.noise_between(1.0, 0.99, 400) > 2 * 0.0048 - 1e-4
+    # Away from the bounds the interval is nearly symmetric: about the half-width either way.
+    half = more_stats.wilson_half_width(0.5, 400)
+    assert more_stats.noise_between(0.5, 0.45, 400) == pytest.approx(half, rel=0.05)
+
+
 def test_wilson_half_width_is_the_test_set_noise_of_one_seed():
     assert more_stats.wilson_half_width(0.5, 400) == pytest.approx(1.96 * (0.25 / 400) ** 0.5, rel=0.01)
     assert 0.004 < more_stats.wilson_half_width(1.0, 400) < 0.006  # above 0 where the normal approximation is 0
