@@ -496,9 +496,9 @@ class _StopWhenConverged(TrainerCallback):
     """Stops training once the model has converged: every 5 % of `max_steps` (`STOP_CHECKS`) it scores the validation
     examples of the trained difficulties (exact match, at the default depth), and stops when that accuracy is at least
     `threshold` both now and at the check 20 % of the steps ago (`FLAT_FROM`), and that earlier accuracy lies within
-    the test-set noise of the current one (`within_noise`, the flatness test of `convergence`): the curve is high and
-    flat over the last 20 % of the steps it trained. Checks run before the learning-curve callback's, which then
-    scores the model it stopped with."""
+    the test-set noise of the current one (`within_noise`; stricter than the flatness test of `convergence`): the
+    curve is high and flat over the last 20 % of the steps it trained. Checks run before the learning-curve
+    callback's, which then scores the model it stopped with."""
 
     def __init__(self, examples, threshold: float, checks: int = STOP_CHECKS):
         self.examples, self.threshold, self.checks = examples, threshold, checks
