@@ -467,32 +467,48 @@ class _ProgressCallback(TrainerCallback):
             self.queue.put(state.max_steps - state.global_step)
 
 
-class _LearningCurve(TrainerCallback):
-    """Scores the in-distribution test examples at the default depth `points` times along training, and keeps the
-    training time spent so far without these evaluations: accuracy against steps, FLOPs and seconds, so variants can
-    be compared at equal time or compute as well as at equal steps."""
+class _EvalClock:
+    """Seconds a job spends scoring during training, which its training time leaves out."""
 
-    def __init__(self, test, points: int):
-        self.test, self.points = test, points
+    def __init__(self):
+        self.seconds = 0.0
+
+
+class _Scoring(TrainerCallback):
+    """Scores `examples` (exact match, at the default depth) `points` times along training, on `clock`."""
+
+    def __init__(self, examples, points: int, clock: _EvalClock):
+        self.examples, self.points, self.clock = examples, points, clock
+
+    def due(self, state) -> bool:
+        return state.global_step % max(1, state.max_steps // self.points) == 0
+
+    def score(self, model) -> float:
+        start = time.perf_counter()
+        accuracy = float(score_answers(model, self.examples).mean())
+        model.train()
+        self.clock.seconds += time.perf_counter() - start
+        return accuracy
+
+
+class _LearningCurve(_Scoring):
+    """Scores the in-distribution test examples `points` times along training and where it ends, and keeps the
+    training time spent so far without any scoring: accuracy against steps, FLOPs and seconds, so variants can be
+    compared at equal time or compute as well as at equal steps."""
+
+    def __init__(self, examples, points: int, clock: _EvalClock):
+        super().__init__(examples, points, clock)
         self.curve: list[dict] = []
-        self.eval_seconds = 0.0
         self.start = time.perf_counter()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        every = max(1, state.max_steps // self.points)
-        last = state.global_step == state.max_steps or control.should_training_stop
-        if state.global_step % every and not last:
+        if not (self.due(state) or state.global_step == state.max_steps or control.should_training_stop):
             return
-        start = time.perf_counter()
-        accuracy = float(score_answers(model, self.test).mean())
-        model.train()
-        self.curve.append(
-            {"step": state.global_step, "seconds": start - self.start - self.eval_seconds, "accuracy": accuracy}
-        )
-        self.eval_seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - self.start - self.clock.seconds
+        self.curve.append({"step": state.global_step, "seconds": seconds, "accuracy": self.score(model)})
 
 
-class _StopWhenConverged(TrainerCallback):
+class _StopWhenConverged(_Scoring):
     """Stops training once the model has converged: every 5 % of `max_steps` (`STOP_CHECKS`) it scores the validation
     examples of the trained difficulties (exact match, at the default depth), and stops when that accuracy is at least
     `threshold` both now and at the check 20 % of the steps ago (`FLAT_FROM`), and that earlier accuracy lies within
@@ -500,19 +516,15 @@ class _StopWhenConverged(TrainerCallback):
     curve is high and flat over the last 20 % of the steps it trained. Checks run before the learning-curve
     callback's, which then scores the model it stopped with."""
 
-    def __init__(self, examples, threshold: float, checks: int = STOP_CHECKS):
-        self.examples, self.threshold, self.checks = examples, threshold, checks
+    def __init__(self, examples, threshold: float, clock: _EvalClock):
+        super().__init__(examples, STOP_CHECKS, clock)
+        self.threshold = threshold
         self.curve: list[dict] = []  # (step, validation accuracy) of every check
-        self.eval_seconds = 0.0
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        every = max(1, state.max_steps // self.checks)
-        if state.global_step % every:
+        if not self.due(state):
             return
-        start = time.perf_counter()
-        accuracy = float(score_answers(model, self.examples).mean())
-        model.train()
-        self.eval_seconds += time.perf_counter() - start
+        accuracy = self.score(model)
         earlier = [point["accuracy"] for point in self.curve if point["step"] <= FLAT_FROM * state.global_step]
         self.curve.append({"step": state.global_step, "accuracy": accuracy})
         if not earlier or min(accuracy, earlier[-1]) < self.threshold:
@@ -589,14 +601,14 @@ def run_job(job: Job, data: CompareData, queue=None) -> dict:
         logs += train_model(model, data.corpus_train, args, tokenizer, queue)
     max_steps = job.training["max_steps"]
     args = training_arguments(job.training, job.seed, output_dir / f"trainer-seed{job.seed}", max_steps)
+    clock = _EvalClock()
     # With the stop rule, test accuracy at every check too, so a stopped job's last 20 % has points at both ends.
     points = LEARNING_CURVE_POINTS if job.stop_at_accuracy is None else STOP_CHECKS
-    curve = _LearningCurve(data.test.select(data.in_distribution), points)
-    callbacks = [curve]
-    if job.stop_at_accuracy is not None:
-        callbacks.insert(0, _StopWhenConverged(data.stopping, job.stop_at_accuracy))
+    curve = _LearningCurve(data.test.select(data.in_distribution), points, clock)
+    stop = None if job.stop_at_accuracy is None else _StopWhenConverged(data.stopping, job.stop_at_accuracy, clock)
+    callbacks = [curve] if stop is None else [stop, curve]  # the stop check first: the curve scores where it stops
     logs += train_model(model, data.train, args, tokenizer, queue, callbacks)
-    train_seconds = time.perf_counter() - start - sum(callback.eval_seconds for callback in callbacks)
+    train_seconds = time.perf_counter() - start - clock.seconds
     scores = {"default": score_answers(model, data.test).tolist()}
     for knob, depths in depth_sweeps(config, job).items():
         scores[knob] = {str(depth): score_answers(model, data.test, **{knob: depth}).tolist() for depth in depths}
@@ -609,8 +621,8 @@ def run_job(job: Job, data: CompareData, queue=None) -> dict:
         "learning_curve": curve.curve,
         "settings": job_settings(job),
     }
-    if job.stop_at_accuracy is not None:
-        result["validation_curve"] = callbacks[0].curve
+    if stop is not None:
+        result["validation_curve"] = stop.curve
     if is_main_process():
         if job.save_model:
             result["diagnostics"] = save_variant(model, tokenizer, data, scores, output_dir)

@@ -312,7 +312,7 @@ def _stop_steps(monkeypatch, accuracies, max_steps=100):
 
     model = _ScriptedModel(accuracies)
     monkeypatch.setattr(compare_tools, "score_answers", lambda m, examples: np.array([next(m.accuracies)]))
-    stop = compare_tools._StopWhenConverged(examples=range(400), threshold=0.99)
+    stop = compare_tools._StopWhenConverged(examples=range(400), threshold=0.99, clock=compare_tools._EvalClock())
     state, control = TrainerState(max_steps=max_steps), TrainerControl()
     for step in range(1, max_steps + 1):
         state.global_step = step
