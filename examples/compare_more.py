@@ -153,7 +153,8 @@ def main():
     )
     for name, config in configs.items():
         model = meta_model(config)
-        steps = [steps_trained(run) for run in sorted(runs[name], key=lambda r: r["seed"])]
+        by_seed = sorted(runs[name], key=lambda r: r["seed"])
+        steps = [steps_trained(run) for run in by_seed]
         results[name].update(
             config=config.to_diff_dict(),
             active_params=model.num_parameters(active=True),
@@ -162,8 +163,8 @@ def main():
             training_flops_per_token=training_flops_per_token(config),
             steps=steps,  # per seed: max_steps, or fewer where the stop rule ended the job
             training_flops=training_flops_per_token(config) * tokens_per_step * float(np.mean(steps)),
-            train_seconds=[run["train_seconds"] for run in sorted(runs[name], key=lambda r: r["seed"])],
-            learning_curves=[run["learning_curve"] for run in sorted(runs[name], key=lambda r: r["seed"])],
+            train_seconds=[run["train_seconds"] for run in by_seed],
+            learning_curves=[run["learning_curve"] for run in by_seed],
             diagnostics=next((run["diagnostics"] for run in runs[name] if "diagnostics" in run), None),
         )
     run = {

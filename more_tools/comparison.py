@@ -14,7 +14,6 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import datasets
 import matplotlib
 import numpy as np
 import torch
@@ -367,10 +366,11 @@ def build_data(preset: Preset, args: CompareArguments, output_dir: Path) -> Comp
         seed=args.dataset_seed,
         num_validation_per_difficulty=preset.num_test_per_difficulty if validation or stops else 0,
     )
+    validation_split = raw.pop("validation", None)
     if validation:  # everything below scores the validation examples in place of the test examples
-        raw = datasets.DatasetDict({"train": raw["train"], "test": raw["validation"], "validation": raw["validation"]})
-    if not stops:
-        raw.pop("validation", None)
+        raw["test"] = validation_split
+    if stops:
+        raw["validation"] = validation_split
     texts = [*raw["train"]["text"], *raw["test"]["text"]]
     corpus = None
     if preset.corpus:
@@ -929,8 +929,15 @@ def steps_trained(run: dict) -> int:
 
 
 def variant_rows(results: dict, preset: Preset) -> tuple[list[str], list[list]]:
-    headers = ["variant", "active params", "total params", "FLOPs/token (inference)", "training FLOPs", "steps"]
-    headers.append("train s")
+    headers = [
+        "variant",
+        "active params",
+        "total params",
+        "FLOPs/token (inference)",
+        "training FLOPs",
+        "steps",
+        "train s",
+    ]
     headers.append(f"last {100 - round(100 * FLAT_FROM)} % of steps: Δ in-distribution (tolerance)")
     rows = []
     for name, result in results.items():
@@ -1001,8 +1008,8 @@ def steps_budget(preset: Preset, run: dict) -> str:
         return f"{run['max_steps']} optimizer steps (equal steps = equal data)"
     return (
         f"up to {run['max_steps']} optimizer steps, each job stopped once converged (validation exact match on the "
-        f"trained difficulties >= {preset.stop_at_accuracy} at a check every 5 % of the steps and at the check 20 % "
-        "of its steps earlier; `steps`: mean over seeds)"
+        f"trained difficulties >= {preset.stop_at_accuracy} at a check every {100 // STOP_CHECKS} % of the steps and "
+        f"at the check {100 - round(100 * FLAT_FROM)} % of its steps earlier; `steps`: mean over seeds)"
     )
 
 

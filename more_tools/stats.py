@@ -106,20 +106,10 @@ def wilson_interval(accuracy: float, examples: int) -> tuple[float, float]:
     return center - half_width, center + half_width
 
 
-def wilson_half_width(accuracy: float, examples: int) -> float:
-    """Half the width of `wilson_interval`.
-
-    >>> round(wilson_half_width(1.0, 400), 4)
-    0.0048
-    """
-    low, high = wilson_interval(accuracy, examples)
-    return (high - low) / 2
-
-
 def within_noise(final: float, earlier: float, examples: int) -> float:
     """How far below (or above) `final` accuracy an `earlier` one may lie and still be inside the Wilson interval of
     `final` on `examples` examples: the change that test-set noise alone explains, on the side it happened. At 1.0 the
-    whole interval lies below: 0.0095 on 400 examples, twice `wilson_half_width`.
+    whole interval lies below: 0.0095 on 400 examples, its whole width.
 
     >>> round(within_noise(1.0, 0.99, 400), 4)
     0.0095

@@ -99,13 +99,18 @@ def test_noise_between_two_accuracies_is_symmetric_and_one_sided_at_the_ceiling(
         assert more_stats.noise_between(final, earlier, 400) == more_stats.noise_between(earlier, final, 400)
     assert 0.01 > more_stats.noise_between(1.0, 0.99, 400) > 2 * 0.0048 - 1e-4
     # Away from the bounds the interval is nearly symmetric: about the half-width either way.
-    half = more_stats.wilson_half_width(0.5, 400)
+    low, high = more_stats.wilson_interval(0.5, 400)
+    half = (high - low) / 2
     assert more_stats.noise_between(0.5, 0.45, 400) == pytest.approx(half, rel=0.05)
 
 
-def test_wilson_half_width_is_the_test_set_noise_of_one_seed():
-    assert more_stats.wilson_half_width(0.5, 400) == pytest.approx(1.96 * (0.25 / 400) ** 0.5, rel=0.01)
-    assert 0.004 < more_stats.wilson_half_width(1.0, 400) < 0.006  # above 0 where the normal approximation is 0
+def test_wilson_interval_is_the_test_set_noise_of_one_seed():
+    def half_width(accuracy):
+        low, high = more_stats.wilson_interval(accuracy, 400)
+        return (high - low) / 2
+
+    assert half_width(0.5) == pytest.approx(1.96 * (0.25 / 400) ** 0.5, rel=0.01)
+    assert 0.004 < half_width(1.0) < 0.006  # above 0 where the normal approximation is 0
 
 
 def test_bad_shapes_are_refused():
