@@ -338,8 +338,9 @@ class MoRESegmentLayout:
     """How attention inside experts groups the routed rows (see `segment_layout`)."""
 
     kind: str  # "segments", "sequences" or "flat"
-    # bool (batch, 1, q_len, k_len) for "sequences", (1, 1, rows, keys) for "flat", (groups, 1, longest, longest) for
-    # "segments" whose groups are whole sequences (None: one segment per group, plain causal attention)
+    # bool (batch, 1, q_len, k_len) for "sequences", (1, 1, rows, keys) for "flat", (groups, 1, size, size) for
+    # "segments" whose groups are whole sequences (size: the group size in `slots`; None: one segment per group, plain
+    # causal attention)
     mask: torch.Tensor | None = None
     order: torch.Tensor | None = None  # "sequences": (rows,) the rows grouped by sequence
     inverse: torch.Tensor | None = None  # "sequences": the inverse permutation of `order`
