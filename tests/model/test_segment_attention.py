@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import modeling_more
 
 
-HEADS, HEAD_DIM, BATCH, EXPERTS = 2, 8, 3, 2
+HEADS, HEAD_DIM, BATCH = 2, 8, 3
 
 
 def routed_rows(counts, seq_len, generator):
