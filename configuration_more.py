@@ -133,8 +133,10 @@ class MoREConfig(PreTrainedConfig):
         train_recurrent_steps_max and recurrent_steps_sampler (depth drawn once per training batch),
         num_backprop_steps (truncated backprop: gradients flow through the last k steps only; `None` = all),
         latent_init_std (std of the latent state init in training; eval starts from zeros), recurrent_intermediate_size
-        and recurrent_num_heads (the Huginn block inside recurrent experts), projection_dropout and
-        projection_orthogonality_coef (`shared_recurrent` projections), parallel_gate_hidden_size (`parallel`),
+        and recurrent_num_heads (the Huginn block inside recurrent experts), recurrent_attention_window (attention
+        inside Huginn experts sees the last W positions of its segment, itself included; `None` = every earlier
+        position; with one expert per layer and W = 2, each step moves information one token on), projection_dropout
+        and projection_orthogonality_coef (`shared_recurrent` projections), parallel_gate_hidden_size (`parallel`),
         adaptive_exit_threshold (`None` = off; a routed token stops iterating once the relative change of its latent
         state falls below it; also a forward / `generate` argument) and adaptive_exit_min_steps.
 
@@ -250,6 +252,7 @@ class MoREConfig(PreTrainedConfig):
     latent_init_std: float = 0.02
     recurrent_intermediate_size: int | None = None
     recurrent_num_heads: int | None = None
+    recurrent_attention_window: int | None = None
     projection_dropout: float = 0.0
     projection_orthogonality_coef: float = 0.0
     parallel_gate_hidden_size: int = 64
@@ -364,6 +367,7 @@ class MoREConfig(PreTrainedConfig):
             "latent_init_std": _NON_NEGATIVE,
             "recurrent_intermediate_size": _POSITIVE_INT,
             "recurrent_num_heads": _POSITIVE_INT,
+            "recurrent_attention_window": _optional(_POSITIVE_INT, "every earlier position"),
             "projection_dropout": _FRACTION,
             "projection_orthogonality_coef": _NON_NEGATIVE,
             "parallel_gate_hidden_size": _POSITIVE_INT,

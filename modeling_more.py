@@ -362,10 +362,20 @@ def padded_group_size(rows: int) -> int:
     return rows + pad if pad < ATTENTION_GROUP_MULTIPLE // 2 else rows
 
 
-def segment_layout(segment, position, batch_size, cached=None, complete=True):
+def visible_keys(query_segment, query_position, key_segment, key_position, window=None):
+    """Which keys each query sees (broadcast over the inputs' shapes): keys of its own segment at a lower or equal
+    position and, with `window`, less than `window` positions back (`recurrent_attention_window`)."""
+    visible = (key_segment == query_segment) & (key_position <= query_position)
+    if window is not None:
+        visible = visible & (key_position > query_position - window)
+    return visible
+
+
+def segment_layout(segment, position, batch_size, cached=None, complete=True, window=None):
     """Attention layout of the routed rows, built once per call and reused by every recurrent step.
 
-    segment, position: (rows,) sorted by (segment, position), segment = expert * batch_size + sequence.
+    segment, position: (rows,) sorted by (segment, position), segment = expert * batch_size + sequence. `window`: the
+    rows see only keys less than `window` positions back (None: every earlier position of their segment).
     - "sequences" (no cache, a complete dispatch): every sequence holds exactly top_k * seq_len rows (dropped ones
       included), so grouping rows by sequence gives a static (batch, top_k * seq_len) layout whose block mask keeps
       each segment causal: no host sync, static shapes.
@@ -373,7 +383,8 @@ def segment_layout(segment, position, batch_size, cached=None, complete=True):
       `padded_group_size`). The groups are either the segments (causal attention within each: the work follows the
       segment sizes, good for long sequences) or the sequences (a block mask keeps each segment causal: few, dense
       groups, good for many short segments); on the CPU the layout with the fewer padded query-key pairs wins (a
-      "sequences" layout when that one is complete and needs no padding).
+      "sequences" layout when that one is complete and needs no padding). With a `window`, always the sequences:
+      their mask holds it.
     - "flat" (a cache, or an expert-parallel rank's own rows off the CPU): one mask over all rows; with `cached` =
       (segment, position) of the cached rows, new rows attend to the cached rows and new rows of their segment at a
       lower or equal position.
@@ -388,7 +399,7 @@ def segment_layout(segment, position, batch_size, cached=None, complete=True):
         # all of theirs.
         by_segment = counts.shape[0] * longest * ((longest + 1) // 2 + SEGMENT_ROW_COST)
         by_sequence = batch_size * longest_sequence * (longest_sequence + SEGMENT_ROW_COST)
-        if by_segment <= by_sequence:
+        if by_segment <= by_sequence and window is None:  # causal groups: no mask that could hold the window
             slot = torch.arange(segment.shape[0], device=segment.device) - (torch.cumsum(counts, 0) - counts)[compact]
             width = padded_group_size(longest)
             return MoRESegmentLayout("segments", slots=(compact * width + slot, counts.shape[0], width))
@@ -406,18 +417,18 @@ def segment_layout(segment, position, batch_size, cached=None, complete=True):
             seg = (-1 - torch.arange(padded, device=segment.device)).index_copy(0, flat, segment)
             pos = torch.zeros_like(seg).index_copy(0, flat, position.to(seg.dtype))
             seg, pos = seg.view(batch_size, -1), pos.view(batch_size, -1)
-            mask = (seg[:, None, :] == seg[:, :, None]) & (pos[:, None, :] <= pos[:, :, None])
+            mask = visible_keys(seg[:, :, None], pos[:, :, None], seg[:, None, :], pos[:, None, :], window)
             return MoRESegmentLayout("segments", mask=mask[:, None], slots=(flat, batch_size, width))
     if cached is not None or not complete:
         key_segment, key_position = segment, position
         if cached is not None:
             key_segment, key_position = torch.cat([cached[0], segment]), torch.cat([cached[1], position])
-        mask = (key_segment[None] == segment[:, None]) & (key_position[None] <= position[:, None])  # (rows, keys)
-        return MoRESegmentLayout("flat", mask=mask[None, None])
+        mask = visible_keys(segment[:, None], position[:, None], key_segment[None], key_position[None], window)
+        return MoRESegmentLayout("flat", mask=mask[None, None])  # (1, 1, rows, keys)
     order = torch.argsort(segment % batch_size, stable=True)  # (rows,) by (sequence, expert, position)
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
     seg, pos = segment[order].view(batch_size, -1), position[order].view(batch_size, -1)  # (batch, top_k * seq)
-    mask = (seg[:, None, :] == seg[:, :, None]) & (pos[:, None, :] <= pos[:, :, None])  # (batch, q_len, k_len)
+    mask = visible_keys(seg[:, :, None], pos[:, :, None], seg[:, None, :], pos[:, None, :], window)  # (batch, q, k)
     return MoRESegmentLayout("sequences", mask=mask[:, None], order=order, inverse=inverse)
 
 
@@ -929,6 +940,7 @@ class MoREHuginnExperts(MoRERecurrentExperts):
             dispatch.batch_size,
             None if cached is None else cached[2:],
             dispatch.complete,
+            self.config.recurrent_attention_window,
         )
         # fp32 (the rotary's own precision), cast to the queries' dtype where applied
         cos, sin = self.rotary(static[0].float(), dispatch.position)  # (rows, head_dim) each

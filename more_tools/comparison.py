@@ -125,8 +125,8 @@ DECAY_FRACTION = 0.2  # `warmup_stable_decay`: the learning rate decays over the
 
 def comparison_variants() -> dict[str, dict]:
     """MoREConfig overrides of every compared model: every registered expert type with the linear router (`ffn`
-    first), the compute-matched deeper `ffn`, Synthesis II on `ffn`, and the RMoE router with FFN and recurrent
-    experts."""
+    first), the compute-matched deeper `ffn`, Synthesis II on `ffn`, the RMoE router with FFN and recurrent experts,
+    and recurrent experts whose attention sees only the previous token of their segment besides their own."""
     names = sorted(modeling_more.EXPERT_REGISTRY, key=lambda name: name != BASELINE)
     variants = {name: {"expert_type": name} for name in names}
     variants[COMPUTE_MATCHED] = {"expert_type": "ffn"}  # depth set by `compute_matched_config`
@@ -138,6 +138,9 @@ def comparison_variants() -> dict[str, dict]:
     }
     variants["ffn_gru_router"] = {"expert_type": "ffn", "router_type": "gru"}
     variants["recurrent_gru_router"] = {"expert_type": "recurrent", "router_type": "gru"}
+    # With one expert per layer each step moves information one token on: the layout of the recurrent nets that
+    # extrapolate on prefix sums by iterating longer (README, "Prefix parity").
+    variants["recurrent_local"] = {"expert_type": "recurrent", "recurrent_attention_window": 2}
     return variants
 
 

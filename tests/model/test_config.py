@@ -40,6 +40,8 @@ BAD_VALUES = [
     ("capacity_factor", {"capacity_factor": -1.0}),
     ("eval_capacity_factor", {"eval_capacity_factor": 0.0}),
     ("rope_parameters", {"rope_parameters": {"rope_type": "default", "rope_theta": "1e4"}}),
+    ("recurrent_attention_window", {"recurrent_attention_window": 0}),
+    ("recurrent_attention_window", {"recurrent_attention_window": 2.0}),
 ]
 
 
@@ -63,6 +65,7 @@ def test_bad_value_raises_naming_field(field, overrides):
         {"capacity_factor": 2, "rms_norm_eps": 1, "router_logits_ema": 0},  # ints where floats are expected
         {"eos_token_id": [2, 3], "pad_token_id": None},
         {"mlp_only_layers": (1,)},
+        {"recurrent_attention_window": 1},
     ],
 )
 def test_boundary_values_accepted(overrides):

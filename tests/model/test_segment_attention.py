@@ -1,5 +1,6 @@
 """Attention inside Huginn experts (`segment_layout` + `segment_causal_attention`) against causal attention run on
-each segment alone, for every CPU layout and for group sizes on both sides of the padding to a multiple of 16."""
+each segment alone, for every CPU layout and for group sizes on both sides of the padding to a multiple of 16, with
+and without a window (`recurrent_attention_window`)."""
 
 import pytest
 import torch
@@ -23,13 +24,29 @@ def routed_rows(counts, seq_len, generator):
     return torch.cat(segments), torch.cat(positions)
 
 
-def per_segment_attention(q, k, v, segment, scaling):
+def per_segment_attention(q, k, v, segment, scaling, position=None, window=None):
+    """Each segment attended alone: causal, or with `window` over `position` (keys less than `window` back)."""
     out = torch.empty_like(q)
     for value in segment.unique():
         rows = (segment == value).nonzero().squeeze(1)
         qs, ks, vs = (t[rows].transpose(0, 1) for t in (q, k, v))  # (heads, n, head_dim)
-        out[rows] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scaling).transpose(0, 1)
+        if window is None:
+            attended = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scaling)
+        else:
+            pos = position[rows]
+            mask = (pos[None] <= pos[:, None]) & (pos[None] > pos[:, None] - window)  # (n, n)
+            attended = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scaling)
+        out[rows] = attended.transpose(0, 1)
     return out
+
+
+def assert_same_values_and_gradients(out, reference, inputs, generator):
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+    grad = torch.randn(out.shape, generator=generator)
+    got = torch.autograd.grad((out * grad).sum(), inputs)
+    want = torch.autograd.grad((reference * grad).sum(), inputs)
+    for name, a, b in zip("qkv", got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"gradient of {n}: {m}")
 
 
 @pytest.mark.parametrize(
@@ -73,9 +90,29 @@ def test_segment_attention_matches_each_segment_alone(case, complete):
         assert layout.slots[2] == width
     out = modeling_more.segment_causal_attention(q, k, v, layout, HEAD_DIM**-0.5)
     reference = per_segment_attention(q, k, v, segment, HEAD_DIM**-0.5)
-    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
-    grad = torch.randn(out.shape, generator=generator)
-    got = torch.autograd.grad((out * grad).sum(), (q, k, v))
-    want = torch.autograd.grad((reference * grad).sum(), (q, k, v))
-    for name, a, b in zip("qkv", got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"gradient of {n}: {m}")
+    assert_same_values_and_gradients(out, reference, (q, k, v), generator)
+
+
+@pytest.mark.parametrize("window", [1, 2, 5])
+@pytest.mark.parametrize("case,complete", PARAMS)
+def test_windowed_attention_matches_each_segment_alone(case, complete, window):
+    """`recurrent_attention_window`: every layout (the per-sequence ones here, and the flat one of a cache) keeps each
+    row to the keys of its segment less than `window` positions back, the positions being the tokens' own (a segment's
+    rows need not be adjacent tokens)."""
+    counts, _, _ = CASES[case]
+    generator = torch.Generator().manual_seed(1)
+    segment, position = routed_rows(counts, seq_len=32, generator=generator)
+    q, k, v = (torch.randn(segment.shape[0], HEADS, HEAD_DIM, generator=generator, requires_grad=True) for _ in "qkv")
+    reference = per_segment_attention(q, k, v, segment, HEAD_DIM**-0.5, position, window)
+    layout = modeling_more.segment_layout(segment, position, BATCH, complete=complete, window=window)
+    assert layout.mask is not None  # causal groups without a mask cannot hold the window
+    out = modeling_more.segment_causal_attention(q, k, v, layout, HEAD_DIM**-0.5)
+    assert_same_values_and_gradients(out, reference, (q, k, v), generator)
+    # The flat layout of decoding, with nothing cached yet: the same result.
+    empty = segment[:0]
+    flat = modeling_more.segment_layout(segment, position, BATCH, cached=(empty, empty), window=window)
+    assert flat.kind == "flat"
+    cached = (k[:0].detach(), v[:0].detach())
+    out = modeling_more.segment_causal_attention(q, k, v, flat, HEAD_DIM**-0.5, cached)
+    reference = per_segment_attention(q, k, v, segment, HEAD_DIM**-0.5, position, window)
+    assert_same_values_and_gradients(out, reference, (q, k, v), generator)
