@@ -808,7 +808,9 @@ def paired_baselines(name: str, runs: dict[str, list[dict]], hits: dict[str, np.
 
 def summarise(runs: dict[str, list[dict]], data: CompareData, preset: Preset) -> dict[str, dict]:
     """Per variant: accuracy with 95 % CI per task x difficulty, in- and out-of-distribution means, the paired
-    differences to its baselines (`paired_baselines`), and the depth curves."""
+    differences to its baselines (`paired_baselines`), and the depth curves, each depth also paired with the
+    variant's default depth (`vs_default_depth`: what iterating more, or less, changes on the same seeds and
+    examples)."""
     cells = _cells(data, preset)
     groups = {
         "in_distribution": lambda task, difficulty: difficulty in preset.trained(task),
@@ -847,7 +849,9 @@ def summarise(runs: dict[str, list[dict]], data: CompareData, preset: Preset) ->
         for knob in DEPTH_KNOBS:
             if knob in variant_runs[0]["scores"]:
                 curves[knob] = {
-                    depth: estimates(_hit_matrix(variant_runs, lambda s, k=knob, d=depth: s[k][d]), {})
+                    depth: estimates(
+                        _hit_matrix(variant_runs, lambda s, k=knob, d=depth: s[k][d]), {"vs_default_depth": hits[name]}
+                    )
                     for depth in variant_runs[0]["scores"][knob]
                 }
         accuracy = estimates(hits[name], paired_baselines(name, runs, hits))
@@ -988,8 +992,9 @@ def accuracy_rows(results: dict, preset: Preset, task: str) -> tuple[list[str], 
     return headers, rows
 
 
-def depth_rows(results: dict, preset: Preset, task: str) -> tuple[list[str], list[list]]:
-    """Accuracy at every inference depth, per variant x difficulty (mean [95 % CI])."""
+def depth_rows(results: dict, preset: Preset, task: str, versus_default: bool = False) -> tuple[list[str], list[list]]:
+    """Accuracy at every inference depth, per variant x difficulty (mean [95 % CI]), or with `versus_default` its
+    paired difference to the variant's default depth."""
     depths = sorted({(knob, int(d)) for r in results.values() for knob, c in r["depth_curves"].items() for d in c})
     headers = ["variant", "difficulty"] + [f"{DEPTH_KNOBS[knob]}={depth}" for knob, depth in depths]
     rows = []
@@ -1001,7 +1006,12 @@ def depth_rows(results: dict, preset: Preset, task: str) -> tuple[list[str], lis
             cells = []
             for knob, depth in depths:
                 curve = curves.get(knob, {}).get(str(depth))
-                cells.append(_ci(curve[task][str(difficulty)]) if curve else "–")
+                if curve is None:
+                    cells.append("–")
+                elif versus_default:
+                    cells.append(_delta(curve[task]["vs_default_depth"][str(difficulty)]))
+                else:
+                    cells.append(_ci(curve[task][str(difficulty)]))
             rows.append([name, difficulty, *cells])
     return headers, rows
 
@@ -1043,6 +1053,11 @@ def render_comparison(results: dict, preset: Preset, run: dict) -> str:
         if rows:
             parts += [f"### {task}: accuracy by inference depth (r = expert steps, T = MoE iterations)"]
             parts += [markdown_table(headers, rows)]
+            parts += [
+                f"### {task}: Δ vs the default depth (paired over the same seeds and examples; the default is the "
+                "config's `num_recurrent_steps` / `num_moe_iterations`)",
+                markdown_table(*depth_rows(results, preset, task, versus_default=True)),
+            ]
     return "\n\n".join(parts) + "\n"
 
 

@@ -153,6 +153,13 @@ def test_smoke_preset_every_variant_two_seeds_with_intervals(tmp_path, monkeypat
     curve = results["recurrent"]["depth_curves"]["num_recurrent_steps"]
     assert list(curve) == [str(r) for r in preset.recurrent_depths]
     _check_estimate(curve["2"]["pointer"]["2"], 2, preset.num_test_per_difficulty)
+    # Each depth paired with the default depth: at the default itself the same hits, a difference of exactly 0.
+    default = str(preset.recurrence["num_recurrent_steps"])
+    for depth, entry in curve.items():
+        versus = entry["pointer"]["vs_default_depth"]["2"]
+        assert versus["ci95"][0] <= versus["mean"] <= versus["ci95"][1]
+        if depth == default:
+            assert versus["mean"] == 0 and versus["ci95"] == [0, 0] and not versus["significant"]
     # Recurrent experts cost more per token than FFN experts of equal active size.
     assert results["recurrent"]["flops_per_token"] > results["ffn"]["flops_per_token"]
     for name in results:
@@ -162,6 +169,7 @@ def test_smoke_preset_every_variant_two_seeds_with_intervals(tmp_path, monkeypat
         assert (output_dir / plot).read_bytes()[:4] == b"\x89PNG"
     report = (output_dir / "comparison.md").read_text()
     assert "95 % t interval" in report and "no difference" in report and "r=2" in report
+    assert "Δ vs the default depth" in report
 
 
 def test_default_output_directory_is_per_preset(tmp_path, monkeypatch):
