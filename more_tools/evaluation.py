@@ -61,6 +61,7 @@ REPORT_CONFIG_FIELDS = (
     "num_hidden_layers",
     "intermediate_size",
     "recurrent_intermediate_size",
+    "recurrent_attention_window",
     "num_recurrent_steps",
     "num_moe_iterations",
 )

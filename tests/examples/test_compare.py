@@ -55,6 +55,21 @@ def test_variants_cover_every_expert_type_synthesis2_a_recurrent_router_and_the_
     assert "ffn_gru_router" in default
 
 
+@pytest.mark.parametrize("preset", sorted(compare_more.PRESETS))
+def test_every_preset_builds_its_variants(preset):
+    """A preset file names known variants and valid model fields: each builds, sized to its `ffn`."""
+    names = list(compare_more.PRESETS[preset].variants or compare_tools.comparison_variants())
+    assert list(_configs(names, preset)) == names
+
+
+def test_recurrent_local_is_recurrent_with_a_window():
+    configs = _configs(["ffn", "recurrent", "recurrent_local"], "parity_local")
+    local, full = configs["recurrent_local"].to_dict(), configs["recurrent"].to_dict()
+    assert local.pop("recurrent_attention_window") == 2 and full.pop("recurrent_attention_window") is None
+    assert local == full  # the same expert, the same width: only the attention differs
+    assert configs["recurrent"].num_experts == 1  # every token reaches the expert, so the window sees its predecessor
+
+
 @pytest.mark.parametrize("name", ["converged", "quick"])
 def test_fixed_step_presets_are_the_default_protocol_without_its_stop_rule(name):
     """The default stops each job once converged, within `max_steps`; `converged` and `quick` train every job a fixed
