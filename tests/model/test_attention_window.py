@@ -3,7 +3,7 @@ changes the outputs, and decoding with the cache equals recomputation under it (
 
 import pytest
 import torch
-from helpers import EXPERT_TYPES, random_ids, tiny_model
+from helpers import EXPERT_TYPES, assert_left_padded_decoding_matches_recomputation, random_ids, tiny_model
 
 import modeling_more
 
@@ -45,17 +45,4 @@ def test_narrow_window_changes_the_outputs(expert_type):
 @pytest.mark.parametrize("expert_type", ATTENDING_EXPERT_TYPES)
 def test_windowed_cached_decoding_matches_recomputation(expert_type, window):
     model = tiny_model(expert_type=expert_type, num_experts_per_tok=2, recurrent_attention_window=window)
-    ids = random_ids(2, 6, seed=1)
-    mask = torch.ones_like(ids)
-    mask[0, :2] = 0  # left padding
-    ids[0, :2] = 0
-    with torch.no_grad():
-        out = model(ids, attention_mask=mask, use_cache=True)
-        for step in range(6):
-            next_token = out.logits[:, -1].argmax(-1, keepdim=True)
-            ids = torch.cat([ids, next_token], dim=1)
-            mask = torch.cat([mask, torch.ones_like(next_token)], dim=1)
-            out = model(next_token, attention_mask=mask, cache=out.cache, use_cache=True)
-            full = model(ids, attention_mask=mask, use_cache=False).logits[:, -1]
-            diff = (out.logits[:, -1] - full).abs().max().item()
-            assert diff <= 1e-4, f"decode step {step}: cached logits differ from recomputation by {diff:.2e}"
+    assert_left_padded_decoding_matches_recomputation(model, steps=6)

@@ -13,6 +13,7 @@ from helpers import (
     RECURRENT_EXPERT_TYPES,
     ROUTER_TYPES,
     VOCAB,
+    assert_left_padded_decoding_matches_recomputation,
     random_ids,
     tiny_model,
 )
@@ -66,20 +67,7 @@ def test_cached_decoding_matches_recomputation(expert_type, router_type, iterati
 @pytest.mark.parametrize(("expert_type", "router_type"), EXPERT_ROUTER_PAIRS)
 def test_cached_decoding_with_left_padding(expert_type, router_type):
     model = tiny_model(expert_type=expert_type, router_type=router_type, num_experts_per_tok=2)
-    ids = random_ids(2, PREFILL, seed=1)
-    mask = torch.ones_like(ids)
-    mask[0, :2] = 0
-    ids[0, :2] = 0
-    with torch.no_grad():
-        out = model(ids, attention_mask=mask, use_cache=True)
-        for step in range(4):
-            next_token = out.logits[:, -1].argmax(-1, keepdim=True)
-            ids = torch.cat([ids, next_token], dim=1)
-            mask = torch.cat([mask, torch.ones_like(next_token)], dim=1)
-            out = model(next_token, attention_mask=mask, cache=out.cache, use_cache=True)
-            full = model(ids, attention_mask=mask, use_cache=False).logits[:, -1]
-            diff = (out.logits[:, -1] - full).abs().max().item()
-            assert diff <= 1e-4, f"decode step {step}: cached logits differ from recomputation by {diff:.2e}"
+    assert_left_padded_decoding_matches_recomputation(model)
 
 
 @pytest.mark.parametrize(("expert_type", "router_type", "iterations"), FULL_PRODUCT)
