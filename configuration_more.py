@@ -28,6 +28,7 @@ EXPERT_TYPES: dict[str, "str | type"] = {
 }
 # Valid names of `modeling_more.ROUTER_REGISTRY` (a test keeps both equal).
 ROUTER_TYPES = ("linear", "gru", "rnn", "gru_token", "rnn_token")
+# Valid names of `modeling_more.DEPTH_SAMPLER_REGISTRY` (a test keeps both equal).
 RECURRENT_STEPS_SAMPLERS = ("fixed", "uniform", "poisson_lognormal")
 SHARED_EXPERT_GATES = ("learned", "fixed")
 HIDDEN_ACTS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")

@@ -1547,6 +1547,32 @@ def get_router_class(name: str) -> type[MoRERouter]:
     return ROUTER_REGISTRY[name]
 
 
+# Training depth samplers (`recurrent_steps_sampler`): a draw from the global torch RNG as a (1,) tensor, which the
+# model broadcasts from rank 0, or a Python int when nothing is drawn.
+def fixed_depth(config: MoREConfig) -> int:
+    return config.num_recurrent_steps
+
+
+def uniform_depth(config: MoREConfig) -> torch.Tensor:
+    return torch.randint(config.train_recurrent_steps_min, config.train_recurrent_steps_max + 1, (1,))
+
+
+def poisson_lognormal_depth(config: MoREConfig) -> torch.Tensor:
+    """Huginn's: Poisson with a log-normal rate around the range's mean, clipped to the range."""
+    low, high, sigma = config.train_recurrent_steps_min, config.train_recurrent_steps_max, 0.5
+    rate = torch.exp(torch.randn(1) * sigma + math.log((low + high) / 2) - sigma**2 / 2)
+    return torch.poisson(rate).long().clamp(low, high)
+
+
+DEPTH_SAMPLER_REGISTRY = {"fixed": fixed_depth, "uniform": uniform_depth, "poisson_lognormal": poisson_lognormal_depth}
+
+
+def get_depth_sampler(name: str):
+    if name not in DEPTH_SAMPLER_REGISTRY:
+        raise ValueError(f"Unknown recurrent_steps_sampler {name!r}; valid names: {sorted(DEPTH_SAMPLER_REGISTRY)}.")
+    return DEPTH_SAMPLER_REGISTRY[name]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Router losses and diagnostics (per layer and iteration)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -2680,19 +2706,8 @@ class MoREModel(MoREPreTrainedModel):
 
     def _sample_depth(self) -> int:
         """Training depth, drawn from the global torch RNG (so Trainer's RNG checkpointing replays it)."""
-        config = self.config
-        low, high = config.train_recurrent_steps_min, config.train_recurrent_steps_max
-        if config.recurrent_steps_sampler == "fixed":
-            return config.num_recurrent_steps
-        if config.recurrent_steps_sampler == "uniform":
-            depth = torch.randint(low, high + 1, (1,))
-        else:
-            # Huginn: Poisson with a log-normal rate around the range's mean, clipped to the range.
-            sigma = 0.5
-            mean = (low + high) / 2
-            rate = torch.exp(torch.randn(1) * sigma + math.log(mean) - sigma**2 / 2)
-            depth = torch.poisson(rate).long().clamp(low, high)
-        return self._broadcast(depth)
+        draw = get_depth_sampler(self.config.recurrent_steps_sampler)(self.config)
+        return draw if isinstance(draw, int) else self._broadcast(draw)
 
     # The drawn depth becomes a Python int that drives the step loops: a deliberate graph break under torch.compile
     # (training only) and one compiled graph per depth drawn.

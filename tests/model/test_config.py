@@ -253,6 +253,7 @@ def test_type_lists_match_registries():
     assert configuration_more.EXPERT_TYPES is modeling_more.EXPERT_REGISTRY
     assert all(isinstance(cls, type) for cls in modeling_more.EXPERT_REGISTRY.values())
     assert sorted(configuration_more.ROUTER_TYPES) == sorted(modeling_more.ROUTER_REGISTRY)
+    assert sorted(configuration_more.RECURRENT_STEPS_SAMPLERS) == sorted(modeling_more.DEPTH_SAMPLER_REGISTRY)
 
 
 @pytest.mark.parametrize(
@@ -260,6 +261,7 @@ def test_type_lists_match_registries():
     [
         (modeling_more.get_expert_class, modeling_more.EXPERT_REGISTRY),
         (modeling_more.get_router_class, modeling_more.ROUTER_REGISTRY),
+        (modeling_more.get_depth_sampler, modeling_more.DEPTH_SAMPLER_REGISTRY),
     ],
 )
 def test_registry_lookup(getter, registry):
