@@ -1547,8 +1547,11 @@ def get_router_class(name: str) -> type[MoRERouter]:
     return ROUTER_REGISTRY[name]
 
 
-# Training depth samplers (`recurrent_steps_sampler`): a draw from the global torch RNG as a (1,) tensor, which the
-# model broadcasts from rank 0, or a Python int when nothing is drawn.
+# ---------------------------------------------------------------------------------------------------------------------
+# Training depth samplers (`recurrent_steps_sampler`)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
 def fixed_depth(config: MoREConfig) -> int:
     return config.num_recurrent_steps
 
@@ -1564,10 +1567,12 @@ def poisson_lognormal_depth(config: MoREConfig) -> torch.Tensor:
     return torch.poisson(rate).long().clamp(low, high)
 
 
+# Each returns a draw from the global torch RNG as a (1,) tensor, which the model broadcasts from rank 0, or a Python
+# int when nothing is drawn.
 DEPTH_SAMPLER_REGISTRY = {"fixed": fixed_depth, "uniform": uniform_depth, "poisson_lognormal": poisson_lognormal_depth}
 
 
-def get_depth_sampler(name: str):
+def get_depth_sampler(name: str) -> Callable[[MoREConfig], int | torch.Tensor]:
     if name not in DEPTH_SAMPLER_REGISTRY:
         raise ValueError(f"Unknown recurrent_steps_sampler {name!r}; valid names: {sorted(DEPTH_SAMPLER_REGISTRY)}.")
     return DEPTH_SAMPLER_REGISTRY[name]
