@@ -29,7 +29,8 @@ VOCAB = 100
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The first lines of a script that must not import the project (remote-code loading): an editable install's finders
-# and every sys.path entry inside the repository (its root, tests/) go, and MoRE's files are checked unimportable.
+# and every sys.path entry inside the repository (its root, tests/) go, except the running environment's own (a
+# `.venv` inside the repository keeps its packages), and MoRE's files are checked unimportable.
 _WITHOUT_PROJECT = textwrap.dedent(
     """
     import importlib.util
@@ -41,20 +42,26 @@ _WITHOUT_PROJECT = textwrap.dedent(
         f for f in sys.meta_path if "editable" not in type(f).__name__.lower() and "editable" not in repr(f).lower()
     ]
 
-    def inside_repo(path):
+    def inside(path, root):
         # A path component match, not a string prefix: a `<repo>-venv` next to the repository keeps its packages.
-        return os.path.commonpath([os.path.realpath(path or os.getcwd()), repo_root]) == repo_root
+        return os.path.commonpath([os.path.realpath(path or os.getcwd()), root]) == root
 
-    sys.path[:] = [p for p in sys.path if not inside_repo(p)]
+    environments = {os.path.realpath(prefix) for prefix in (sys.prefix, sys.exec_prefix, sys.base_prefix)}
+    sys.path[:] = [
+        p for p in sys.path if not inside(p, repo_root) or any(inside(p, prefix) for prefix in environments)
+    ]
     for name in ("modeling_more", "configuration_more"):
         assert importlib.util.find_spec(name) is None, f"{name} is importable"
     """
 )
 
 
-def run_without_project(script: str, arguments: list, tmp_path) -> subprocess.CompletedProcess:
-    """Runs `script` in a fresh Python that cannot import MoRE (`_WITHOUT_PROJECT` first), from a directory outside
-    the repository, offline, with its own remote-code cache; `sys.argv[2:]` are `arguments`."""
+def run_without_project(
+    script: str, arguments: list, tmp_path, repo_root: str = REPO_ROOT
+) -> subprocess.CompletedProcess:
+    """Runs `script` in a fresh Python that cannot import MoRE (`_WITHOUT_PROJECT` first, with `repo_root` as the
+    repository), from a directory outside it, offline, with its own remote-code cache; `sys.argv[2:]` are
+    `arguments`."""
     workdir = tmp_path / "elsewhere"
     workdir.mkdir(exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -62,7 +69,7 @@ def run_without_project(script: str, arguments: list, tmp_path) -> subprocess.Co
         HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONNOUSERSITE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules")
     )
     return subprocess.run(
-        [sys.executable, "-c", _WITHOUT_PROJECT + textwrap.dedent(script), REPO_ROOT, *map(str, arguments)],
+        [sys.executable, "-c", _WITHOUT_PROJECT + textwrap.dedent(script), repo_root, *map(str, arguments)],
         cwd=workdir,
         env=env,
         capture_output=True,

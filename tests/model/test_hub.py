@@ -3,6 +3,7 @@ fresh process where MoRE is not importable."""
 
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -76,6 +77,14 @@ for path in sys.argv[3:]:
     torch.save(logits, os.path.join(path, "remote_logits.pt"))
 print("ok")
 """
+
+
+def test_fresh_process_keeps_an_environment_inside_the_repository(tmp_path):
+    """A virtual environment inside the repository (a `.venv` there) keeps its packages in the process that cannot
+    import MoRE: here the running environment lies inside the directory passed as the repository."""
+    environment_parent = os.path.dirname(os.path.realpath(sys.prefix))
+    result = run_without_project("import torch, transformers\nprint('ok')", [], tmp_path, repo_root=environment_parent)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stdout + result.stderr
 
 
 def test_remote_code_in_fresh_process(tmp_path):
