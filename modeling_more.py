@@ -107,19 +107,20 @@ class MoRERotaryEmbedding(nn.Module):
 
     @dynamic_rope_update  # dynamic / longrope types recompute `inv_freq` from the largest position
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(cos, signed_sin)`, each (..., head_dim): `signed_sin` is the usual sin with its first half negated, the
+        form `apply_rotary_pos_emb` takes."""
         freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)  # (..., head_dim / 2)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+        cos, sin = freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
+        return torch.cat((cos, cos), dim=-1).to(x.dtype), torch.cat((-sin, sin), dim=-1).to(x.dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1):
-    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+def apply_rotary_pos_emb(q, k, cos, signed_sin, unsqueeze_dim: int = 1):
+    """Rotary on the two halves of the head dimension: Transformers' `x * cos + rotate_half(x) * sin`, written as
+    `x * cos + x.roll(half) * signed_sin` (the same values): one roll replaces the chunk, negation and concatenation
+    of `rotate_half` and their backward, a measurable share of a tiny model's step."""
+    cos, signed_sin = cos.unsqueeze(unsqueeze_dim), signed_sin.unsqueeze(unsqueeze_dim)
+    half = q.shape[-1] // 2
+    return q * cos + q.roll(half, -1) * signed_sin, k * cos + k.roll(half, -1) * signed_sin
 
 
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -173,8 +174,8 @@ class MoREAttention(nn.Module):
         query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (batch, heads, seq, head_dim)
         key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        cos, signed_sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, signed_sin)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -923,9 +924,12 @@ class MoREHuginnExperts(MoRERecurrentExperts):
     def encode(self, x, dispatch):
         """The loop's static input: the rows and their four norm weights (rows, 4, d), gathered once per call rather
         than at every norm of every step; as part of the static input they follow the rows that still iterate under
-        adaptive exit."""
+        adaptive exit. `index_select` rather than indexing: half the time, forward and backward, on this strided
+        view."""
         norms = self.norms.transpose(0, 1)  # (groups, 4, d)
-        return x, norms.expand(x.shape[0], -1, -1) if norms.shape[0] == 1 else norms[dispatch.group_index]
+        if norms.shape[0] == 1:
+            return x, norms.expand(x.shape[0], -1, -1)
+        return x, norms.index_select(0, dispatch.group_index)
 
     def initial_state(self, static, dispatch):
         return super().initial_state(static[0], dispatch)
@@ -943,8 +947,8 @@ class MoREHuginnExperts(MoRERecurrentExperts):
             self.config.recurrent_attention_window,
         )
         # fp32 (the rotary's own precision), cast to the queries' dtype where applied
-        cos, sin = self.rotary(static[0].float(), dispatch.position)  # (rows, head_dim) each
-        return MoREStepAttention(layout, cos, sin, kv_cache, dispatch.batch_size, exit)
+        cos, signed_sin = self.rotary(static[0].float(), dispatch.position)  # (rows, head_dim) each
+        return MoREStepAttention(layout, cos, signed_sin, kv_cache, dispatch.batch_size, exit)
 
     def step(self, state, static, dispatch, step_idx, prepared):
         x, norms = static
@@ -961,11 +965,11 @@ class MoREHuginnExperts(MoRERecurrentExperts):
     def _attention(self, x, prepared, step_idx, offs):
         rows = x.shape[0]
         q, k, v = grouped_linear(x, self.qkv_proj, offs).view(rows, 3, self.num_heads, self.head_dim).unbind(1)
-        cos, sin = prepared.cos.to(q.dtype), prepared.sin.to(q.dtype)
+        cos, signed_sin = prepared.cos.to(q.dtype), prepared.signed_sin.to(q.dtype)
         exit = prepared.exit
         if exit is not None:
-            cos, sin = cos[exit.active], sin[exit.active]
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)  # (rows, heads, head_dim)
+            cos, signed_sin = cos[exit.active], signed_sin[exit.active]
+        q, k = apply_rotary_pos_emb(q, k, cos, signed_sin)  # (rows, heads, head_dim)
         if exit is not None:
             # Adaptive exit: exited rows keep offering the keys/values of their last computed step (the cache's
             # depth policy); only the rows still iterating ask queries.
@@ -994,7 +998,7 @@ class MoREStepAttention:
 
     layout: MoRESegmentLayout  # of every routed row (and the cached rows)
     cos: torch.Tensor  # (rows, head_dim) fp32 rotary of every routed row
-    sin: torch.Tensor
+    signed_sin: torch.Tensor  # as `MoRERotaryEmbedding` returns it
     kv_cache: "MoREExpertKVCache | None"  # the cache's keys/values of this layer and iteration
     batch_size: int
     exit: MoREAdaptiveExit | None  # the rows still iterating, and the latest keys/values of the others

@@ -57,3 +57,41 @@ def test_legacy_rope_theta_config_loads(tmp_path):
 def test_bad_rope_parameters_raise(rope_parameters):
     with pytest.raises(ValueError, match="rope_parameters"):
         tiny_config(rope_parameters=rope_parameters)
+
+
+@pytest.mark.parametrize(
+    "rope_parameters",
+    [
+        {"rope_type": "default", "rope_theta": 10000.0},
+        {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+        {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16},
+    ],
+    ids=["default", "linear", "yarn"],
+)
+def test_rotary_matches_transformers_llama(rope_parameters):
+    """MoRE's rotary (`signed_sin` and a roll instead of `rotate_half`) rotates queries and keys exactly as Llama's
+    does, for Transformers' RoPE types (yarn: an attention scaling other than 1)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama import modeling_llama
+
+    import modeling_more
+
+    config = tiny_config(rope_parameters=rope_parameters, max_position_embeddings=64)
+    head_dim = config.hidden_size // config.num_attention_heads
+    llama_config = LlamaConfig(
+        hidden_size=config.hidden_size,
+        num_attention_heads=config.num_attention_heads,
+        max_position_embeddings=64,
+        rope_parameters=rope_parameters,
+    )
+    position_ids = torch.arange(40).view(2, 20)
+    x = torch.randn(2, 20, config.hidden_size)
+    q, k = torch.randn(2, 2, config.num_attention_heads, 20, head_dim).unbind(0)
+    ours = modeling_more.apply_rotary_pos_emb(
+        q, k, *modeling_more.MoRERotaryEmbedding(config, head_dim)(x, position_ids)
+    )
+    reference = modeling_llama.apply_rotary_pos_emb(
+        q, k, *modeling_llama.LlamaRotaryEmbedding(llama_config)(x, position_ids)
+    )
+    for got, expected in zip(ours, reference, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
