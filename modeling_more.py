@@ -452,7 +452,7 @@ def segment_causal_attention(q, k, v, layout, scaling, cached=None):
         # the block mask does).
         flat, segments, longest = layout.slots  # flat: (rows,) group * longest + slot of each row
         pq, pk, pv = (
-            t.new_zeros(segments * longest, heads, head_dim).index_copy(0, flat, t).view(segments, longest, heads, -1)
+            t.new_zeros(segments * longest, heads, head_dim).index_copy_(0, flat, t).view(segments, longest, heads, -1)
             for t in (q, k, v)
         )
         causal = dict(is_causal=True) if layout.mask is None else dict(attn_mask=layout.mask)
