@@ -451,6 +451,7 @@ def segment_causal_attention(q, k, v, layout, scaling, cached=None):
         # Right-padded segments: plain causal attention keeps every real query off the padding after it (sequences:
         # the block mask does).
         flat, segments, longest = layout.slots  # flat: (rows,) group * longest + slot of each row
+        # In place into the new zeros: the out-of-place copy would clone them first.
         pq, pk, pv = (
             t.new_zeros(segments * longest, heads, head_dim).index_copy_(0, flat, t).view(segments, longest, heads, -1)
             for t in (q, k, v)
