@@ -3,8 +3,10 @@
 import pytest
 import torch
 from helpers import clone_model, random_ids, tiny_config, tiny_model
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers.models.llama import modeling_llama
 
+import modeling_more
 from configuration_more import MoREConfig
 
 
@@ -71,11 +73,6 @@ def test_bad_rope_parameters_raise(rope_parameters):
 def test_rotary_matches_transformers_llama(rope_parameters):
     """MoRE's rotary (`signed_sin` and a roll instead of `rotate_half`) rotates queries and keys exactly as Llama's
     does, for Transformers' RoPE types (yarn: an attention scaling other than 1)."""
-    from transformers import LlamaConfig
-    from transformers.models.llama import modeling_llama
-
-    import modeling_more
-
     config = tiny_config(rope_parameters=rope_parameters, max_position_embeddings=64)
     head_dim = config.hidden_size // config.num_attention_heads
     llama_config = LlamaConfig(
