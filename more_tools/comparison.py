@@ -350,11 +350,12 @@ class CompareData:
 
     tokenizer_dir: str
     train: TensorExamples  # input_ids / attention_mask / labels, one tensor each: no per-step collation
-    test: object
+    test: TensorExamples  # scored many times per job: batches are tensor reads, not per-example Python reads
     test_tasks: list[str]
     test_difficulties: list[int]
     in_distribution: list[int]  # test example indices of trained difficulties (the learning curves)
-    stopping: object | None = None  # validation examples of trained difficulties (the stop rule), if the preset stops
+    # Validation examples of trained difficulties (the stop rule), if the preset stops.
+    stopping: TensorExamples | None = None
     corpus_train: object | None = None
     corpus_validation: object | None = None
 
@@ -386,11 +387,11 @@ def build_data(preset: Preset, args: CompareArguments, output_dir: Path) -> Comp
     stopping = None
     if stops:  # never the test split: on --split validation, the examples it scores
         trained = [i for i, row in enumerate(raw["validation"]) if row["difficulty"] in preset.trained(row["task"])]
-        stopping = tokenized["validation"].select(trained)
+        stopping = TensorExamples.from_dataset(tokenized["validation"].select(trained))
     data = CompareData(
         tokenizer_dir=str(tokenizer_dir),
         train=TensorExamples.from_dataset(tokenized["train"]),
-        test=tokenized["test"],
+        test=TensorExamples.from_dataset(tokenized["test"]),
         test_tasks=list(raw["test"]["task"]),
         test_difficulties=list(raw["test"]["difficulty"]),
         in_distribution=[
@@ -707,7 +708,7 @@ def save_variant(model, tokenizer, data: CompareData, scores: dict, output_dir: 
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     batches = [
-        collate([data.test[i] for i in range(s, min(s + 64, len(data.test)))])
+        collate(data.test.__getitems__(list(range(s, min(s + 64, len(data.test))))))
         for s in range(0, min(len(data.test), 256), 64)
     ]
 
@@ -960,7 +961,7 @@ def variant_rows(results: dict, preset: Preset) -> tuple[list[str], list[list]]:
                 result["flops_per_token"],
                 f"{result['training_flops']:.2e}",
                 round(float(np.mean(result["steps"]))),
-                round(float(np.mean(result["train_seconds"])), 1),
+                f"{np.mean(result['train_seconds']):.1f}",  # a string: the cell formatter gives floats 3 decimals
                 (f"{change} flat" if flat["flat"] else f"**{change} still learning**") + seeds,
             ]
         )

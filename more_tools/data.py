@@ -1050,8 +1050,12 @@ class TensorExamples(torch.utils.data.Dataset):
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         """The batch of `indices`: (len(indices), length) per column."""
-        index = torch.as_tensor(indices)
+        index = torch.as_tensor(indices, dtype=torch.long)
         return {name: tensor.index_select(0, index) for name, tensor in self.columns.items()}
+
+    def select(self, indices: Iterable[int]) -> "TensorExamples":
+        """The examples `indices`, in that order (as `datasets.Dataset.select`)."""
+        return TensorExamples(self.__getitems__(list(indices)))
 
 
 def tokenize_per_position(

@@ -19,7 +19,7 @@ import torch
 from datasets import Dataset, DatasetDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 
-from more_tools.data import IGNORE_INDEX
+from more_tools.data import IGNORE_INDEX, TensorExamples
 from more_tools.training import DataArguments, collate
 
 
@@ -124,15 +124,20 @@ def score_answers(model, test, batch_size: int = 256, **depth) -> np.ndarray:
 
     With teacher forcing on the reference answer, all answer tokens are argmax exactly when greedy decoding produces
     the answer and then stops, so this equals greedy `generate` exact match in one forward pass per batch. Examples
-    run in order of length, so a batch pads little.
+    run in order of length, so a batch pads little. `test`: a tokenized `datasets.Dataset` or, faster (no per-example
+    Python reads), `TensorExamples`.
     """
     model.eval()
     device = next(model.parameters()).device
-    order = np.argsort([sum(mask) for mask in test["attention_mask"]], kind="stable")
+    if isinstance(test, TensorExamples):
+        lengths = test.columns["attention_mask"].sum(1).numpy()
+    else:
+        lengths = [sum(mask) for mask in test["attention_mask"]]
+    order = np.argsort(lengths, kind="stable")
     hits = np.zeros(len(test), dtype=np.int8)
     for start in range(0, len(test), batch_size):
         index = order[start : start + batch_size]
-        batch = collate([test[int(i)] for i in index])
+        batch = collate(test.__getitems__(index.tolist()))  # one read of the batch's examples
         batch = {name: tensor.to(device) for name, tensor in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **depth).logits
         labels = batch["labels"][:, 1:]

@@ -21,6 +21,7 @@ from transformers import AutoTokenizer, get_scheduler
 
 import modeling_more
 from more_tools import comparison as compare_tools
+from more_tools.cards import markdown_table
 
 
 compare_more = scripts.load("compare_more")
@@ -294,7 +295,7 @@ def test_validation_split_is_scored_apart_from_the_test_split(tmp_path):
         args = compare_tools.CompareArguments(split=split)
         data = compare_tools.build_data(preset, args, tmp_path / split)
         tokenizer = AutoTokenizer.from_pretrained(data.tokenizer_dir)
-        return {tokenizer.decode([i for i in ids if i > 3]) for ids in data.test["input_ids"]}
+        return {tokenizer.decode([i for i in ids if i > 3]) for ids in data.test.columns["input_ids"].tolist()}
 
     test, validation = prompts("test"), prompts("validation")
     assert len(validation) == len(test) and not test & validation
@@ -306,7 +307,7 @@ def test_the_stop_rule_scores_validation_examples_of_trained_difficulties_only(t
     tokenizer = AutoTokenizer.from_pretrained(data.tokenizer_dir)
 
     def prompts(split):
-        return {tokenizer.decode([i for i in ids if i > 3]) for ids in split["input_ids"]}
+        return {tokenizer.decode([i for i in ids if i > 3]) for ids in split.columns["input_ids"].tolist()}
 
     assert len(data.stopping) and not prompts(data.stopping) & prompts(data.test)
     validation = compare_tools.build_depth_dataset(
@@ -468,7 +469,7 @@ def test_a_seed_still_moving_is_reported_inside_a_wide_interval():
     runs = _curve_runs([[0.5] * 8 + [0.75, 0.87], [1.0] * 8 + [0.9975, 1.0], [0.1] * 10])
     result = compare_tools.convergence(runs, accuracy)
     assert result["flat"] and result["seeds_not_flat"] == [0]
-    row = compare_tools.variant_rows(
+    headers, rows = compare_tools.variant_rows(
         {
             "v": {
                 "convergence": result,
@@ -477,12 +478,13 @@ def test_a_seed_still_moving_is_reported_inside_a_wide_interval():
                 "flops_per_token": 1,
                 "training_flops": 1.0,
                 "steps": [10],
-                "train_seconds": [1.0],
+                "train_seconds": [248.0, 249.0],
             }
         },
         None,
-    )[1][0]
-    assert row[-1].endswith("flat; seeds not flat: 0")
+    )
+    assert rows[0][-1].endswith("flat; seeds not flat: 0")
+    assert "| 248.5 " in markdown_table(headers, rows)  # seconds to a tenth, not "248.500"
 
 
 def _hit_runs(hits: np.ndarray, seeds) -> list[dict]:

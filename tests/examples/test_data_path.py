@@ -54,5 +54,7 @@ def test_tensor_examples_index_like_the_dataset_and_refuse_ragged_columns():
     examples = TensorExamples.from_dataset(tokenized)
     assert len(examples) == len(tokenized) == 50
     assert examples[7]["input_ids"].tolist() == tokenized[7]["input_ids"]
+    chosen = [9, 2, 30]
+    assert examples.select(chosen).columns["input_ids"].tolist() == tokenized.select(chosen)["input_ids"]
     with pytest.raises(ValueError, match="one row per example"):
         TensorExamples({"input_ids": torch.zeros(3, 4), "labels": torch.zeros(2, 4)})

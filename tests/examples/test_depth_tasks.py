@@ -251,10 +251,13 @@ class _ParityOracle(torch.nn.Module):
         return SimpleNamespace(logits=torch.nn.functional.one_hot(prediction, self.vocab_size).float())
 
 
-def test_score_answers_counts_a_parity_string_only_when_every_target_is_right():
+@pytest.mark.parametrize("tensors", [False, True], ids=["dataset", "tensor_examples"])
+def test_score_answers_counts_a_parity_string_only_when_every_target_is_right(tensors):
     dataset, tokenizer, tokenized = _parity_and_addition()
     parity = [i for i, task in enumerate(dataset["test"]["task"]) if task == "parity"]
     test = tokenized["test"].select(parity)
+    if tensors:  # as the comparison job holds its test examples: each hit must still land on its own example
+        test = more_data.TensorExamples.from_dataset(test)
     assert score_answers(_ParityOracle(tokenizer, lag=0), test).all()
     lagged = score_answers(_ParityOracle(tokenizer, lag=1), test)
     # One position off, every bit 1 gets the previous target: only strings without a 1 pass.
