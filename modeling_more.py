@@ -416,7 +416,7 @@ def segment_layout(segment, position, batch_size, cached=None, complete=True, wi
             flat = sequence * width + slot
             padded = batch_size * width
             seg = (-1 - torch.arange(padded, device=segment.device)).index_copy(0, flat, segment)
-            pos = torch.zeros_like(seg).index_copy(0, flat, position.to(seg.dtype))
+            pos = torch.zeros_like(seg).index_copy_(0, flat, position.to(seg.dtype))
             seg, pos = seg.view(batch_size, -1), pos.view(batch_size, -1)
             mask = visible_keys(seg[:, :, None], pos[:, :, None], seg[:, None, :], pos[:, None, :], window)
             return MoRESegmentLayout("segments", mask=mask[:, None], slots=(flat, batch_size, width))
@@ -978,7 +978,7 @@ class MoREHuginnExperts(MoRERecurrentExperts):
                 exit.latest_kv = (k.new_zeros(exit.dispatch.expert_index.shape[0], *k.shape[1:]),) * 2
             k, v = (t.index_copy(0, exit.active, new) for t, new in zip(exit.latest_kv, (k, v), strict=True))
             exit.latest_kv = (k, v)
-            q = torch.zeros_like(k).index_copy(0, exit.active, q)
+            q = torch.zeros_like(k).index_copy_(0, exit.active, q)  # in place: the new zeros need no clone
         cached = None
         if prepared.kv_cache is not None:
             prepared.kv_cache.stage(step_idx, k, v)
@@ -1064,8 +1064,9 @@ class MoRESharedRecurrentExperts(MoREHuginnExperts):
 
 
 def _grouped_bias(bias: torch.Tensor, dispatch: MoREDispatch) -> torch.Tensor:
-    """Per-row bias (rows, out) from stacked biases (experts, out)."""
-    return bias[dispatch.group_index]
+    """Per-row bias (rows, out) from stacked biases (experts, out): `index_select`, whose backward is one
+    `index_add`, not advanced indexing's accumulating `index_put`."""
+    return bias.index_select(0, dispatch.group_index)
 
 
 def _grouped_lstm_cell(x_proj, h, c, w_hh, offs):
@@ -1164,7 +1165,7 @@ class MoRESequentialExperts(MoRERecurrentExperts):
         h, c = state.chunk(2, dim=-1)
         x_proj = grouped_linear(h, self.lstm_w_ih, dispatch.offs) + _grouped_bias(self.lstm_bias, dispatch)
         h_new, c = _grouped_lstm_cell(x_proj, h, c, self.lstm_w_hh, dispatch.offs)
-        gate_logit = (h * self.refine_gate[dispatch.group_index]).sum(-1, keepdim=True)
+        gate_logit = (h * self.refine_gate.index_select(0, dispatch.group_index)).sum(-1, keepdim=True)
         gate = torch.sigmoid(gate_logit + _grouped_bias(self.refine_gate_bias, dispatch)[:, None])  # (rows, 1)
         return torch.cat([gate * h_new + (1 - gate) * h, c], dim=-1)
 
@@ -1298,7 +1299,7 @@ class MoREParallelExperts(MoREExperts):
         ffn_out = self.ffn(x, dispatch)[0]
         lstm_out = self._lstm(x, dispatch, pool)
         hidden = F.relu(grouped_linear(x, self.gate_in, dispatch.offs) + _grouped_bias(self.gate_in_bias, dispatch))
-        w2 = self.gate_out[dispatch.group_index]  # (rows, 2, gate_hidden)
+        w2 = self.gate_out.index_select(0, dispatch.group_index)  # (rows, 2, gate_hidden)
         gates = F.softmax(torch.einsum("rh,rkh->rk", hidden, w2) + _grouped_bias(self.gate_out_bias, dispatch), dim=-1)
         report = MoREExpertReport()
         if settings is not None and settings.output_recurrence_stats:
@@ -2297,7 +2298,7 @@ def _combine_expert_report(report: MoREExpertReport, index, valid, num_rows, kep
     that no longer move."""
     combined = MoREExpertReport()
     if report.steps_taken is not None:
-        steps = report.steps_taken.new_zeros(num_rows).index_copy(0, index, report.steps_taken * valid.squeeze(1))
+        steps = report.steps_taken.new_zeros(num_rows).index_copy_(0, index, report.steps_taken * valid.squeeze(1))
         torch.distributed.all_reduce(steps, group=group)
         combined.steps_taken = steps
     if not report.stats:
@@ -2333,7 +2334,7 @@ def expert_parallel_forward(experts_forward, x, dispatch, settings, pool, first_
     with torch.random.fork_rng(devices=[x.device] if x.device.type != "cpu" else [], device_type=x.device.type):
         out, report = experts_forward(x[index], local, settings, pool)
     out = out * valid  # (local rows, hidden)
-    full = out.new_zeros(x.shape[0], out.shape[-1]).index_copy(0, index, out)
+    full = out.new_zeros(x.shape[0], out.shape[-1]).index_copy_(0, index, out)  # in place into the new zeros
     report = _combine_expert_report(report, index, valid, x.shape[0], local.kept, group)
     return MoREAllReduceSum.apply(full, group), report
 
