@@ -124,16 +124,14 @@ def score_answers(model, test, batch_size: int = 256, **depth) -> np.ndarray:
 
     With teacher forcing on the reference answer, all answer tokens are argmax exactly when greedy decoding produces
     the answer and then stops, so this equals greedy `generate` exact match in one forward pass per batch. Examples
-    run in order of length, so a batch pads little. `test`: a tokenized `datasets.Dataset` or, faster (no per-example
-    Python reads), `TensorExamples`.
+    run in order of length, so a batch pads little. `test`: tokenized examples of one length, as `TensorExamples`
+    (the comparison job's, scored many times) or a `datasets.Dataset` (turned into them once here).
     """
     model.eval()
     device = next(model.parameters()).device
-    if isinstance(test, TensorExamples):
-        lengths = test.columns["attention_mask"].sum(1).numpy()
-    else:
-        lengths = [sum(mask) for mask in test["attention_mask"]]
-    order = np.argsort(lengths, kind="stable")
+    if not isinstance(test, TensorExamples):
+        test = TensorExamples.from_dataset(test)
+    order = np.argsort(test.columns["attention_mask"].sum(1).numpy(), kind="stable")
     hits = np.zeros(len(test), dtype=np.int8)
     for start in range(0, len(test), batch_size):
         index = order[start : start + batch_size]
