@@ -93,6 +93,7 @@ def main():
         training["learning_rate"] = args.learning_rate
     if args.lr_scheduler_type is not None:
         training["lr_scheduler_type"] = args.lr_scheduler_type
+    attn_implementation = args.attn_implementation or preset.attn_implementation
     if args.split not in ("test", "validation"):
         raise ValueError(f"--split must be 'test' or 'validation', got {args.split!r}")
     seeds = range(args.seed_offset, args.seed_offset + (args.seeds or preset.seeds))
@@ -108,6 +109,7 @@ def main():
 
     # 2. Configs at matched active parameters (and the compute-matched deeper ffn).
     configs = build_variant_configs(preset, names, tokenizer, args.match_parameters)
+    meta_model(configs[names[0]], attn_implementation)  # an unknown attention kernel fails here, before any training
     logger.info(
         "Variants: %s", ", ".join(f"{n} ({parameter_counts(c)['active']:,} active)" for n, c in configs.items())
     )
@@ -127,6 +129,7 @@ def main():
             moe_iterations=preset.moe_iterations,
             data_settings=data_settings(preset, args),
             stop_at_accuracy=preset.stop_at_accuracy,
+            attn_implementation=attn_implementation,
         )
         for name, config in configs.items()
         for seed in seeds

@@ -13,6 +13,7 @@ import transformers
 from torch.profiler import ProfilerActivity, profile
 from tqdm.auto import tqdm
 from transformers import (
+    AutoModelForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MixtralConfig,
@@ -917,10 +918,12 @@ def bench_tiny(args, device, preset: Preset):
     indices = [torch.randperm(len(train), generator=generator)[:batch_size].tolist() for _ in range(16)]
     batches = [collate(train.__getitems__(index)) for index in indices]
     learning_rate = preset.training["learning_rate"]
+    # The job's models as the job builds them (its preset's attention kernel); the baselines run SDPA, Llama's fastest.
+    attention = {"attn_implementation": preset.attn_implementation}
     models = {}
     for name, config in configs.items():
         torch.manual_seed(args.seed)
-        models[name] = modeling_more.MoREForCausalLM(config).train()
+        models[name] = AutoModelForCausalLM.from_config(config, **attention).train()
     torch.manual_seed(args.seed)
     models.update({name: model.train() for name, model in same_size_baselines(configs["ffn"]).items()})
     candidates = {name: job_step(model, batches, learning_rate) for name, model in models.items()}
@@ -954,7 +957,7 @@ def bench_tiny(args, device, preset: Preset):
     trainer_times, bare_times = [], []
     for _ in range(blocks):
         torch.manual_seed(args.seed)
-        model = modeling_more.MoREForCausalLM(configs["ffn"]).train()
+        model = AutoModelForCausalLM.from_config(configs["ffn"], **attention).train()
         output_dir = Path(args.output_dir) / "tiny"
         trainer_times += trainer_step_seconds(model, train, tokenizer, preset, steps, output_dir, args.seed)[2:]
         bare = job_step(model, batches, learning_rate)

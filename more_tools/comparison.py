@@ -83,6 +83,10 @@ class Preset:
     # Stop a job once it has converged (`_StopWhenConverged`): validation exact match at least this on the trained
     # difficulties, now and 20 % of its steps ago; `max_steps` is then a cap. None trains every job `max_steps`.
     stop_at_accuracy: float | None = None
+    # Transformers' `attn_implementation` of the job's models (None: the model's default, SDPA). "eager" for sequences
+    # shorter than 16 tokens: MoRE's eager attention then runs its softmax keys-major (`modeling_more.SHORT_SOFTMAX`),
+    # where SDPA's CPU kernel is slowest.
+    attn_implementation: str | None = None
 
     def trained(self, task: str) -> tuple[int, ...]:
         return self.tasks[task][0]
@@ -177,6 +181,14 @@ class CompareArguments:
             "`warmup_stable_decay` decays over the last 20 %% of steps)."
         },
     )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "Override the preset's attention kernel (Transformers' `attn_implementation`: eager, sdpa). The "
+            "default preset runs eager (its sequences are shorter than 16 tokens); sdpa reruns the README's runs made "
+            "before it did."
+        },
+    )
     split: str = field(
         default="test",
         metadata={
@@ -232,9 +244,9 @@ def size_knob(expert_type: str) -> str:
     return "intermediate_size"
 
 
-def meta_model(config: MoREConfig):
+def meta_model(config: MoREConfig, attn_implementation: str | None = None):
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
 
 
 def parameter_counts(config: MoREConfig) -> dict[str, int]:
@@ -454,6 +466,7 @@ class Job:
     moe_iterations: tuple[int, ...]
     data_settings: dict  # what its training and test examples are built from (`data_settings`)
     stop_at_accuracy: float | None = None  # the preset's stop rule (None: train max_steps)
+    attn_implementation: str | None = None  # the preset's attention kernel (None: the model's default)
 
 
 class _ProgressCallback(TrainerCallback):
@@ -597,7 +610,7 @@ def run_job(job: Job, data: CompareData, queue=None) -> dict:
     config = MoREConfig(**job.config)
     output_dir = Path(job.output_dir)
     set_seed(job.seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=job.attn_implementation)
     start = time.perf_counter()
     logs = []
     if data.corpus_train is not None:  # guide preset: language-model pretraining first

@@ -221,6 +221,8 @@ def test_unknown_variant_preset_and_match_mode_are_refused(tmp_path, monkeypatch
         _run(tmp_path, monkeypatch, "--match_parameters=flops")
     with pytest.raises(ValueError, match="valid presets"):
         _run(tmp_path, monkeypatch, "--preset=huge")
+    with pytest.raises(ValueError, match='attn_implementation="bogus"'):
+        _run(tmp_path, monkeypatch, "--attn_implementation=bogus")
     with pytest.raises(ValueError, match="corpus"):
         _run(tmp_path, monkeypatch, "--preset=guide", "--dry_run", "--variants=ffn", "--num_workers=1")
 
@@ -391,6 +393,41 @@ def test_a_stopped_job_ends_its_learning_curve_there_and_fills_the_progress_bar(
     assert [point["step"] for point in result["validation_curve"]] == [2, 4]  # a check every 40 // 20 steps
     assert compare_tools.steps_trained(result) == 4 == result["learning_curve"][-1]["step"]
     assert sum(steps) == 40  # the steps it skipped advance the bar at once
+
+
+@pytest.mark.parametrize("attn_implementation", [None, "eager"])
+def test_a_job_builds_its_models_with_the_presets_attention(tmp_path, monkeypatch, attn_implementation):
+    """The preset's `attn_implementation` reaches the job's model (the default preset runs eager attention, whose
+    softmax over its few keys is the faster one on the CPU); None keeps the model's default, SDPA."""
+    preset = dataclasses.replace(compare_more.PRESETS["smoke"], attn_implementation=attn_implementation)
+    data = compare_tools.build_data(preset, compare_tools.CompareArguments(), tmp_path)
+    configs = compare_tools.build_variant_configs(
+        preset, ["ffn"], AutoTokenizer.from_pretrained(data.tokenizer_dir), "active"
+    )
+    job = compare_tools.Job(
+        variant="ffn",
+        seed=0,
+        config=configs["ffn"].to_dict(),
+        output_dir=str(tmp_path / "ffn"),
+        save_model=False,
+        training={**preset.training, "max_steps": 2},
+        corpus_steps=0,
+        recurrent_depths=(),
+        moe_iterations=(),
+        data_settings={},
+        attn_implementation=preset.attn_implementation,
+    )
+    calls = []
+    eager = modeling_more.eager_attention_forward
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return eager(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_more, "eager_attention_forward", counting)
+    compare_tools.run_job(job, data)
+    assert bool(calls) == (attn_implementation == "eager")
+    assert compare_more.PRESETS["default"].attn_implementation == "eager"
 
 
 def test_a_run_whose_seeds_stop_at_different_steps_reports_and_plots_them(tmp_path, monkeypatch):

@@ -127,14 +127,15 @@ def test_eval_is_deterministic(expert_type, router_type, iterations):
     assert torch.equal(first, second)
 
 
+@pytest.mark.parametrize("seq_len", [10, 20])  # eager: keys-major softmax below 16 keys, query-major from 16
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("expert_type", EXPERT_TYPES)
-def test_eager_matches_sdpa(expert_type, padded):
+def test_eager_matches_sdpa(expert_type, padded, seq_len):
     eager = tiny_model(expert_type=expert_type, num_experts_per_tok=2, attn_implementation="eager")
     sdpa = clone_model(eager, attn_implementation="sdpa").eval()
     assert eager.config._attn_implementation == "eager"
     assert sdpa.config._attn_implementation == "sdpa"
-    ids = random_ids(2, 10)
+    ids = random_ids(2, seq_len)
     mask = torch.ones_like(ids)
     if padded:
         mask[0, :3] = 0
