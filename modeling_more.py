@@ -1617,11 +1617,11 @@ def load_balancing_loss(probs, top_k_index, token_mask=None):
     else:
         mask = token_mask.to(probs.dtype)
         weight, denom = mask[:, None].expand(-1, top_k).reshape(-1), mask.sum().clamp_min(1)  # (tokens * top_k,)
-        mean_prob = (mask @ probs) / denom  # (experts,): one matrix-vector product, forward and backward
+        mean_prob = (probs * mask[:, None]).sum(0) / denom
     # Assignments per expert, counted on an (experts,) vector: no (tokens, experts) one-hot, nothing to backpropagate.
     counts = probs.new_zeros(num_experts).scatter_add_(0, top_k_index.reshape(-1), weight)
     fraction = counts / (denom * top_k)  # share of assignments per expert
-    return num_experts * torch.dot(fraction, mean_prob)
+    return num_experts * (fraction * mean_prob).sum()
 
 
 def routing_entropy(probs, token_mask=None):
