@@ -363,26 +363,32 @@ def test_the_stop_rule_ends_training_once_high_now_and_a_fifth_of_the_steps_ago(
     assert _stop_steps(monkeypatch, [0.5, 0.99, 1.0, 1.0, 1.0])[0] == 20
 
 
-def test_a_stopped_job_ends_its_learning_curve_there_and_fills_the_progress_bar(tmp_path):
-    preset = dataclasses.replace(compare_more.PRESETS["smoke"], stop_at_accuracy=0.0)  # converged at every check
+def _smoke_ffn_job(tmp_path, max_steps: int, **preset_fields):
+    """One `ffn` job of the smoke preset (with `preset_fields` replaced) and the data it trains on."""
+    preset = dataclasses.replace(compare_more.PRESETS["smoke"], **preset_fields)
     data = compare_tools.build_data(preset, compare_tools.CompareArguments(), tmp_path)
     configs = compare_tools.build_variant_configs(
         preset, ["ffn"], AutoTokenizer.from_pretrained(data.tokenizer_dir), "active"
     )
-    training = {**preset.training, "max_steps": 40}
     job = compare_tools.Job(
         variant="ffn",
         seed=0,
         config=configs["ffn"].to_dict(),
         output_dir=str(tmp_path / "ffn"),
         save_model=False,
-        training=training,
+        training={**preset.training, "max_steps": max_steps},
         corpus_steps=0,
         recurrent_depths=(),
         moe_iterations=(),
         data_settings={},
-        stop_at_accuracy=0.0,
+        stop_at_accuracy=preset.stop_at_accuracy,
+        attn_implementation=preset.attn_implementation,
     )
+    return job, data
+
+
+def test_a_stopped_job_ends_its_learning_curve_there_and_fills_the_progress_bar(tmp_path):
+    job, data = _smoke_ffn_job(tmp_path, 40, stop_at_accuracy=0.0)  # converged at every check
     steps = []
 
     class Queue:
@@ -399,24 +405,7 @@ def test_a_stopped_job_ends_its_learning_curve_there_and_fills_the_progress_bar(
 def test_a_job_builds_its_models_with_the_presets_attention(tmp_path, monkeypatch, attn_implementation):
     """The preset's `attn_implementation` reaches the job's model (the default preset runs eager attention, whose
     softmax over its few keys is the faster one on the CPU); None keeps the model's default, SDPA."""
-    preset = dataclasses.replace(compare_more.PRESETS["smoke"], attn_implementation=attn_implementation)
-    data = compare_tools.build_data(preset, compare_tools.CompareArguments(), tmp_path)
-    configs = compare_tools.build_variant_configs(
-        preset, ["ffn"], AutoTokenizer.from_pretrained(data.tokenizer_dir), "active"
-    )
-    job = compare_tools.Job(
-        variant="ffn",
-        seed=0,
-        config=configs["ffn"].to_dict(),
-        output_dir=str(tmp_path / "ffn"),
-        save_model=False,
-        training={**preset.training, "max_steps": 2},
-        corpus_steps=0,
-        recurrent_depths=(),
-        moe_iterations=(),
-        data_settings={},
-        attn_implementation=preset.attn_implementation,
-    )
+    job, data = _smoke_ffn_job(tmp_path, 2, attn_implementation=attn_implementation)
     calls = []
     eager = modeling_more.eager_attention_forward
 
