@@ -17,11 +17,12 @@ Suites:
                (fp32 weights) and, with `--compile`, through `torch.compile`; `parallel` and `sequential` share
                their rounds (target: parallel / sequential <= 1.0).
     decode     greedy decoding tokens/s with and without the cache at growing context lengths.
-    tiny       the comparison job's own step (`compare_more.py` preset "default": its configs, its 32-example batches
-               of the addition task, AdamW as Trainer runs it) for `ffn`, `recurrent` (training depth 1-3),
-               `shared_recurrent`, `ffn_synthesis2` and Transformers' Mixtral and Llama of the `ffn` model's size,
-               single-thread medians, ratios to Llama (targets: ffn <= 1.1, recurrent <= 2.5), and the share of a
-               Trainer step spent outside the bare step (data path, callbacks, scheduler; target < 5 %).
+    tiny       the comparison job's own step (`compare_more.py` preset "default": its configs and attention kernel,
+               its 32-example batches of the addition task, AdamW as Trainer runs it) for `ffn`, `recurrent` (training
+               depth 1-3), `shared_recurrent`, `ffn_synthesis2` and Transformers' Mixtral and Llama of the `ffn`
+               model's size (SDPA, their faster kernel there), single-thread medians, ratios to Llama (targets: ffn <=
+               1.1, recurrent <= 2.5), and the share of a Trainer step spent outside the bare step (data path,
+               callbacks, scheduler; target < 5 %).
 
 Candidates of a measurement are timed side by side, interleaved round by round (each round runs every candidate
 once), so load from other processes hits them alike; tables report the minimum over `--repeats` rounds and the spread
