@@ -78,6 +78,19 @@ def run_without_project(
     )
 
 
+def count_calls(monkeypatch, owner, name: str) -> list:
+    """Wraps `owner.name` for this test so that every call appends to the returned list, then runs the original."""
+    calls = []
+    original = getattr(owner, name)
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls
+
+
 def tiny_config(**overrides) -> MoREConfig:
     """hidden 32, 2 layers, 4 heads, 4 experts, vocab 100, intermediate 64; any field can be overridden."""
     kwargs = dict(

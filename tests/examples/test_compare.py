@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import scripts
 import torch
+from helpers import count_calls
 from transformers import AutoTokenizer, get_scheduler
 
 import modeling_more
@@ -406,14 +407,7 @@ def test_a_job_builds_its_models_with_the_presets_attention(tmp_path, monkeypatc
     """The preset's `attn_implementation` reaches the job's model (the default preset runs eager attention, whose
     softmax over its few keys is the faster one on the CPU); None keeps the model's default, SDPA."""
     job, data = _smoke_ffn_job(tmp_path, 2, attn_implementation=attn_implementation)
-    calls = []
-    eager = modeling_more.eager_attention_forward
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return eager(*args, **kwargs)
-
-    monkeypatch.setattr(modeling_more, "eager_attention_forward", counting)
+    calls = count_calls(monkeypatch, modeling_more, "eager_attention_forward")
     compare_tools.run_job(job, data)
     assert bool(calls) == (attn_implementation == "eager")
     assert compare_more.PRESETS["default"].attn_implementation == "eager"

@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import EXPERT_TYPES, tiny_config
+from helpers import EXPERT_TYPES, count_calls, tiny_config
 from torch.func import functional_call
 
 import modeling_more
@@ -99,18 +99,6 @@ def reference_forward(block, config, x, token_mask, position_ids):
     return out.view(batch, seq_len, hidden)
 
 
-def count_grouped_mm(monkeypatch):
-    calls = []
-    original = F.grouped_mm
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(F, "grouped_mm", counting)
-    return calls
-
-
 @pytest.mark.parametrize("shapes", ["host", "static"])
 @pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("top_k", [1, 2])
@@ -131,7 +119,7 @@ def test_grouped_dispatch_matches_per_expert_loop(expert_type, top_k, mode, shap
     params = [p for _, p in block.named_parameters()]
     names = [n for n, _ in block.named_parameters()]
 
-    calls = count_grouped_mm(monkeypatch)
+    calls = count_calls(monkeypatch, F, "grouped_mm")
     grouped = block(x, token_mask, position_ids, 0, settings)[0]
     grouped_grads = torch.autograd.grad((grouped * grad_output).sum(), [x, *params], allow_unused=True)
     assert calls, "the block never reached the grouped_mm fast path"
