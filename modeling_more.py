@@ -939,14 +939,13 @@ class MoREHuginnExperts(MoRERecurrentExperts):
         return dispatch.offs
 
     def encode(self, x, dispatch):
-        """The loop's static input: the rows and their four norm weights (rows, 4, d), gathered once per call rather
-        than at every norm of every step; as part of the static input they follow the rows that still iterate under
-        adaptive exit. `index_select` rather than indexing: half the time, forward and backward, on this strided
-        view."""
-        norms = self.norms.transpose(0, 1)  # (groups, 4, d)
-        if norms.shape[0] == 1:
-            return x, norms.expand(x.shape[0], -1, -1)
-        return x, norms.index_select(0, dispatch.group_index)
+        """The loop's static input: the rows and each of their four norm weights (rows, d), gathered once per call
+        rather than at every norm of every step; as part of the static input they follow the rows that still iterate
+        under adaptive exit. One gather per norm, not one (rows, 4, d) gather split at every step: that split's
+        backward would stack the four gradients again at every step."""
+        if self.norms.shape[1] == 1:
+            return (x, *(norm.expand(x.shape[0], -1) for norm in self.norms))
+        return (x, *(norm.index_select(0, dispatch.group_index) for norm in self.norms))
 
     def initial_state(self, static, dispatch):
         return super().initial_state(static[0], dispatch)
@@ -968,8 +967,7 @@ class MoREHuginnExperts(MoRERecurrentExperts):
         return MoREStepAttention(layout, cos, signed_sin, kv_cache, dispatch.batch_size, exit)
 
     def step(self, state, static, dispatch, step_idx, prepared):
-        x, norms = static
-        pre_attn, post_attn, pre_mlp, post_mlp = norms.unbind(1)  # (rows, d) each
+        x, pre_attn, post_attn, pre_mlp, post_mlp = static  # (rows, d) each
         offs = self._group_offs(dispatch)
         state = grouped_linear(torch.cat([state, x], dim=-1), self.adapter, offs)
         attn = self._attention(rms_norm(state, pre_attn, self.eps), prepared, step_idx, offs)

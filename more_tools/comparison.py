@@ -60,6 +60,8 @@ DEPTH_KNOBS = {"num_recurrent_steps": "r", "num_moe_iterations": "T"}
 LEARNING_CURVE_POINTS = 10
 FLAT_FROM = 0.8
 STOP_CHECKS = 20  # the stop rule's checks along `max_steps`: every 5 %, so one sits 20 % before each
+# Seconds between a worker's progress reports: one message per step would wake the main process 100+ times a second.
+PROGRESS_INTERVAL = 0.5
 PLOTS = ("accuracy.png", "depth.png", "accuracy_vs_flops.png", "learning_curves.png", "training.png")
 
 
@@ -474,14 +476,23 @@ class _ProgressCallback(TrainerCallback):
 
     def __init__(self, queue):
         self.queue = queue
+        self.unsent = 0
+        self.sent_at = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.queue is not None:
-            self.queue.put(1)
+        self.unsent += 1
+        if self.queue is not None and time.perf_counter() - self.sent_at >= PROGRESS_INTERVAL:
+            self._send(self.unsent)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.queue is not None and state.global_step < state.max_steps:  # stopped early: the steps it skips
-            self.queue.put(state.max_steps - state.global_step)
+        # The steps not sent yet, and those a job stopped early skips.
+        if self.queue is not None:
+            self._send(self.unsent + state.max_steps - state.global_step)
+
+    def _send(self, steps):
+        if steps:
+            self.queue.put(steps)
+        self.unsent, self.sent_at = 0, time.perf_counter()
 
 
 class _EvalClock:

@@ -402,6 +402,22 @@ def test_a_stopped_job_ends_its_learning_curve_there_and_fills_the_progress_bar(
     assert sum(steps) == 40  # the steps it skipped advance the bar at once
 
 
+@pytest.mark.parametrize("interval, messages", [(0.0, [1] * 6), (3600.0, [6])])
+def test_a_job_reports_its_steps_at_most_every_progress_interval(tmp_path, monkeypatch, interval, messages):
+    """A worker sends its finished steps to the progress bar at most every `PROGRESS_INTERVAL` seconds (a message per
+    step would wake the main process 100+ times a second), and every step it trained arrives by the end."""
+    monkeypatch.setattr(compare_tools, "PROGRESS_INTERVAL", interval)
+    job, data = _smoke_ffn_job(tmp_path, 6)
+    sent = []
+
+    class Queue:
+        def put(self, count):
+            sent.append(count)
+
+    compare_tools.run_job(job, data, Queue())
+    assert sent == messages
+
+
 @pytest.mark.parametrize("attn_implementation", [None, "eager"])
 def test_a_job_builds_its_models_with_the_presets_attention(tmp_path, monkeypatch, attn_implementation):
     """The preset's `attn_implementation` reaches the job's model (the default preset runs eager attention, whose
