@@ -472,7 +472,8 @@ class Job:
 
 
 class _ProgressCallback(TrainerCallback):
-    """Sends each finished optimizer step to the main process's progress bar."""
+    """Sends the finished optimizer steps to the main process's progress bar, at most every `PROGRESS_INTERVAL`
+    seconds, and the rest (with the steps a stopped job skips) when training ends."""
 
     def __init__(self, queue):
         self.queue = queue
