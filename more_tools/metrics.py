@@ -137,7 +137,9 @@ def score_answers(model, test, batch_size: int = 256, **depth) -> np.ndarray:
         index = order[start : start + batch_size]
         batch = collate(test.__getitems__(index.tolist()))  # one read of the batch's examples
         batch = {name: tensor.to(device) for name, tensor in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **depth).logits
+        # No cache: one forward reads nothing back, and building one costs about a tenth of the scoring.
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        logits = model(**inputs, use_cache=False, **depth).logits
         labels = batch["labels"][:, 1:]
         correct = (logits[:, :-1].argmax(-1) == labels) | (labels == IGNORE_INDEX)  # (batch, seq - 1)
         hits[index] = correct.all(dim=1).cpu().numpy()

@@ -244,7 +244,8 @@ class _ParityOracle(torch.nn.Module):
         self.zero, self.one = tokenizer.convert_tokens_to_ids(["0", "1"])
         self.vocab_size, self.lag = len(tokenizer), lag
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, use_cache):
+        assert use_cache is False  # scoring is one forward: a cache would be built and never read
         ones = (input_ids == self.one).long()
         parity = (ones.cumsum(1) - self.lag * ones) % 2
         prediction = torch.where(parity.bool(), self.one, self.zero)
