@@ -371,7 +371,6 @@ class CompareData:
     # Validation examples of trained difficulties (the stop rule), if the preset stops.
     stopping: TensorExamples | None = None
     corpus_train: object | None = None
-    corpus_validation: object | None = None
 
 
 def build_data(preset: Preset, args: CompareArguments, output_dir: Path) -> CompareData:
@@ -393,7 +392,7 @@ def build_data(preset: Preset, args: CompareArguments, output_dir: Path) -> Comp
     corpus = None
     if preset.corpus:
         corpus = load_corpus(args)
-        texts += list(corpus["train"]["text"])
+        texts += list(corpus["text"])
     tokenizer = train_word_level_tokenizer(texts, model_max_length=preset.max_length)
     tokenizer_dir = output_dir / "tokenizer"
     tokenizer.save_pretrained(tokenizer_dir)
@@ -416,9 +415,7 @@ def build_data(preset: Preset, args: CompareArguments, output_dir: Path) -> Comp
         stopping=stopping,
     )
     if corpus is not None:
-        data.corpus_train = TensorExamples.from_dataset(chunk_corpus(corpus["train"], tokenizer, preset.max_length))
-        if "validation" in corpus:
-            data.corpus_validation = chunk_corpus(corpus["validation"], tokenizer, preset.max_length)
+        data.corpus_train = TensorExamples.from_dataset(chunk_corpus(corpus, tokenizer, preset.max_length))
     return data
 
 
@@ -440,18 +437,11 @@ def data_settings(preset: Preset, args: CompareArguments) -> dict:
 
 
 def load_corpus(args: CompareArguments):
-    """The guide preset's pretraining corpus: a Hub dataset by name (train and validation) or a local text file."""
-    from datasets import DatasetDict
-
+    """The guide preset's pretraining corpus: the train split of a Hub dataset by name, or a local text file."""
     if args.corpus_name is not None:
-        return DatasetDict(
-            {
-                split: load_text_corpus(args.corpus_name, args.corpus_config_name, split=split)
-                for split in ("train", "validation")
-            }
-        )
+        return load_text_corpus(args.corpus_name, args.corpus_config_name, split="train")
     if args.corpus_file is not None:
-        return DatasetDict({"train": load_text_corpus(args.corpus_file)})
+        return load_text_corpus(args.corpus_file)
     raise ValueError("--preset guide pretrains on a corpus: pass --corpus_name (e.g. wikitext) or --corpus_file")
 
 

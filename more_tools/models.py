@@ -29,8 +29,6 @@ NAMED_CONFIG_FIELDS = (
     "train_recurrent_steps_max",
     "num_moe_iterations",
 )
-# Fields that follow from the tokenizer for a freshly initialised model.
-TOKENIZER_CONFIG_FIELDS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
 
 
 @dataclass
