@@ -2,6 +2,7 @@
 one training job per variant x seed (in worker processes), statistics over seeds x examples, tables and plots."""
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -247,8 +248,10 @@ def size_knob(expert_type: str) -> str:
 
 
 def meta_model(config: MoREConfig, attn_implementation: str | None = None):
+    """A weightless model of `config`, for counting; `from_config` records the attention kernel on the config it
+    gets, so it gets a copy and the caller's config is left as it was."""
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+        return AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=attn_implementation)
 
 
 def parameter_counts(config: MoREConfig) -> dict[str, int]:

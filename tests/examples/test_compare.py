@@ -106,6 +106,15 @@ def test_compute_matched_ffn_is_deeper_and_matches_recurrent_flops():
     assert flops(recurrent) == pytest.approx(expected)
 
 
+def test_meta_model_leaves_the_config_it_counts_unchanged():
+    """The early attention-kernel check of `compare_more.main` builds a meta model of a config the jobs are then
+    built from: that config keeps its own kernel setting."""
+    config = _configs(["ffn"], preset="default")["ffn"]
+    before = config.to_dict() | {"_attn_implementation": config._attn_implementation}
+    assert compare_tools.meta_model(config, "eager").config._attn_implementation == "eager"
+    assert config.to_dict() | {"_attn_implementation": config._attn_implementation} == before
+
+
 def test_recurrent_variants_train_with_random_depth():
     configs = _configs(preset="default")
     for name, config in configs.items():
