@@ -4,7 +4,9 @@ This file depends on `transformers` only; `save_pretrained` copies it next to th
 with `trust_remote_code=True` where MoRE is not installed.
 """
 
+import copy
 import difflib
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -26,6 +28,8 @@ EXPERT_TYPES: dict[str, "str | type"] = {
     "parallel": "MoREParallelExperts",
     "sequential": "MoRESequentialExperts",
 }
+# Expert types whose experts attend among their tokens, with `recurrent_num_heads` heads of a rotary head size.
+ATTENTION_EXPERT_TYPES = ("recurrent", "shared_recurrent")
 # Valid names of `modeling_more.ROUTER_REGISTRY` (a test keeps both equal).
 ROUTER_TYPES = ("linear", "gru", "rnn", "gru_token", "rnn_token")
 # Valid names of `modeling_more.DEPTH_SAMPLER_REGISTRY` (a test keeps both equal).
@@ -310,6 +314,7 @@ class MoREConfig(PreTrainedConfig):
         """What each MoRE field accepts on its own (a test checks that every field has a rule). Built per call: the
         expert types grow with `modeling_more.register_expert` and the layer indices depend on `num_hidden_layers`."""
         layers = self.num_hidden_layers
+        token_id = _token_id_rule(self.vocab_size)
         return {
             "vocab_size": _POSITIVE_INT,
             "hidden_size": _POSITIVE_INT,
@@ -329,11 +334,13 @@ class MoREConfig(PreTrainedConfig):
             "initializer_range": _NON_NEGATIVE,
             "use_cache": _BOOL,
             "tie_word_embeddings": _BOOL,
-            "pad_token_id": _TOKEN_ID,
-            "bos_token_id": _TOKEN_ID,
+            "pad_token_id": token_id,
+            "bos_token_id": token_id,
             "eos_token_id": _Rule(
-                "an integer token id, a list of them or None",
-                lambda v: _TOKEN_ID.accepts(v) or (isinstance(v, list) and all(map(_is_int, v))),
+                f"an integer token id in [0, {self.vocab_size}) (vocab_size), a list of them or None",
+                lambda v: (
+                    token_id.accepts(v) or (isinstance(v, list) and all(_is_int(i) and token_id.accepts(i) for i in v))
+                ),
             ),
             "expert_type": _one_of(EXPERT_TYPES),
             "num_experts": _POSITIVE_INT,
@@ -409,10 +416,10 @@ class MoREConfig(PreTrainedConfig):
                 f"`num_key_value_heads` must divide `num_attention_heads` ({self.num_attention_heads}), "
                 f"got {self.num_key_value_heads}."
             )
-        if self.hidden_size % self.recurrent_num_heads != 0:
+        if self.expert_type in ATTENTION_EXPERT_TYPES and self.hidden_size % self.recurrent_num_heads != 0:
             raise ValueError(
-                f"`hidden_size` ({self.hidden_size}) must be divisible by `recurrent_num_heads`, "
-                f"got {self.recurrent_num_heads}."
+                f"`hidden_size` ({self.hidden_size}) must be divisible by `recurrent_num_heads` for "
+                f"expert_type={self.expert_type!r}, got {self.recurrent_num_heads}."
             )
         if self.train_recurrent_steps_min > self.train_recurrent_steps_max:
             raise ValueError(
@@ -441,10 +448,45 @@ class MoREConfig(PreTrainedConfig):
         theta = self.rope_parameters.get("rope_theta")
         if not (_is_number(theta) and theta > 0):  # every RoPE type uses it; Transformers does not check it
             raise ValueError(f"`rope_parameters`'s 'rope_theta' must be a number > 0, got {theta!r}.")
+        partial = self.rope_parameters.get("partial_rotary_factor", 1.0)
+        if partial != 1.0:  # MoRE rotates whole heads: a smaller factor would be ignored
+            raise ValueError(
+                f"`rope_parameters`'s 'partial_rotary_factor' must be 1.0 (whole heads), got {partial!r}."
+            )
+        sizes = self._rotary_head_sizes()
+        for field, size in sizes.items():
+            if size % 2:  # rotary turns pairs of features
+                raise ValueError(f"Rotary needs an even head size: `{field}` gives {size}.")
+        # Transformers' own checks read `head_dim`, which MoRE leaves None for hidden_size / num_attention_heads.
+        probe = copy.copy(self)
+        probe.head_dim = sizes["head_dim"]
         try:
-            self.validate_rope()
+            probe.validate_rope()
         except KeyError as err:  # Transformers reports missing keys as KeyError
             raise ValueError(f"`rope_parameters` {self.rope_parameters!r}: {err.args[0]}") from None
+        if self.rope_parameters["rope_type"] == "longrope":  # one factor per rotated pair, for every head size
+            for key in ("short_factor", "long_factor"):
+                factors = self.rope_parameters[key]
+                for field, size in sizes.items():
+                    if not (isinstance(factors, list) and len(factors) == size // 2):
+                        raise ValueError(
+                            f"`rope_parameters`'s {key!r} needs {size // 2} numbers for the head size {size} "
+                            f"(`{field}`), got {factors!r}."
+                        )
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """Validates the fields first: one changed on a built model (behaviour fields may be) to a value the config
+        rejects would otherwise be written into a checkpoint that cannot be loaded."""
+        self._validate()
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    def _rotary_head_sizes(self) -> dict[str, int]:
+        """The head size of every attention that applies rotary, by the field that sets it: the backbone's and, for
+        experts that attend, the experts' own."""
+        sizes = {"head_dim": self.head_dim or self.hidden_size // self.num_attention_heads}
+        if self.expert_type in ATTENTION_EXPERT_TYPES:
+            sizes["recurrent_num_heads"] = self.hidden_size // self.recurrent_num_heads
+        return sizes
 
 
 class _Rule(NamedTuple):
@@ -459,7 +501,8 @@ def _is_int(value) -> bool:
 
 
 def _is_number(value) -> bool:
-    return _is_int(value) or isinstance(value, float)  # an int is fine where a float is expected
+    # An int is fine where a float is expected; inf and nan are not: they pass a range check and break the model.
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
 
 
 def _optional(rule: _Rule, none_means: str) -> _Rule:
@@ -472,11 +515,17 @@ def _one_of(choices) -> _Rule:
 
 
 _POSITIVE_INT = _Rule("a positive integer", lambda v: _is_int(v) and v >= 1)
-_POSITIVE = _Rule("a number > 0", lambda v: _is_number(v) and v > 0)
-_NON_NEGATIVE = _Rule("a number >= 0", lambda v: _is_number(v) and v >= 0)
+_POSITIVE = _Rule("a finite number > 0", lambda v: _is_number(v) and v > 0)
+_NON_NEGATIVE = _Rule("a finite number >= 0", lambda v: _is_number(v) and v >= 0)
 _FRACTION = _Rule("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1)
 _BOOL = _Rule("a bool", lambda v: isinstance(v, bool))
-_TOKEN_ID = _Rule("an integer token id or None", lambda v: v is None or _is_int(v))
+
+
+def _token_id_rule(vocab_size) -> _Rule:
+    return _Rule(
+        f"an integer token id in [0, {vocab_size}) (vocab_size) or None",
+        lambda v: v is None or (_is_int(v) and 0 <= v < vocab_size),
+    )
 
 
 __all__ = ["MoREConfig"]

@@ -14,6 +14,15 @@ import modeling_more
 from configuration_more import MoREConfig
 
 
+# Long-context RoPE with one factor per rotated pair of the tiny config's head size 8.
+LONGROPE = {
+    "rope_type": "longrope",
+    "rope_theta": 1e4,
+    "short_factor": [1.0] * 4,
+    "long_factor": [2.0] * 4,
+    "original_max_position_embeddings": 32,
+}
+
 BAD_VALUES = [
     ("expert_type", {"expert_type": "nope"}),
     ("router_type", {"router_type": "nope"}),
@@ -42,6 +51,28 @@ BAD_VALUES = [
     ("rope_parameters", {"rope_parameters": {"rope_type": "default", "rope_theta": "1e4"}}),
     ("recurrent_attention_window", {"recurrent_attention_window": 0}),
     ("recurrent_attention_window", {"recurrent_attention_window": 2.0}),
+    # Non-finite numbers pass a range check and break the model (an overflow, NaN losses).
+    ("capacity_factor", {"capacity_factor": float("inf")}),
+    ("rms_norm_eps", {"rms_norm_eps": float("nan")}),
+    ("latent_init_std", {"latent_init_std": float("inf")}),
+    ("moe_residual_scale", {"moe_residual_scale": float("inf")}),
+    ("rope_theta", {"rope_parameters": {"rope_type": "default", "rope_theta": float("inf")}}),
+    # Special token ids outside the vocabulary (the embedding's padding index, generation's stop ids).
+    ("pad_token_id", {"pad_token_id": 100}),
+    ("pad_token_id", {"pad_token_id": -1}),
+    ("bos_token_id", {"bos_token_id": 1000}),
+    ("eos_token_id", {"eos_token_id": [2, 100]}),
+    # Rotary turns pairs of features: odd head sizes, partial rotary (MoRE rotates whole heads), factors per pair.
+    ("head_dim", {"hidden_size": 12, "num_attention_heads": 4}),
+    ("head_dim", {"head_dim": 5}),
+    ("recurrent_num_heads", {"expert_type": "recurrent", "recurrent_num_heads": 32}),
+    ("recurrent_num_heads", {"expert_type": "shared_recurrent", "hidden_size": 24, "recurrent_num_heads": 8}),
+    (
+        "partial_rotary_factor",
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+    ),
+    ("short_factor", {"rope_parameters": LONGROPE | {"short_factor": [1.0] * 3}}),
+    ("recurrent_num_heads", {"expert_type": "recurrent", "recurrent_num_heads": 2, "rope_parameters": LONGROPE}),
 ]
 
 
@@ -66,6 +97,11 @@ def test_bad_value_raises_naming_field(field, overrides):
         {"eos_token_id": [2, 3], "pad_token_id": None},
         {"mlp_only_layers": (1,)},
         {"recurrent_attention_window": 1},
+        {"pad_token_id": 99, "bos_token_id": None, "eos_token_id": [0, 99]},
+        # FFN experts do not attend: heads that would not divide hidden_size do not concern them.
+        {"hidden_size": 30, "num_attention_heads": 4, "head_dim": 8},
+        {"rope_parameters": LONGROPE},
+        {"rope_parameters": LONGROPE, "expert_type": "recurrent"},
     ],
 )
 def test_boundary_values_accepted(overrides):
@@ -76,15 +112,15 @@ def test_boundary_values_accepted(overrides):
 
 # (field, value of a wrong type, what the error says is allowed)
 WRONG_TYPES = [
-    ("capacity_factor", "abc", "a number > 0 or None"),
-    ("rms_norm_eps", "abc", "a number > 0"),
+    ("capacity_factor", "abc", "a finite number > 0 or None"),
+    ("rms_norm_eps", "abc", "a finite number > 0"),
     ("mlp_only_layers", 5, "a list of layer indices"),
     ("mlp_only_layers", [0.5], "a list of layer indices"),
     ("num_experts", 2.0, "a positive integer"),
     ("num_experts", True, "a positive integer"),
     ("num_backprop_steps", "all", "a positive integer or None"),
-    ("router_aux_loss_coef", [0.1], "a number >= 0"),
-    ("router_z_loss_coef", True, "a number >= 0"),
+    ("router_aux_loss_coef", [0.1], "a finite number >= 0"),
+    ("router_z_loss_coef", True, "a finite number >= 0"),
     ("attention_dropout", "0.1", "a number in [0, 1)"),
     ("norm_topk_prob", "yes", "a bool"),
     ("expert_type", ["ffn"], "one of"),
@@ -140,6 +176,16 @@ def test_wrong_type_raises_naming_field_value_and_allowed(field, value, allowed,
 
 def test_every_field_has_a_rule():
     assert list(tiny_config()._field_rules()) == list(inspect.get_annotations(MoREConfig))
+
+
+@pytest.mark.parametrize(("field", "value"), [("capacity_factor", -1.0), ("num_recurrent_steps", 2.5)])
+def test_saving_a_field_changed_to_a_bad_value_raises_before_writing(field, value, tmp_path):
+    model = tiny_model(train=True, expert_type="recurrent")
+    setattr(model.config, field, value)  # behaviour fields may change on a built model
+    with pytest.raises(ValueError, match=field):
+        model.save_pretrained(tmp_path)
+    # No checkpoint that `from_pretrained` would refuse (the code files are copied first, for remote code).
+    assert sorted(path.suffix for path in tmp_path.iterdir()) == [".py", ".py"]
 
 
 @pytest.mark.parametrize("loader", [MoREConfig, AutoConfig])
