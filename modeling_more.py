@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -1572,27 +1573,76 @@ def get_router_class(name: str) -> type[MoRERouter]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def fixed_depth(config: MoREConfig) -> int:
-    return config.num_recurrent_steps
+class MoREDepthSampler:
+    """How a training batch's recurrent depth is drawn: `draw` takes it from the global torch RNG as a (1,) tensor,
+    which the model broadcasts from rank 0, or returns a Python int when nothing is drawn; `probabilities` is the exact
+    distribution {depth: probability}, for compute accounting."""
+
+    def draw(self, config: MoREConfig) -> int | torch.Tensor:
+        raise NotImplementedError
+
+    def probabilities(self, config: MoREConfig) -> dict[int, float]:
+        raise NotImplementedError
 
 
-def uniform_depth(config: MoREConfig) -> torch.Tensor:
-    return torch.randint(config.train_recurrent_steps_min, config.train_recurrent_steps_max + 1, (1,))
+class MoREFixedDepth(MoREDepthSampler):
+    """Always `num_recurrent_steps`."""
+
+    def draw(self, config):
+        return config.num_recurrent_steps
+
+    def probabilities(self, config):
+        return {config.num_recurrent_steps: 1.0}
 
 
-def poisson_lognormal_depth(config: MoREConfig) -> torch.Tensor:
-    """Huginn's: Poisson with a log-normal rate around the range's mean, clipped to the range."""
-    low, high, sigma = config.train_recurrent_steps_min, config.train_recurrent_steps_max, 0.5
-    rate = torch.exp(torch.randn(1) * sigma + math.log((low + high) / 2) - sigma**2 / 2)
-    return torch.poisson(rate).long().clamp(low, high)
+class MoREUniformDepth(MoREDepthSampler):
+    """Uniform over [train_recurrent_steps_min, train_recurrent_steps_max]."""
+
+    def draw(self, config):
+        return torch.randint(config.train_recurrent_steps_min, config.train_recurrent_steps_max + 1, (1,))
+
+    def probabilities(self, config):
+        depths = range(config.train_recurrent_steps_min, config.train_recurrent_steps_max + 1)
+        return dict.fromkeys(depths, 1.0 / len(depths))
 
 
-# Each returns a draw from the global torch RNG as a (1,) tensor, which the model broadcasts from rank 0, or a Python
-# int when nothing is drawn.
-DEPTH_SAMPLER_REGISTRY = {"fixed": fixed_depth, "uniform": uniform_depth, "poisson_lognormal": poisson_lognormal_depth}
+class MoREPoissonLogNormalDepth(MoREDepthSampler):
+    """Huginn's: Poisson with a log-normal rate whose mean is the range's mean, clipped to the range (the clipping
+    moves the depths' mean off the range's mean)."""
+
+    sigma = 0.5
+    quadrature_nodes = 64  # Gauss-Hermite nodes over the log-normal rate: exact to float precision here
+
+    def draw(self, config):
+        low, high, sigma = config.train_recurrent_steps_min, config.train_recurrent_steps_max, self.sigma
+        rate = torch.exp(torch.randn(1) * sigma + math.log((low + high) / 2) - sigma**2 / 2)
+        return torch.poisson(rate).long().clamp(low, high)
+
+    def probabilities(self, config):
+        low, high, sigma = config.train_recurrent_steps_min, config.train_recurrent_steps_max, self.sigma
+        if low == high:
+            return {low: 1.0}
+        nodes, weights = np.polynomial.hermite.hermgauss(self.quadrature_nodes)
+        probabilities = dict.fromkeys(range(low, high + 1), 0.0)
+        for node, weight in zip(nodes.tolist(), weights.tolist(), strict=True):
+            # The expectation over the rate's normal draw z: z = sqrt(2) * node with weight / sqrt(pi).
+            log_rate = math.sqrt(2) * sigma * node + math.log((low + high) / 2) - sigma**2 / 2
+            rate, weight = math.exp(log_rate), weight / math.sqrt(math.pi)
+            pmf = [math.exp(k * log_rate - rate - math.lgamma(k + 1)) for k in range(high)]  # P(k), k < high
+            for depth in range(low, high):
+                probabilities[depth] += weight * (sum(pmf[: low + 1]) if depth == low else pmf[depth])
+            probabilities[high] += weight * (1.0 - sum(pmf))  # every draw >= high is clipped to it
+        return probabilities
 
 
-def get_depth_sampler(name: str) -> Callable[[MoREConfig], int | torch.Tensor]:
+DEPTH_SAMPLER_REGISTRY = {
+    "fixed": MoREFixedDepth(),
+    "uniform": MoREUniformDepth(),
+    "poisson_lognormal": MoREPoissonLogNormalDepth(),
+}
+
+
+def get_depth_sampler(name: str) -> MoREDepthSampler:
     if name not in DEPTH_SAMPLER_REGISTRY:
         raise ValueError(f"Unknown recurrent_steps_sampler {name!r}; valid names: {sorted(DEPTH_SAMPLER_REGISTRY)}.")
     return DEPTH_SAMPLER_REGISTRY[name]
@@ -2731,7 +2781,7 @@ class MoREModel(MoREPreTrainedModel):
 
     def _sample_depth(self) -> int:
         """Training depth, drawn from the global torch RNG (so Trainer's RNG checkpointing replays it)."""
-        draw = get_depth_sampler(self.config.recurrent_steps_sampler)(self.config)
+        draw = get_depth_sampler(self.config.recurrent_steps_sampler).draw(self.config)
         return draw if isinstance(draw, int) else self._broadcast(draw)
 
     # The drawn depth becomes a Python int that drives the step loops: a deliberate graph break under torch.compile

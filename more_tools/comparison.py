@@ -259,32 +259,43 @@ def parameter_counts(config: MoREConfig) -> dict[str, int]:
     return {"total": model.num_parameters(), "active": model.num_parameters(active=True)}
 
 
-def mean_training_depth(config: MoREConfig) -> tuple[float, float]:
-    """Expected (recurrent steps, MoE iterations) of a training batch under the config's samplers."""
-    steps = float(config.num_recurrent_steps)
-    if is_recurrent(config) and config.recurrent_steps_sampler != "fixed":
-        # Both samplers centre on the range's mean (the log-normal Poisson rate is clipped to the range).
-        steps = (config.train_recurrent_steps_min + config.train_recurrent_steps_max) / 2
-    iterations = float(config.num_moe_iterations)
-    if config.train_moe_iterations_min is not None:
-        iterations = (config.train_moe_iterations_min + config.train_moe_iterations_max) / 2
-    return steps, iterations
-
-
 def training_flops_per_token(config: MoREConfig) -> float:
-    """Forward + backward FLOPs per token (3x the forward) at the mean training depth, interpolated between depths."""
+    """Forward + backward FLOPs per token, expected over the training depths (the config's `recurrent_steps_sampler`
+    and MoE iteration draw)."""
     model = meta_model(config)
-    steps, iterations = mean_training_depth(config)
+    steps = {config.num_recurrent_steps: 1.0}
+    if is_recurrent(config):
+        steps = modeling_more.get_depth_sampler(config.recurrent_steps_sampler).probabilities(config)
+    iterations = {config.num_moe_iterations: 1.0}
+    if config.train_moe_iterations_min is not None:  # drawn uniformly per batch
+        drawn = range(config.train_moe_iterations_min, config.train_moe_iterations_max + 1)
+        iterations = dict.fromkeys(drawn, 1.0 / len(drawn))
+    return sum(
+        p_steps * p_iterations * training_flops_at(model, depth, count)
+        for depth, p_steps in steps.items()
+        for count, p_iterations in iterations.items()
+    )
 
-    def forward(s: float, t: float) -> float:
-        # FLOPs are affine in each depth, so the value at a fractional mean is the interpolation of its neighbours.
-        low_s, low_t = max(1, int(s)), max(1, int(t))
-        base = model.flops_per_token(num_recurrent_steps=low_s, num_moe_iterations=low_t)
-        slope_s = model.flops_per_token(num_recurrent_steps=low_s + 1, num_moe_iterations=low_t) - base
-        slope_t = model.flops_per_token(num_recurrent_steps=low_s, num_moe_iterations=low_t + 1) - base
-        return base + (s - low_s) * slope_s + (t - low_t) * slope_t
 
-    return 3 * forward(steps, iterations)
+def training_flops_at(model, steps: int, iterations: int) -> float:
+    """Training FLOPs per token at one depth: 3x the forward, except for the expert steps and MoE iterations that
+    truncated backprop (`num_backprop_steps`, `num_backprop_iterations`) runs without a graph, which cost their forward
+    only."""
+    config = model.config
+
+    def forward(s: int, t: int) -> float:
+        return model.flops_per_token(num_recurrent_steps=s, num_moe_iterations=t)
+
+    total = forward(steps, iterations)
+    without_graph, with_graph_iterations = 0.0, iterations
+    if config.num_backprop_iterations is not None and iterations > config.num_backprop_iterations:
+        with_graph_iterations = config.num_backprop_iterations
+        one_iteration = total - forward(steps, iterations - 1)
+        without_graph += (iterations - with_graph_iterations) * one_iteration
+    if config.num_backprop_steps is not None and steps > config.num_backprop_steps:
+        one_step = (total - forward(steps - 1, iterations)) / iterations  # one step of one iteration's experts
+        without_graph += with_graph_iterations * (steps - config.num_backprop_steps) * one_step
+    return 3 * total - 2 * without_graph
 
 
 WIDTH_MULTIPLE = 4  # matched widths: fp32 rows of 16 bytes, as grouped_mm needs

@@ -106,6 +106,39 @@ def test_compute_matched_ffn_is_deeper_and_matches_recurrent_flops():
     assert flops(recurrent) == pytest.approx(expected)
 
 
+def test_training_flops_follow_the_depth_distribution_and_truncated_backprop():
+    """The guide's recurrence: Huginn's clipped Poisson depths (mean 4.2 on 1..8, not 4.5) and 4 steps with a graph;
+    the steps before run without one and cost their forward only."""
+    config = _configs(["recurrent"], preset="default")["recurrent"]
+    config.recurrent_steps_sampler, config.train_recurrent_steps_max = "poisson_lognormal", 8
+    model = compare_tools.meta_model(config)
+
+    def forward(steps):
+        return model.flops_per_token(num_recurrent_steps=steps)
+
+    probabilities = modeling_more.get_depth_sampler("poisson_lognormal").probabilities(config)
+    mean_depth = sum(depth * p for depth, p in probabilities.items())
+    assert 4.1 < mean_depth < 4.3
+    # Without truncation the expected cost is 3x the forward at the mean depth (FLOPs are affine in the depth).
+    step = forward(2) - forward(1)
+    full = 3 * (forward(1) + (mean_depth - 1) * step)
+    assert compare_tools.training_flops_per_token(config) == pytest.approx(full, rel=1e-9)
+    config.num_backprop_steps = 4
+    saved = 2 * step * sum(p * max(0, depth - 4) for depth, p in probabilities.items())
+    assert compare_tools.training_flops_per_token(config) == pytest.approx(full - saved, rel=1e-9)
+
+
+def test_truncated_iterations_cost_their_forward_only():
+    config = _configs(["ffn_synthesis2"], preset="default")["ffn_synthesis2"]
+    config.train_moe_iterations_min = config.train_moe_iterations_max = config.num_moe_iterations = 3
+    model = compare_tools.meta_model(config)
+    one_iteration = model.flops_per_token(num_moe_iterations=3) - model.flops_per_token(num_moe_iterations=2)
+    full = compare_tools.training_flops_per_token(config)
+    assert full == pytest.approx(3 * model.flops_per_token(num_moe_iterations=3))
+    config.num_backprop_iterations = 1
+    assert compare_tools.training_flops_per_token(config) == pytest.approx(full - 2 * 2 * one_iteration)
+
+
 def test_meta_model_leaves_the_config_it_counts_unchanged():
     """The early attention-kernel check of `compare_more.main` builds a meta model of a config the jobs are then
     built from: that config keeps its own kernel setting."""

@@ -13,6 +13,7 @@ from helpers import (
     clone_model,
     moe_blocks,
     random_ids,
+    tiny_config,
     tiny_model,
 )
 from transformers.testing_utils import CaptureLogger
@@ -252,6 +253,30 @@ def test_training_depth_is_sampled_in_range(expert_type, sampler):
     model.eval()
     with torch.no_grad():
         assert float(model(ids).recurrent_steps) == model.config.num_recurrent_steps
+
+
+@pytest.mark.parametrize("depths", [(1, 8), (3, 5), (2, 2)])
+@pytest.mark.parametrize("sampler", sorted(modeling_more.DEPTH_SAMPLER_REGISTRY))
+def test_depth_sampler_probabilities_match_its_draws(sampler, depths):
+    """`probabilities` (compute accounting: the compute-matched baseline) is the distribution `draw` samples; the
+    clipped Poisson's mean is not the range's."""
+    low, high = depths
+    config = tiny_config(
+        expert_type="recurrent",
+        recurrent_steps_sampler=sampler,
+        train_recurrent_steps_min=low,
+        train_recurrent_steps_max=high,
+        num_recurrent_steps=high,
+    )
+    depth_sampler = modeling_more.get_depth_sampler(sampler)
+    probabilities = depth_sampler.probabilities(config)
+    torch.manual_seed(0)
+    draws = torch.tensor([int(depth_sampler.draw(config)) for _ in range(20_000)])
+    assert sum(probabilities.values()) == pytest.approx(1.0, abs=1e-12)
+    assert set(draws.tolist()) <= set(probabilities)
+    for depth, probability in probabilities.items():
+        # 20,000 draws: a frequency's standard error is at most 0.0035.
+        assert (draws == depth).float().mean().item() == pytest.approx(probability, abs=0.015), depth
 
 
 def _spy_steps(model):
