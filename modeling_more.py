@@ -2771,7 +2771,9 @@ class MoREModel(MoREPreTrainedModel):
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         if adaptive_exit_threshold is None:
             adaptive_exit_threshold = config.adaptive_exit_threshold
-        elif not (isinstance(adaptive_exit_threshold, (int, float)) and adaptive_exit_threshold > 0):
+        elif isinstance(adaptive_exit_threshold, bool) or not (
+            isinstance(adaptive_exit_threshold, (int, float)) and adaptive_exit_threshold > 0
+        ):
             raise ValueError(
                 f"`adaptive_exit_threshold` must be a number > 0 or None, got {adaptive_exit_threshold!r}."
             )
@@ -2802,14 +2804,18 @@ class MoREModel(MoREPreTrainedModel):
                     "built; it sizes or chooses modules, so build a new model from the changed config instead."
                 )
 
-    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, past_length):
+    def _check_inputs(self, input_ids, inputs_embeds, attention_mask, position_ids, past_length):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         if input_ids is not None and input_ids.dim() != 2:
             raise ValueError(f"`input_ids` must have shape (batch, seq_len), got {tuple(input_ids.shape)}.")
-        if inputs_embeds is not None and inputs_embeds.dim() != 3:
+        if input_ids is not None and (input_ids.is_floating_point() or input_ids.dtype == torch.bool):
+            raise ValueError(f"`input_ids` must hold integer token ids, got dtype {input_ids.dtype}.")
+        hidden = self.config.hidden_size
+        if inputs_embeds is not None and (inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden):
             raise ValueError(
-                f"`inputs_embeds` must have shape (batch, seq_len, hidden_size), got {tuple(inputs_embeds.shape)}."
+                f"`inputs_embeds` must have shape (batch, seq_len, hidden_size={hidden}), "
+                f"got {tuple(inputs_embeds.shape)}."
             )
         name, inputs = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds)
         shape = inputs.shape[:2]
@@ -2826,6 +2832,11 @@ class MoREModel(MoREPreTrainedModel):
                     f"`input_ids` must be in [0, {self.vocab_size}) (vocab_size); got values in "
                     f"[{int(input_ids.min())}, {int(input_ids.max())}]."
                 )
+        if position_ids is not None and tuple(position_ids.shape) not in ((shape[1],), (1, shape[1]), tuple(shape)):
+            raise ValueError(
+                f"`position_ids` must have shape (seq_len,), (1, seq_len) or (batch, seq_len) with batch, seq_len = "
+                f"{tuple(shape)}, got {tuple(position_ids.shape)}."
+            )
         if attention_mask is not None:
             expected = (shape[0], past_length + shape[1])
             if attention_mask.dim() != 2 or tuple(attention_mask.shape) != expected:
@@ -2855,7 +2866,7 @@ class MoREModel(MoREPreTrainedModel):
         cache, use_cache = self._resolve_cache(cache, use_cache)
         past_length = cache.get_seq_length() if cache is not None else 0
         self._check_architecture()
-        self._check_inputs(input_ids, inputs_embeds, attention_mask, past_length)
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, position_ids, past_length)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         position_ids = self._position_ids(inputs_embeds, attention_mask, position_ids, past_length)
@@ -3021,6 +3032,19 @@ class MoREForCausalLM(MoREPreTrainedModel, GenerationMixin):
         expected = tuple(hidden_states.shape[:2])
         if tuple(labels.shape) != expected:
             raise ValueError(f"`labels` must have shape (batch, seq_len) = {expected}, got {tuple(labels.shape)}.")
+        if logits.shape[1] != expected[1]:
+            raise ValueError(
+                f"`labels` need the logits of every position: got `logits_to_keep` keeping {logits.shape[1]} of "
+                f"{expected[1]}."
+            )
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise ValueError(f"`labels` must hold integer token ids (or -100), got dtype {labels.dtype}.")
+        # A host read, as for `input_ids`: where it is free only (on GPU the loss kernel's assert catches them).
+        if host_reads_free(labels) and (((labels < 0) & (labels != -100)) | (labels >= self.vocab_size)).any():
+            raise ValueError(
+                f"`labels` must be token ids in [0, {self.vocab_size}) (vocab_size) or -100 (ignored); got values in "
+                f"[{int(labels.min())}, {int(labels.max())}]."
+            )
         if num_items_in_batch is not None:  # the label tokens over the accumulated micro-batches: 0 if none has any
             count = torch.as_tensor(num_items_in_batch).clamp_min(1)
         else:

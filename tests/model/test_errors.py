@@ -101,3 +101,51 @@ def test_generate_empty_prompt(model, shape):
 def test_inputs_embeds_wrong_rank(model):
     with pytest.raises(ValueError, match="inputs_embeds"):
         model(inputs_embeds=torch.zeros(6, model.config.hidden_size))
+
+
+def test_inputs_embeds_wrong_width(model):
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        model(inputs_embeds=torch.zeros(2, 6, model.config.hidden_size // 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
+def test_input_ids_not_integers(model, dtype):
+    with pytest.raises(ValueError, match="input_ids"):
+        model(random_ids(2, 6).to(dtype))
+
+
+@pytest.mark.parametrize("shape", [(2, 5), (3, 6), (5,), (2, 6, 1)])
+def test_position_ids_wrong_shape(model, shape):
+    with pytest.raises(ValueError, match="position_ids"):
+        model(random_ids(2, 6), position_ids=torch.zeros(shape, dtype=torch.long))
+
+
+@pytest.mark.parametrize("shape", [(6,), (1, 6), (2, 6)])
+def test_position_ids_shapes_accepted(model, shape):
+    positions = torch.arange(6).expand(shape) if len(shape) > 1 else torch.arange(6)
+    with torch.no_grad():
+        model(random_ids(2, 6), position_ids=positions)
+
+
+@pytest.mark.parametrize("bad", [VOCAB, -5])
+def test_label_outside_the_vocabulary(model, bad):
+    labels = random_ids(2, 6)
+    labels[0, 0] = -100  # ignored positions stay allowed
+    labels[1, 4] = bad
+    with pytest.raises(ValueError, match="labels"):
+        model(random_ids(2, 6), labels=labels)
+
+
+def test_float_labels(model):
+    with pytest.raises(ValueError, match="labels"):
+        model(random_ids(2, 6), labels=random_ids(2, 6).float())
+
+
+def test_labels_with_logits_to_keep(model):
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(random_ids(2, 6), labels=random_ids(2, 6), logits_to_keep=1)
+
+
+def test_boolean_adaptive_exit_threshold(model):
+    with pytest.raises(ValueError, match="adaptive_exit_threshold"):
+        model(random_ids(2, 6), adaptive_exit_threshold=True)
