@@ -2578,6 +2578,37 @@ class MoREPreTrainedModel(PreTrainedModel):
             )
         return super().activation_checkpointing_enable(activation_checkpointing_kwargs, *args, **kwargs)
 
+    @classmethod
+    def from_pretrained(cls, *args, output_loading_info: bool = False, **kwargs):
+        """Transformers' `from_pretrained`, which also refuses a checkpoint whose backbone weights do not fit the
+        model its config builds (saved with another `expert_type`, `router_type` or `mlp_only_layers`, or a config
+        overridden or edited since): the model would run on the weights it found and random ones where the others
+        belong. A missing head (`lm_head` of a base model's checkpoint, untied) is initialised, as Transformers does.
+        With `output_loading_info=True` nothing is refused: the model comes with Transformers' report.
+        """
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        if output_loading_info:
+            return model, info
+        prefix = f"{model.base_model_prefix}."
+        has_head = getattr(model, model.base_model_prefix, None) is not None
+
+        def in_backbone(key: str) -> bool:
+            return not has_head or key.startswith(prefix)
+
+        unfit = {kind: sorted(filter(in_backbone, info[kind])) for kind in ("missing_keys", "unexpected_keys")}
+        if any(unfit.values()):
+            listed = "; ".join(
+                f"{kind.replace('_', ' ')} ({len(keys)}): {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''}"
+                for kind, keys in unfit.items()
+                if keys
+            )
+            raise ValueError(
+                f"The checkpoint's weights do not fit the model its config builds (expert_type="
+                f"{model.config.expert_type!r}, router_type={model.config.router_type!r}): {listed}. Load it with the "
+                "config it was saved with, or pass `output_loading_info=True` to load it anyway with the report."
+            )
+        return model
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Transformers' `save_pretrained`; for an expert type registered from a module of its own, that module (and
         what it imports relatively) is saved beside the model files together with `more_expert_types.py`, which

@@ -79,6 +79,36 @@ print("ok")
 """
 
 
+# Loading an `ffn` checkpoint with these overrides leaves backbone weights missing or unused (same-named weights of
+# another shape fail in Transformers' own size check).
+OTHER_ARCHITECTURES = [
+    {"expert_type": "recurrent"},
+    {"expert_type": "sandwich"},
+    {"expert_type": "parallel"},
+    {"router_type": "gru"},
+    {"mlp_only_layers": [0]},
+]
+
+
+@pytest.mark.parametrize("overrides", OTHER_ARCHITECTURES, ids=[str(o) for o in OTHER_ARCHITECTURES])
+def test_checkpoint_of_another_architecture_is_refused(tmp_path, overrides):
+    _, path = _save(tmp_path)
+    with pytest.raises(ValueError, match="do not fit the model its config builds"):
+        AutoModelForCausalLM.from_pretrained(path, **overrides)
+    # Asked for the report, the caller decides.
+    _, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **overrides)
+    assert info["missing_keys"] or info["unexpected_keys"]
+
+
+def test_base_model_checkpoint_loads_with_a_new_head(tmp_path):
+    """A backbone saved alone (`MoREModel`) loads into `MoREForCausalLM`, the untied head initialised."""
+    model = tiny_model(tie_word_embeddings=False)
+    model.model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for name, param in model.model.state_dict().items():
+        torch.testing.assert_close(loaded.model.state_dict()[name], param, atol=0, rtol=0)
+
+
 def test_fresh_process_keeps_an_environment_inside_the_repository(tmp_path):
     """A virtual environment inside the repository (a `.venv` there) keeps its packages in the process that cannot
     import MoRE: here the running environment lies inside the directory passed as the repository."""
