@@ -280,6 +280,8 @@ class MoREConfig(PreTrainedConfig):
         self._warn_misspelt_keys(kwargs)
         # Transformers' post-init folds legacy RoPE keys into `rope_parameters` and fails obscurely on a non-dict.
         self._check_fields(["rope_parameters"])
+        # It also completes the dict in place: the caller's own dict (maybe shared by several configs) stays as given.
+        self.rope_parameters = copy.deepcopy(self.rope_parameters)
         super().__post_init__(**kwargs)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads

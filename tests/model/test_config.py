@@ -188,6 +188,14 @@ def test_saving_a_field_changed_to_a_bad_value_raises_before_writing(field, valu
     assert sorted(path.suffix for path in tmp_path.iterdir()) == [".py", ".py"]
 
 
+def test_rope_parameters_are_copied_not_shared():
+    given = {"rope_type": "linear", "factor": 2.0}
+    first, second = tiny_config(rope_parameters=given), tiny_config(rope_parameters=given)
+    assert given == {"rope_type": "linear", "factor": 2.0}  # not completed in place (`rope_theta`)
+    first.rope_parameters["factor"] = 4.0
+    assert second.rope_parameters["factor"] == 2.0
+
+
 @pytest.mark.parametrize("loader", [MoREConfig, AutoConfig])
 def test_misspelt_config_json_key_warns(loader, tmp_path):
     tiny_config().save_pretrained(tmp_path)
