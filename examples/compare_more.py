@@ -151,9 +151,12 @@ def main():
 
     # 4. Statistics, tables, plots, model cards.
     results = summarise(runs, data, preset)
-    tokens_per_step = (
-        data.train.columns["attention_mask"].sum(1).float().mean().item() * training["per_device_train_batch_size"]
-    )
+    batch_size = training["per_device_train_batch_size"]
+    tokens_per_step = data.train.columns["attention_mask"].sum(1).float().mean().item() * batch_size
+    pretraining_tokens = 0.0  # the guide preset's corpus blocks are trained on too
+    if data.corpus_train is not None:
+        pretraining_tokens = data.corpus_train.columns["attention_mask"].sum(1).float().mean().item() * batch_size
+        pretraining_tokens *= corpus_steps
     for name, config in configs.items():
         model = meta_model(config)
         by_seed = sorted(runs[name], key=lambda r: r["seed"])
@@ -165,7 +168,8 @@ def main():
             flops_per_token=model.flops_per_token(),
             training_flops_per_token=training_flops_per_token(config),
             steps=steps,  # per seed: max_steps, or fewer where the stop rule ended the job
-            training_flops=training_flops_per_token(config) * tokens_per_step * float(np.mean(steps)),
+            training_flops=training_flops_per_token(config)
+            * (tokens_per_step * float(np.mean(steps)) + pretraining_tokens),
             train_seconds=[run["train_seconds"] for run in by_seed],
             learning_curves=[run["learning_curve"] for run in by_seed],
             diagnostics=next((run["diagnostics"] for run in runs[name] if "diagnostics" in run), None),
@@ -184,6 +188,10 @@ def main():
     }
     training_logs = {name: [run["training_log"] for run in variant_runs] for name, variant_runs in runs.items()}
     comparison = {"run": run, "results": results, "training_logs": training_logs}
+    if data.corpus_train is not None:
+        comparison["pretraining_logs"] = {
+            name: [run["pretraining_log"] for run in variant_runs] for name, variant_runs in runs.items()
+        }
     (output_dir / "comparison.json").write_text(json.dumps(comparison, indent=2))
     report = render_comparison(results, preset, run)
     (output_dir / "comparison.md").write_text(report)

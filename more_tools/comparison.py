@@ -628,10 +628,10 @@ def run_job(job: Job, data: CompareData, queue=None) -> dict:
     set_seed(job.seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=job.attn_implementation)
     start = time.perf_counter()
-    logs = []
-    if data.corpus_train is not None:  # guide preset: language-model pretraining first
+    pretraining_log = None
+    if data.corpus_train is not None:  # guide preset: language-model pretraining first, logged apart (own steps)
         args = training_arguments(job.training, job.seed, output_dir / f"pretrain-seed{job.seed}", job.corpus_steps)
-        logs += train_model(model, data.corpus_train, args, tokenizer, queue)
+        pretraining_log = train_model(model, data.corpus_train, args, tokenizer, queue)
     max_steps = job.training["max_steps"]
     args = training_arguments(job.training, job.seed, output_dir / f"trainer-seed{job.seed}", max_steps)
     clock = _EvalClock()
@@ -640,7 +640,7 @@ def run_job(job: Job, data: CompareData, queue=None) -> dict:
     curve = _LearningCurve(data.test.select(data.in_distribution), points, clock)
     stop = None if job.stop_at_accuracy is None else _StopWhenConverged(data.stopping, job.stop_at_accuracy, clock)
     callbacks = [curve] if stop is None else [stop, curve]  # the stop check first: the curve scores where it stops
-    logs += train_model(model, data.train, args, tokenizer, queue, callbacks)
+    logs = train_model(model, data.train, args, tokenizer, queue, callbacks)
     train_seconds = time.perf_counter() - start - clock.seconds
     scores = {"default": score_answers(model, data.test).tolist()}
     for knob, depths in depth_sweeps(config, job).items():
@@ -656,6 +656,8 @@ def run_job(job: Job, data: CompareData, queue=None) -> dict:
     }
     if stop is not None:
         result["validation_curve"] = stop.curve
+    if pretraining_log is not None:
+        result["pretraining_log"] = pretraining_log
     if is_main_process():
         if job.save_model:
             result["diagnostics"] = save_variant(model, tokenizer, data, scores, output_dir)

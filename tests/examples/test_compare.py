@@ -252,8 +252,13 @@ def test_guide_preset_dry_run_pretrains_on_a_local_corpus(tmp_path, monkeypatch)
         "--num_workers=1",
     )
     assert comparison["run"]["preset"] == "guide" and comparison["run"]["dry_run"]
-    # Corpus pretraining then the tasks: two training stages in the log.
-    assert len(comparison["training_logs"]["recurrent"][0]) >= 2
+    # Corpus pretraining then the tasks: each stage logged apart, each counting its own steps from 1.
+    for logs in (comparison["pretraining_logs"]["recurrent"][0], comparison["training_logs"]["recurrent"][0]):
+        assert [entry["step"] for entry in logs] == [1, 2]
+    # Training FLOPs count the pretraining's tokens too: more than the task steps alone.
+    ffn = comparison["results"]["ffn"]
+    task_tokens = ffn["training_flops"] / ffn["training_flops_per_token"]
+    assert task_tokens > 2 * 2 * 32  # 2 corpus steps of whole blocks (the preset's batch, block length) and more
     assert set(comparison["results"]["recurrent"]["accuracy"]) == set(compare_more.PRESETS["guide"].tasks)
 
 
