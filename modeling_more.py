@@ -1862,9 +1862,15 @@ class MoRESparseMoeBlock(nn.Module):
             None if cache is None else cache.expert_pool(self.layer_idx, i, inherit)
             for i in range(settings.num_moe_iterations)
         ]
+        # Deeper iterations that earlier calls ran and this one does not: afterwards they take in this call's tokens at
+        # its last iteration (depth policy), told apart from the older ones by that pool's state before the call.
+        deeper = [] if cache is None else cache.deeper_pools(self.layer_idx, settings.num_moe_iterations)
+        before = pools[-1].copy() if deeper else None
         state = None if router_memory is None else router_memory.read(self.layer_idx)
         passes = self.run_passes(hidden_states, token_mask, position_ids, cache_offset, settings, pools, state)
         out, reports, state = passes
+        for pool in deeper:
+            pool.catch_up(pools[-1], before)
         if router_memory is not None:
             router_memory.write(self.layer_idx, state)
         return out, reports
@@ -2040,7 +2046,8 @@ class MoREDecoderLayer(GradientCheckpointingLayer):
 class MoRECacheEntry:
     """Decoding state that one module (an expert type, a token-wise router) keeps per (layer, iteration) of a
     `MoRECache`, created by that module on first use (`MoREExpertPool.entry`). Subclasses say how it follows the batch
-    (beam search, repeats, selection) and whether a crop can keep it."""
+    (beam search, repeats, selection), whether a crop can keep it, and how it takes in tokens that a call ran through
+    shallower iterations only (`catch_up`)."""
 
     croppable = False  # recurrent states summarise every earlier token: dropping tokens would need a recompute
 
@@ -2055,6 +2062,13 @@ class MoRECacheEntry:
     def crop(self, length: int) -> None:
         """Keep the state of the first `length` tokens (only when `croppable`)."""
         raise NotImplementedError
+
+    def catch_up(self, source: "MoRECacheEntry", before: "MoRECacheEntry | None") -> None:
+        """A call ran shallower iterations than this entry's but not this one: `source` is the entry of the last
+        iteration it ran, `before` that entry as it was before the call (None: it had none). The call's tokens are
+        to be read here at that iteration, their latest (depth policy). Default, for a state after the last cached
+        token: `source`'s state, the one the call's last token reached."""
+        vars(self).update(vars(source.copy()))
 
 
 class MoREExpertKVCache(MoRECacheEntry):
@@ -2100,14 +2114,29 @@ class MoREExpertKVCache(MoRECacheEntry):
         self._staged = {}
         # Dropped rows are kept too (expert id `num_experts`, their own segments, never read by kept rows): selecting
         # the kept rows would be a host sync.
+        self._append(dispatch.expert_index, dispatch.batch_index, dispatch.cache_index, keys, values)
+
+    def catch_up(self, source: "MoREExpertKVCache", before: "MoREExpertKVCache | None") -> None:
+        """Append the rows `source` gained since `before`, with their steps: a token is read at an iteration it never
+        ran with its keys/values of its latest earlier one, as at a step it never ran with its latest step. The new
+        rows are the last ones (commit appends), so slicing them needs no host sync."""
+        start = 0 if before is None else len(before)
+        if len(source) > start:
+            new = slice(start, None)
+            self._append(*(getattr(source, name)[new] for name in ("expert", "batch", "position", "keys", "values")))
+
+    def _append(self, expert, batch, position, keys, values):
+        """Append rows: expert, batch, position (rows,), keys, values (rows, steps, heads, head_dim). The step axes are
+        matched by repeating the shorter one's last step; an entry without rows (never written, cropped to no token)
+        has no step count to keep."""
         if len(self) > 0:
             keys, self.keys = _match_steps(keys, self.keys)
             values, self.values = _match_steps(values, self.values)
-        self.expert = _cat(self.expert, dispatch.expert_index)
-        self.batch = _cat(self.batch, dispatch.batch_index)
-        self.position = _cat(self.position, dispatch.cache_index)
-        self.keys = _cat(self.keys, keys)
-        self.values = _cat(self.values, values)
+            old = (self.expert, self.batch, self.position, self.keys, self.values)
+            expert, batch, position, keys, values = (
+                torch.cat([o, n]) for o, n in zip(old, (expert, batch, position, keys, values), strict=True)
+            )
+        self.expert, self.batch, self.position, self.keys, self.values = expert, batch, position, keys, values
 
     def crop(self, length: int) -> None:
         if len(self) > 0:
@@ -2186,9 +2215,10 @@ class MoREExpertPool:
         for entry in self.entries.values():
             entry.crop(length)
 
-
-def _cat(old, new):
-    return new if old is None else torch.cat([old, new])
+    def catch_up(self, source: "MoREExpertPool", before: "MoREExpertPool") -> None:
+        """Follow a call that ran up to `source`'s iteration but not this one (`before`: `source` before the call)."""
+        for name, entry in source.entries.items():
+            self.entry(name, type(entry)).catch_up(entry, before.entries.get(name))
 
 
 def _match_steps(a, b):
@@ -2225,6 +2255,17 @@ class MoRECache(DynamicCache):
             )
         return self.expert_pools[key]
 
+    def deeper_pools(self, layer_idx: int, iterations: int) -> list[MoREExpertPool]:
+        """The pools of layer `layer_idx` at iterations beyond a call's `iterations`, written by earlier calls: they
+        take in the call's tokens at its last iteration (`MoREExpertPool.catch_up`), so a later deeper call reads every
+        cached token at every iteration, at the latest iteration it ran (depth policy), as one with no pool for an
+        iteration starts from the latest earlier pool."""
+        return [
+            pool
+            for (layer, iteration), pool in self.expert_pools.items()
+            if layer == layer_idx and iteration >= iterations
+        ]
+
     def _remap_pools(self, source: torch.Tensor):
         for pool in self.expert_pools.values():
             pool.remap_batch(source)
@@ -2243,11 +2284,23 @@ class MoRECache(DynamicCache):
         super().batch_select_indices(indices)
         self._remap_pools(indices)
 
+    @property
+    def is_croppable(self) -> bool:
+        """Whether `crop` can drop tokens (generation asks before it relies on it): not while the cache holds
+        recurrent states that summarise every earlier token."""
+        return super().is_croppable and not self._uncroppable_entries()
+
+    def _uncroppable_entries(self) -> set[str]:
+        """The kinds of entry held that a crop can't keep."""
+        entries = [entry for pool in self.expert_pools.values() for entry in pool.entries.values()]
+        return {type(entry).__name__ for entry in entries if not entry.croppable}
+
     def crop(self, tokens_to_remove: int):
         """Drop the last `-tokens_to_remove` tokens (Transformers' convention: a negative count), expert state too."""
+        if tokens_to_remove == 0:  # removes nothing: a no-op whatever the cache holds, as for Transformers' layers
+            return
         # Checked before anything is cropped, so a refused crop leaves the cache as it was.
-        entries = [entry for pool in self.expert_pools.values() for entry in pool.entries.values()]
-        kept = {type(entry).__name__ for entry in entries if not entry.croppable}
+        kept = self._uncroppable_entries()
         if kept:
             raise ValueError(
                 f"A MoRE cache holding recurrent states ({', '.join(sorted(kept))}: parallel experts, token-wise "

@@ -371,3 +371,74 @@ def test_crop_equals_a_shorter_prefill(expert_type, router_type):
         expected = model(ids[:, : keep + 1], use_cache=False).logits[:, -1:]
     assert cache.get_seq_length() == keep + 1
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("iterations", [1, 2])
+@pytest.mark.parametrize("expert_type", STEP_CACHED_EXPERT_TYPES)
+def test_crop_to_no_token_then_prefill_at_fewer_steps(expert_type, iterations):
+    """A cache cropped to no token keeps no step count: prefilling through it again at fewer steps than it was written
+    at equals a prefill without a cache (the emptied pools once kept their old step axis, and the next write failed
+    to concatenate rows of another depth)."""
+    model = tiny_model(expert_type=expert_type, num_moe_iterations=iterations, num_experts_per_tok=2)
+    ids = random_ids(2, PREFILL, seed=12)
+    with torch.no_grad():
+        cache = model(ids, use_cache=True, num_recurrent_steps=HIGH).cache
+        cache.crop(-PREFILL)
+        got = model(ids, cache=cache, use_cache=True, num_recurrent_steps=LOW).logits
+        expected = model(ids, use_cache=False, num_recurrent_steps=LOW).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("expert_type", "router_type"), EXPERT_ROUTER_PAIRS)
+def test_crop_of_no_token_is_a_no_op(expert_type, router_type):
+    """`crop(0)` removes nothing, so it leaves every cache as it was, one that refuses a real crop included (as
+    Transformers' layers do); `is_croppable`, which generation asks before it relies on `crop` (assisted decoding,
+    the deferred stop check), is False exactly where a real crop refuses."""
+    model = scale_weights(tiny_model(expert_type=expert_type, router_type=router_type, num_experts_per_tok=2))
+    ids = random_ids(2, PREFILL, seed=13)
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).cache
+        croppable = all(e.croppable for pool in cache.expert_pools.values() for e in pool.entries.values())
+        assert cache.is_croppable == croppable
+        before = copy.deepcopy(cache)
+        cache.crop(0)
+        assert cache.get_seq_length() == PREFILL
+        got = model(ids[:, -1:], cache=cache, use_cache=True).logits
+        expected = model(ids[:, -1:], cache=before, use_cache=True).logits
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize(("expert_type", "router_type"), STATEFUL_PAIRS)
+def test_shallower_call_keeps_deeper_iterations_complete(expert_type, router_type):
+    """Layer-level policy across calls: a token decoded with 1 iteration over a cache written with 2 never ran
+    iteration 2, so a later call with 2 iterations reads it there at its latest earlier iteration: its iteration-1
+    keys/values join the iteration-2 pool, and a state after the last token (LSTM, router) is iteration 1's. Without
+    this the token was missing from iteration 2 for good."""
+    model = scale_weights(
+        tiny_model(expert_type=expert_type, router_type=router_type, num_hidden_layers=1, num_experts_per_tok=2)
+    )
+    ids = random_ids(2, PREFILL, seed=14)
+    shallow_token, token = random_ids(2, 1, seed=15), random_ids(2, 1, seed=16)
+    with torch.no_grad():
+        prefilled = model(ids, use_cache=True, num_moe_iterations=2).cache
+        cache = model(shallow_token, cache=copy.deepcopy(prefilled), use_cache=True, num_moe_iterations=1).cache
+        # The policy written out by hand, from the prefill's iteration-2 pool and what iteration 1 gained since.
+        reference, stale = copy.deepcopy(cache), copy.deepcopy(cache)
+        deep = reference.expert_pools[(0, 1)]
+        deep.entries = {name: entry.copy() for name, entry in prefilled.expert_pools[(0, 1)].entries.items()}
+        stale.expert_pools[(0, 1)] = deep.copy()
+        for name, entry in reference.expert_pools[(0, 0)].entries.items():
+            if isinstance(entry, modeling_more.MoREExpertKVCache):
+                kv, new = deep.entries[name], slice(len(prefilled.expert_pools[(0, 0)].entries[name]), None)
+                for field in ("expert", "batch", "position", "keys", "values"):  # same depth: same step axis
+                    setattr(kv, field, torch.cat([getattr(kv, field), getattr(entry, field)[new]]))
+            else:
+                deep.entries[name] = entry.copy()
+        got = model(token, cache=cache, use_cache=True, num_moe_iterations=2).logits
+        expected = model(token, cache=reference, use_cache=True, num_moe_iterations=2).logits
+        without = model(token, cache=stale, use_cache=True, num_moe_iterations=2).logits
+    # Same arithmetic on the same cached numbers: equal to float rounding (they are bit-equal today).
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    # The policy is observable for these pairs: iteration 2 without the shallow token gives other logits, by more
+    # than 10x the tolerance above.
+    assert (expected - without).abs().max() > 1e-5
