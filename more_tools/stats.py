@@ -68,6 +68,8 @@ def _as_hits(hits) -> np.ndarray:
     hits = np.asarray(hits, dtype=np.float64)
     if hits.ndim != 2 or hits.shape[0] < 1 or hits.shape[1] < 1:
         raise ValueError(f"hits must be a non-empty (seeds, examples) matrix, got shape {hits.shape}")
+    if not np.isfinite(hits).all():  # a NaN would pass every comparison below and divide by zero in the interval
+        raise ValueError(f"hits must be finite, got {int((~np.isfinite(hits)).sum())} NaN or infinite entries")
     return hits
 
 

@@ -118,3 +118,12 @@ def test_bad_shapes_are_refused():
         more_stats.estimate_accuracy(np.ones(5))
     with pytest.raises(ValueError, match="same"):
         more_stats.paired_difference(np.ones((2, 5)), np.ones((3, 5)))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_hits_are_refused(bad):
+    hits = np.array([[1.0, bad], [0.0, 1.0]])
+    with pytest.raises(ValueError, match="finite"):
+        more_stats.estimate_accuracy(hits)
+    with pytest.raises(ValueError, match="finite"):
+        more_stats.paired_difference(hits, np.ones((2, 2)))
