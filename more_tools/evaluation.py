@@ -115,7 +115,8 @@ def moe_layer_iterations(config, num_moe_iterations: int) -> list[tuple[int, int
 @torch.no_grad()
 def perplexity_and_diagnostics(model, batches: list[dict]) -> dict:
     """Perplexity of the labelled tokens, routing statistics per MoE layer x iteration (`routing_statistics` over all
-    real tokens), the expert-utilisation metric with its health checks, and the recurrence statistics (batch means)."""
+    real tokens), the expert-utilisation metric with its health checks, and the recurrence statistics (per-batch means
+    weighted by the batch's real tokens, so that the batch size does not change them)."""
     nll, count = 0.0, 0
     logits_per_entry, masks, recurrence = None, [], None
     for batch in tqdm(batches, desc="perplexity + diagnostics", leave=False):
@@ -138,6 +139,7 @@ def perplexity_and_diagnostics(model, batches: list[dict]) -> dict:
         for entry, stats in zip(recurrence, outputs.recurrence_stats, strict=True):
             entry.append(stats)
     mask = torch.cat(masks)
+    tokens = torch.stack([batch_mask.sum() for batch_mask in masks]).float()  # (batches,) real tokens each
     moe_layers = model.config.num_hidden_layers - len(model.config.mlp_only_layers)
     entries = moe_layer_iterations(model.config, len(logits_per_entry) // moe_layers)
     top_k = model.config.num_experts_per_tok
@@ -157,16 +159,22 @@ def perplexity_and_diagnostics(model, batches: list[dict]) -> dict:
         "routing": routing,
         "expert_utilization": utilization,
         "recurrence": [
-            {"layer": layer, "iteration": iteration, **_mean_stats(per_batch)}
+            {"layer": layer, "iteration": iteration, **_mean_stats(per_batch, tokens)}
             for (layer, iteration), per_batch in zip(entries, recurrence, strict=True)
         ],
     }
 
 
-def _mean_stats(per_batch: list[dict]) -> dict:
-    """Mean over batches of each statistic (scalars stay scalars, per-step vectors stay vectors)."""
+def _mean_stats(per_batch: list[dict], weights: torch.Tensor) -> dict:
+    """Weighted mean over batches of each statistic, `weights` (batches,) (scalars stay scalars, per-step vectors
+    stay vectors)."""
     names = [name for name in per_batch[0] if name != "steps_per_token"]  # per-token detail: not a summary
-    return {name: _to_python(torch.stack([stats[name].float() for stats in per_batch]).mean(0)) for name in names}
+
+    def mean(name):
+        stacked = torch.stack([stats[name].float() for stats in per_batch])  # (batches, ...)
+        return (stacked * weights.view(-1, *[1] * (stacked.dim() - 1))).sum(0) / weights.sum()
+
+    return {name: _to_python(mean(name)) for name in names}
 
 
 def _to_python(value):

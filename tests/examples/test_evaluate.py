@@ -170,6 +170,25 @@ def checkpoint(tmp_path_factory):
     return path
 
 
+def test_diagnostics_do_not_depend_on_the_batch_size(checkpoint):
+    """The same examples in one batch, in 32 + 1 (a trailing batch of one) and in 3 x 11: every summary agrees
+    (the recurrence statistics were once plain means of batch means, so the one-example batch counted 32x)."""
+    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    tokenizer = load_tokenizer(checkpoint)
+    data = build_reasoning_dataset(list(TASKS), num_train=0, num_validation=0, num_test=33, seed=1)["test"]
+    results = [
+        evaluation.perplexity_and_diagnostics(
+            model, evaluation.text_batches(data, tokenizer, size, 256, "cpu", answer_only=True)
+        )
+        for size in (33, 32, 11)
+    ]
+    for other in results[1:]:
+        assert other["perplexity"] == pytest.approx(results[0]["perplexity"], rel=1e-5)
+        for got, expected in zip(other["recurrence"], results[0]["recurrence"], strict=True):
+            for name, value in expected.items():
+                assert np.allclose(got[name], value, rtol=1e-5, atol=1e-6), name
+
+
 def test_evaluate_more_writes_every_output(checkpoint, tmp_path, monkeypatch):
     output_dir = tmp_path / "eval"
     argv = [
