@@ -50,7 +50,7 @@ def summary_table(results: dict) -> str:
     rows = [
         ["total parameters", results["parameters"]["total"]],
         ["active parameters per token", results["parameters"]["active"]],
-        [f"perplexity (test {results['perplexity_on']})", results["perplexity"]],
+        [f"perplexity ({results.get('split', 'test')} {results['perplexity_on']})", results["perplexity"]],
         ["exact match, mean over tasks", results["exact_match"]["mean"]],
         ["multi-hop accuracy (bAbI 2, 3, 16)", results["multihop_accuracy"]],
         ["arithmetic accuracy", results["arithmetic_accuracy"]],
@@ -156,9 +156,12 @@ def render_report(results: dict) -> str:
 
 
 def eval_results(results: dict) -> list[EvalResult]:
-    """model-index entries: exact match per task (one dataset config each) and perplexity on the test split."""
+    """model-index entries: exact match per task (one dataset config each) and perplexity on the split scored."""
     common = dict(
-        task_type="text-generation", dataset_type=DATASET_TYPE, dataset_name=DATASET_NAME, dataset_split="test"
+        task_type="text-generation",
+        dataset_type=DATASET_TYPE,
+        dataset_name=DATASET_NAME,
+        dataset_split=results.get("split", "test"),  # reports written before the field scored the test split
     )
     entries = [
         EvalResult(
@@ -218,6 +221,7 @@ def build_model_card(
         num_recurrent_steps=config["num_recurrent_steps"],
         num_moe_iterations=config["num_moe_iterations"],
         perplexity_on=results["perplexity_on"],
+        split=results.get("split", "test"),
         architecture_table=architecture,
         example_prompt=json.dumps(EXAMPLE_PROMPT),
         training_data=training_data,

@@ -660,7 +660,9 @@ def run_job(job: Job, data: CompareData, queue=None) -> dict:
         result["pretraining_log"] = pretraining_log
     if is_main_process():
         if job.save_model:
-            result["diagnostics"] = save_variant(model, tokenizer, data, scores, output_dir)
+            result["diagnostics"] = save_variant(
+                model, tokenizer, data, scores, output_dir, job.data_settings["split"]
+            )
         output_dir.mkdir(parents=True, exist_ok=True)
         write_atomically(Path(job_result_path(job)), json.dumps(result))
     return result
@@ -733,7 +735,7 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def save_variant(model, tokenizer, data: CompareData, scores: dict, output_dir: Path) -> dict:
+def save_variant(model, tokenizer, data: CompareData, scores: dict, output_dir: Path, split: str) -> dict:
     """The first seed's model with its tokenizer, and an `evaluate_more`-style report of it (accuracy per task x
     difficulty, depth sweeps, routing and recurrence diagnostics of guide §5.1-5.2, with their plots)."""
     model.save_pretrained(output_dir)
@@ -757,6 +759,7 @@ def save_variant(model, tokenizer, data: CompareData, scores: dict, output_dir: 
         model,
         perplexity_and_diagnostics(model, batches),
         perplexity_on="answers",
+        split=split,
         exact_match=by_cell(scores["default"]),
         depth_sweep={
             knob: {int(d): by_cell(h) for d, h in sweep.items()} for knob, sweep in scores.items() if knob != "default"
@@ -775,7 +778,7 @@ def write_card(variant_dir: Path, name: str, result: dict, preset: Preset, run: 
     training_data = (
         f"Depth-controlled synthetic tasks of the MoRE repository (`more_tools/data.py`): "
         f"{preset.describe_splits()} ({preset.num_train_examples:,} training examples, "
-        f"{preset.num_test_per_difficulty} test examples per difficulty); "
+        f"{preset.num_test_per_difficulty} {run.get('split', 'test')} examples per difficulty scored); "
         f"{'' if fixed else 'up to '}{run['max_steps']} steps of {run['batch_size']} examples"
         f"{'' if fixed else ', stopped once converged'}, seed {run['seeds'][0]} of {run['seeds']}; "
         f"`examples/compare_more.py --preset {run['preset']}` (variant `{name}`). The comparison over all seeds, "
@@ -1059,6 +1062,10 @@ def steps_budget(preset: Preset, run: dict) -> str:
 
 
 def render_comparison(results: dict, preset: Preset, run: dict) -> str:
+    validation = run.get("split") == "validation"
+    scored = (
+        "; the validation split, drawn apart from the test split, which this run did not read" if validation else ""
+    )
     parts = [
         "# MoRE comparison",
         f"Preset `{run['preset']}`: {len(run['seeds'])} seeds per variant ({run['seeds']}), "
@@ -1066,7 +1073,7 @@ def render_comparison(results: dict, preset: Preset, run: dict) -> str:
         f"parameters matched on **{run['match_parameters']}** counts to `ffn` "
         f"(`{COMPUTE_MATCHED}`: training FLOPs per token matched to `recurrent` instead); "
         f"{preset.describe_splits()}, with "
-        f"{preset.num_test_per_difficulty} examples each (the same for every variant); wall time "
+        f"{preset.num_test_per_difficulty} examples each (the same for every variant{scored}); wall time "
         f"{run['wall_seconds'] / 60:.1f} min on {run['device']}"
         + (
             f" ({run['reused_jobs']} of the jobs reused by --resume, not trained in that time)."

@@ -251,10 +251,11 @@ def model_report(
     arithmetic_accuracy: float | None = None,
     tokens_per_second: float | None = None,
     peak_memory_mb: float | None = None,
+    split: str = "test",
 ) -> dict:
     """The report of one model (what `eval_results.json` holds): its config and parameters, the accuracies and depth
     sweeps given, `perplexity_and_diagnostics` output with the architecture checks and one health score; what was not
-    measured stays None."""
+    measured stays None. `split`: the examples scored (`test`, or `validation` for a protocol-tuning run)."""
     config = model.config
     checks = architecture_checks(diagnostics["routing"], diagnostics["recurrence"], config.num_experts)
     utilization = diagnostics["expert_utilization"]
@@ -266,6 +267,7 @@ def model_report(
         "parameters": count_parameters(model),
         "perplexity": diagnostics["perplexity"],
         "perplexity_on": perplexity_on,
+        "split": split,
         "exact_match": exact_match,
         "multihop_accuracy": multihop_accuracy,
         "arithmetic_accuracy": arithmetic_accuracy,

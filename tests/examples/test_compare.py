@@ -351,6 +351,17 @@ def test_validation_split_is_scored_apart_from_the_test_split(tmp_path):
     assert len(validation) == len(test) and not test & validation
 
 
+def test_a_validation_run_says_what_it_scored(tmp_path, monkeypatch):
+    output_dir, comparison = _run(
+        tmp_path, monkeypatch, "--split=validation", "--variants=ffn", "--seeds=1", "--num_workers=1"
+    )
+    assert comparison["run"]["split"] == "validation"
+    assert "the validation split, drawn apart from the test split" in (output_dir / "comparison.md").read_text()
+    card = (output_dir / "ffn" / "README.md").read_text()
+    assert "validation examples per difficulty scored" in card and "split: validation" in card
+    assert "test examples" not in card and "split: test" not in card and "held-out validation split" in card
+
+
 def test_the_stop_rule_scores_validation_examples_of_trained_difficulties_only(tmp_path):
     preset = dataclasses.replace(compare_more.PRESETS["smoke"], stop_at_accuracy=0.99)
     data = compare_tools.build_data(preset, compare_tools.CompareArguments(), tmp_path)
