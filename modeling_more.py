@@ -688,8 +688,9 @@ class MoREExperts(nn.Module):
         return {}
 
     @classmethod
-    def parameters_per_expert(cls, config: MoREConfig) -> int:
-        """Parameters that belong to one expert (weights shared by all experts, e.g. one engine, excluded).
+    def parameters_per_expert(cls, config: MoREConfig, names: set[str] | None = None) -> int:
+        """Parameters that belong to one expert (weights shared by all experts, e.g. one engine, excluded); with
+        `names`, of those parameters only (e.g. the trainable ones).
 
         Measured by building the module with 1 and 2 experts on the meta device, so a new expert type needs no formula.
         """
@@ -698,8 +699,8 @@ class MoREExperts(nn.Module):
             single = copy.copy(config)
             single.num_experts, single.num_experts_per_tok = num_experts, 1
             with torch.device("meta"):
-                counts.append(sum(p.numel() for p in cls(single).parameters()))
-        return counts[1] - counts[0]
+                counts.append({name: p.numel() for name, p in cls(single).named_parameters()})
+        return sum(counts[1][name] - counts[0][name] for name in counts[1] if names is None or name in names)
 
     @classmethod
     def multiply_adds_per_token(cls, config: MoREConfig, num_steps: int) -> int:
@@ -2712,9 +2713,15 @@ class MoREPreTrainedModel(PreTrainedModel):
         if not active:
             return total
         config = self.config
-        per_expert = get_expert_class(config.expert_type).parameters_per_expert(config)
-        unused = len(self._moe_blocks()) * (config.num_experts - config.num_experts_per_tok) * per_expert
-        return total - unused
+        experts, idle = get_expert_class(config.expert_type), config.num_experts - config.num_experts_per_tok
+        if not only_trainable:
+            return total - len(self._moe_blocks()) * idle * experts.parameters_per_expert(config)
+        # Only what the total counted: a frozen expert weight is in neither.
+        trainable = [
+            {name for name, param in block.experts.named_parameters() if param.requires_grad}
+            for block in self._moe_blocks()
+        ]
+        return total - sum(idle * experts.parameters_per_expert(config, names) for names in trainable)
 
     def flops_per_token(self, num_recurrent_steps: int | None = None, num_moe_iterations: int | None = None) -> int:
         """Forward FLOPs (2 x multiply-adds) per token of every weight matmul at the given depth (config defaults):
@@ -2860,6 +2867,15 @@ class MoREModel(MoREPreTrainedModel):
         ):
             raise ValueError(
                 f"`adaptive_exit_threshold` must be a number > 0 or None, got {adaptive_exit_threshold!r}."
+            )
+        truncated = config.num_backprop_steps is not None
+        if sampling and self.uses_recurrent_steps and adaptive_exit_threshold is not None and truncated:
+            # The graph starts at one step for every row (the last `num_backprop_steps` of the loop): a row that exits
+            # before it would run no step with a graph, and the expert weights would get no gradient from it.
+            raise ValueError(
+                "Training with adaptive exit and truncated backprop (`num_backprop_steps`) together is not supported: "
+                "tokens that exit before the last num_backprop_steps steps would get no gradient. Train with one of "
+                "them, and use adaptive exit at inference (`model(..., adaptive_exit_threshold=t)`, `generate`)."
             )
         return MoREForwardSettings(
             num_recurrent_steps, num_moe_iterations, bool(output_recurrence_stats), adaptive_exit_threshold

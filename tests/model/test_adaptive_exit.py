@@ -95,3 +95,25 @@ def test_exit_threshold_is_validated():
     model = tiny_model(expert_type="recurrent")
     with pytest.raises(ValueError, match="adaptive_exit_threshold"):
         model(random_ids(1, 4), adaptive_exit_threshold=-1.0)
+
+
+@pytest.mark.parametrize("expert_type", RECURRENT_EXPERT_TYPES)
+def test_training_with_exit_and_truncated_backprop_is_refused(expert_type):
+    """Truncated backprop starts the graph at one step for every row: a row that exits before it would train nothing
+    (every expert weight once got no gradient when all rows exited early)."""
+    model = tiny_model(train=True, expert_type=expert_type, num_backprop_steps=2)
+    ids = random_ids(2, 6)
+    with pytest.raises(ValueError, match="adaptive exit and truncated backprop"):
+        model(ids, num_recurrent_steps=6, adaptive_exit_threshold=1e3)
+    with torch.no_grad():  # inference with exit stays available
+        model(ids, num_recurrent_steps=6, adaptive_exit_threshold=1e3)
+    model(ids, num_recurrent_steps=6).logits.sum().backward()  # and training without it
+
+
+@pytest.mark.parametrize("expert_type", RECURRENT_EXPERT_TYPES)
+def test_training_with_exit_gives_every_expert_weight_a_gradient(expert_type):
+    model = tiny_model(train=True, expert_type=expert_type)
+    model(random_ids(2, 6), num_recurrent_steps=6, adaptive_exit_threshold=1e3).logits.sum().backward()
+    for block in moe_blocks(model):
+        missing = [name for name, param in block.experts.named_parameters() if param.grad is None]
+        assert not missing, missing

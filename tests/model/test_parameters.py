@@ -116,6 +116,22 @@ def test_active_parameters_leave_out_the_unrouted_experts(expert_type):
 
 
 @pytest.mark.parametrize("expert_type", EXPERT_TYPES)
+def test_active_trainable_parameters_leave_out_frozen_weights(expert_type):
+    """`only_trainable=True` counts no frozen weight: frozen experts are neither in the total nor among the unrouted
+    ones taken out of it (the count once went negative)."""
+    top_k = 2
+    model = sized_model(expert_type, num_experts_per_tok=top_k)
+    for block in moe_blocks(model):
+        block.experts.requires_grad_(False)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert model.num_parameters(only_trainable=True) == trainable
+    assert model.num_parameters(only_trainable=True, active=True) == trainable
+    for block in moe_blocks(model):
+        block.experts.requires_grad_(True)
+    assert model.num_parameters(only_trainable=True, active=True) == model.num_parameters(active=True)
+
+
+@pytest.mark.parametrize("expert_type", EXPERT_TYPES)
 @pytest.mark.parametrize("steps", [1, 3])
 def test_flops_per_token_follow_the_readme_formulas(expert_type, steps):
     vocab, layers, top_k, iterations = 100, 2, 2, 2
