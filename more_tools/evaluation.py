@@ -192,7 +192,7 @@ def task_group_accuracy(exact_match: dict[str, float], tasks: tuple[str, ...]) -
 
 
 def depth_sweep(
-    model, tokenizer, dataset, args: EvaluationArguments, max_new_tokens: int
+    model, tokenizer, dataset, args: EvaluationArguments, max_new_tokens: int, max_length: int | None = None
 ) -> dict[str, dict[int, dict]]:
     """Exact match by task at each inference depth: `num_recurrent_steps` for recurrent expert types (the others
     ignore it) and `num_moe_iterations` for every type."""
@@ -206,7 +206,7 @@ def depth_sweep(
     for name, depths in sweeps.items():
         results[name] = {
             depth: exact_match_by_task(
-                model, tokenizer, dataset, args.eval_batch_size, max_new_tokens, **{name: depth}
+                model, tokenizer, dataset, args.eval_batch_size, max_new_tokens, max_length, **{name: depth}
             )
             for depth in tqdm(depths, desc=f"sweep {name}", leave=False)
         }
@@ -226,13 +226,14 @@ def evaluate_model(model, tokenizer, dataset, args: EvaluationArguments, data_ar
         dataset, tokenizer, args.eval_batch_size, data_args.max_length, device, data_args.answer_only_loss
     )
     diagnostics = perplexity_and_diagnostics(model, batches)
-    exact_match = exact_match_by_task(model, tokenizer, dataset, args.eval_batch_size, data_args.max_new_tokens)
+    max_new_tokens, max_length = data_args.max_new_tokens, data_args.max_length
+    exact_match = exact_match_by_task(model, tokenizer, dataset, args.eval_batch_size, max_new_tokens, max_length)
     return model_report(
         model,
         diagnostics,
         perplexity_on="answers" if data_args.answer_only_loss else "texts",
         exact_match=exact_match,
-        depth_sweep=depth_sweep(model, tokenizer, dataset, args, data_args.max_new_tokens),
+        depth_sweep=depth_sweep(model, tokenizer, dataset, args, max_new_tokens, max_length),
         multihop_accuracy=task_group_accuracy(exact_match, MULTIHOP_TASKS),
         arithmetic_accuracy=task_group_accuracy(exact_match, ARITHMETIC_TASKS),
         tokens_per_second=tokens_per_second(model, batches[0], args.throughput_repeats),

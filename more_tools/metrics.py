@@ -45,15 +45,17 @@ def generate_answers(
     prompts: list[str],
     batch_size: int = 32,
     max_new_tokens: int = 8,
+    max_length: int | None = None,
     **generate_kwargs,
 ) -> list[str]:
     """Greedy answers to `prompts`, in order, each passed through `extract_answer`.
 
     Every prompt is encoded as in training (`more_tools.data.tokenize_qa`: bos, if the tokenizer has one, then the
-    prompt without special tokens); batches are left-padded, so each row generates what its prompt alone would. Prompts
-    are batched by length to waste little compute on padding. The model runs in eval mode (deterministic latent init,
-    dropless routing) and gets its training mode back afterwards. `generate_kwargs` go to `generate()`, e.g.
-    `num_recurrent_steps=8` or `num_moe_iterations=2`.
+    prompt without special tokens; with `max_length`, the training length, a prompt too long to leave room for
+    `max_new_tokens` keeps its last tokens, the question, as training kept them). Batches are left-padded, so each row
+    generates what its prompt alone would. Prompts are batched by length to waste little compute on padding. The model
+    runs in eval mode (deterministic latent init, dropless routing) and gets its training mode back afterwards.
+    `generate_kwargs` go to `generate()`, e.g. `num_recurrent_steps=8` or `num_moe_iterations=2`.
     """
     if tokenizer.pad_token_id is None:
         raise ValueError(
@@ -61,7 +63,15 @@ def generate_answers(
         )
     bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
     # list(): a `datasets` column is a lazy sequence the tokenizer does not accept.
-    encoded = [[*bos, *ids] for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    room = None if max_length is None else max_length - len(bos) - max_new_tokens
+    if room is not None and room < 1:
+        raise ValueError(
+            f"max_length={max_length} leaves no room for a prompt besides bos and {max_new_tokens} tokens"
+        )
+    encoded = [
+        [*bos, *(ids if room is None else ids[-room:])]
+        for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    ]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     kwargs = {
         "do_sample": False,
@@ -107,13 +117,17 @@ def exact_match_by_task(
     dataset: Dataset,
     batch_size: int = 32,
     max_new_tokens: int = 8,
+    max_length: int | None = None,
     **generate_kwargs,
 ) -> dict[str, float]:
-    """Exact-match accuracy of greedy answers on a dataset with `task`, `prompt` and `answer` columns.
+    """Exact-match accuracy of greedy answers on a dataset with `task`, `prompt` and `answer` columns (prompts cut to
+    the training `max_length` as `generate_answers` does).
 
     Returns accuracy in [0, 1] per task plus `mean` over tasks (each task counts once, whatever its size).
     """
-    predictions = generate_answers(model, tokenizer, dataset["prompt"], batch_size, max_new_tokens, **generate_kwargs)
+    predictions = generate_answers(
+        model, tokenizer, dataset["prompt"], batch_size, max_new_tokens, max_length, **generate_kwargs
+    )
     hits = (answers_match(p, r) for p, r in zip(predictions, dataset["answer"], strict=True))
     return _accuracy_by_task(dataset["task"], hits)
 
@@ -175,6 +189,7 @@ def exact_match_metrics(
         raw_datasets["test"],
         batch_size=training_args.per_device_eval_batch_size,
         max_new_tokens=data_args.max_new_tokens,
+        max_length=data_args.max_length,
         **depth,
     )
     baseline = majority_baseline(raw_datasets["train"], raw_datasets["test"])

@@ -112,3 +112,27 @@ def test_generate_answers_encodes_like_training_and_passes_generate_kwargs(tiny_
     assert len(calls) > 1
     assert {steps for _, steps, _ in calls} == {5}  # every decoding step, not only the prefill
     assert not any(training for _, _, training in calls)
+
+
+def test_a_prompt_longer_than_training_allowed_is_cut_as_training_cut_it(tiny_setup, monkeypatch):
+    """`tokenize_qa` keeps a long prompt's last tokens (the question); generation sees the same context, not the
+    whole story past the trained positions."""
+    model, tokenizer, test = tiny_setup
+    prompt = " ".join([test["prompt"][0]] * 8)  # far longer than 40 tokens
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    max_length, max_new_tokens = 40, 4
+    assert len(prompt_ids) > max_length
+    calls = []
+    original = type(model).forward
+
+    @functools.wraps(original)
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs["input_ids"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    generate_answers(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, max_length=max_length)
+    room = max_length - 1 - max_new_tokens  # bos and the answer's tokens
+    assert calls[0].tolist() == [[tokenizer.bos_token_id, *prompt_ids[-room:]]]
+    with pytest.raises(ValueError, match="max_length"):
+        generate_answers(model, tokenizer, [prompt], max_new_tokens=8, max_length=9)
