@@ -390,13 +390,24 @@ class CompareData:
 def build_data(preset: Preset, args: CompareArguments, output_dir: Path) -> CompareData:
     validation = args.split == "validation"
     stops = preset.stop_at_accuracy is not None
-    raw = build_depth_dataset(
-        {task: (list(train), list(test)) for task, (train, test) in preset.tasks.items()},
-        num_train=preset.num_train_examples,
-        num_test_per_difficulty=preset.num_test_per_difficulty,
-        seed=args.dataset_seed,
-        num_validation_per_difficulty=preset.num_test_per_difficulty if validation or stops else 0,
-    )
+    try:
+        raw = build_depth_dataset(
+            {task: (list(train), list(test)) for task, (train, test) in preset.tasks.items()},
+            num_train=preset.num_train_examples,
+            num_test_per_difficulty=preset.num_test_per_difficulty,
+            seed=args.dataset_seed,
+            num_validation_per_difficulty=preset.num_test_per_difficulty if validation or stops else 0,
+        )
+    except ValueError as err:
+        if not (validation or stops):
+            raise
+        raise ValueError(
+            f"{err}. A validation split (--split validation, or the preset's stop rule) draws another "
+            f"{preset.num_test_per_difficulty} examples per test difficulty, none of them a test prompt: a difficulty "
+            "with fewer distinct prompts than both splits need (prefix parity at 8 bits has 256) cannot have one. "
+            "Use a preset with fewer test examples per difficulty (`num_test_per_difficulty`) or without that "
+            "difficulty."
+        ) from err
     validation_split = raw.pop("validation", None)
     if validation:  # everything below scores the validation examples in place of the test examples
         raw["test"] = validation_split

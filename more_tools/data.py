@@ -542,7 +542,7 @@ def generate_pointer_chase(rng: random.Random, hops: int, num_chains: int = POIN
 
 def generate_digit_addition(rng: random.Random, digits: int) -> Example:
     """Addition of two `digits`-digit numbers, one token per digit and every number least significant digit first
-    (`"3 2 1 + 5 4 + ="` is 123 + 45), so each answer digit depends on the aligned operand digits and one carry.
+    (`"3 2 1 + 6 5 4 ="` is 123 + 456), so each answer digit depends on the aligned operand digits and one carry.
 
     The answer has `digits + 1` digits (a leading zero when there is no final carry): its length tells nothing.
     """

@@ -351,6 +351,14 @@ def test_validation_split_is_scored_apart_from_the_test_split(tmp_path):
     assert len(validation) == len(test) and not test & validation
 
 
+def test_a_validation_split_too_large_for_a_difficulty_says_why(tmp_path):
+    """Prefix parity at 8 bits has 256 strings: 200 test and 200 validation prompts cannot all differ."""
+    with pytest.raises(ValueError, match="--split validation"):
+        compare_tools.build_data(
+            compare_more.PRESETS["parity"], compare_tools.CompareArguments(split="validation"), tmp_path
+        )
+
+
 def test_a_validation_run_says_what_it_scored(tmp_path, monkeypatch):
     output_dir, comparison = _run(
         tmp_path, monkeypatch, "--split=validation", "--variants=ffn", "--seeds=1", "--num_workers=1"
