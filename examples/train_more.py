@@ -40,9 +40,9 @@ from more_tools.training import (
     build_datasets,
     collate,
     data_summary,
-    last_complete_checkpoint,
     load_raw_datasets,
     parse_curriculum,
+    resume_checkpoint,
 )
 
 
@@ -99,9 +99,7 @@ def main():
         curriculum=curriculum,
     )
 
-    resume = training_args.resume_from_checkpoint
-    if resume is not None and resume.lower() in ("true", "last"):
-        resume = last_complete_checkpoint(training_args.output_dir)
+    resume = resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     trainer.save_state()

@@ -127,8 +127,12 @@ def load_model(model_args: ModelArguments, config: MoREConfig, training_args: Tr
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# The guide's alias names (`d_model`, `top_k`, ...) -> the config fields they set.
+FIELD_OF_ALIAS = {**MoREConfig.attribute_map, "top_k": "num_experts_per_tok"}
+
+
 def _config_field_names() -> set[str]:
-    return set(MoREConfig().to_dict()) | set(MoREConfig.attribute_map) | {"top_k"}
+    return set(MoREConfig().to_dict()) | set(FIELD_OF_ALIAS)
 
 
 def parse_config_overrides(text: str | None) -> dict:
@@ -157,12 +161,15 @@ def config_updates(model_args: ModelArguments) -> dict:
     updates = {
         name: getattr(model_args, name) for name in NAMED_CONFIG_FIELDS if getattr(model_args, name) is not None
     }
-    if model_args.config_json is not None:
-        updates.update(json.loads(Path(model_args.config_json).read_text()))
-    updates.update(parse_config_overrides(model_args.config_overrides))
-    unknown = sorted(set(updates) - _config_field_names())
-    if unknown:
-        raise ValueError(f"Unknown MoREConfig fields {unknown}; see `configuration_more.MoREConfig`")
+    sources = [json.loads(Path(model_args.config_json).read_text()) if model_args.config_json is not None else {}]
+    sources.append(parse_config_overrides(model_args.config_overrides))
+    for source in sources:
+        unknown = sorted(set(source) - _config_field_names())
+        if unknown:
+            raise ValueError(f"Unknown MoREConfig fields {unknown}; see `configuration_more.MoREConfig`")
+        # Under their field names: MoREConfig applies an alias after its field, so an alias from an earlier source
+        # would otherwise win over the field named by a later one.
+        updates.update({FIELD_OF_ALIAS.get(name, name): value for name, value in source.items()})
     return updates
 
 

@@ -318,6 +318,13 @@ class MoRETrainer(Trainer):
 
     def __init__(self, *args, curriculum: CurriculumCallback | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.args.label_smoothing_factor:
+            # Trainer would take the labels away and smooth the LM loss itself: the model's loss (with the router
+            # terms) and its `lm_loss` would be gone.
+            raise ValueError(
+                f"label_smoothing_factor={self.args.label_smoothing_factor} is not supported: MoRE computes its own "
+                "loss (the LM loss plus the router and expert terms) from the labels. Leave it at 0."
+            )
         self.curriculum = curriculum
         if curriculum is not None:
             self.add_callback(curriculum)
@@ -412,6 +419,16 @@ def data_summary(data_args: DataArguments, raw_datasets: DatasetDict) -> str:
     )
     loss = "answer tokens only" if data_args.answer_only_loss else "every token"
     return f"Reasoning tasks {data_args.tasks} ({source}; {sizes} examples), loss on {loss}."
+
+
+def resume_checkpoint(value: str | bool | None, output_dir: str) -> str | None:
+    """What `Trainer.train(resume_from_checkpoint=...)` gets for a `--resume_from_checkpoint` value: "true" or "last"
+    (or a JSON argument file's `true`) the last complete checkpoint of `output_dir`, "false" (or `false`) and None
+    nothing, any other text the checkpoint path it names."""
+    text = str(value).lower()
+    if text in ("true", "last"):
+        return last_complete_checkpoint(output_dir)
+    return None if text in ("false", "none") else value
 
 
 def last_complete_checkpoint(output_dir: str) -> str:

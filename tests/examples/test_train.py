@@ -35,6 +35,7 @@ from more_tools.training import (
     lm_loss_sum,
     load_raw_datasets,
     parse_curriculum,
+    resume_checkpoint,
 )
 
 
@@ -133,6 +134,43 @@ def test_build_config_precedence(tokenizer, tmp_path):
     assert config.num_experts == 3 and config.num_experts_per_tok == 2  # overrides beat JSON; guide alias accepted
     assert config.vocab_size == len(tokenizer) and config.max_position_embeddings == 77
     assert (config.pad_token_id, config.bos_token_id, config.eos_token_id) == (0, 1, 2)
+
+
+@pytest.mark.parametrize(
+    ("config_json", "overrides", "expected"),
+    [
+        ({"top_k": 1, "aux_loss_weight": 0.5}, "num_experts_per_tok=2,router_aux_loss_coef=0.01", (2, 0.01)),
+        ({"num_experts_per_tok": 1, "router_aux_loss_coef": 0.5}, "top_k=2,aux_loss_weight=0.01", (2, 0.01)),
+    ],
+)
+def test_later_sources_win_whether_they_use_a_field_or_its_alias(
+    tokenizer, tmp_path, config_json, overrides, expected
+):
+    """MoREConfig applies an alias after its field: an alias from --config_json once beat the field named in
+    --config_overrides."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config_json))
+    args = ModelArguments(preset="tiny", num_experts=4, config_json=str(path), config_overrides=overrides)
+    config = build_config(args, tokenizer, max_position_embeddings=64)
+    assert (config.num_experts_per_tok, config.router_aux_loss_coef) == expected
+
+
+def test_resume_values(tmp_path):
+    """`--resume_from_checkpoint` as text or as a JSON argument file's boolean."""
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text("{}")
+    for value in ("true", "last", "True", True):
+        assert resume_checkpoint(value, str(tmp_path)) == str(checkpoint)
+    for value in ("false", False, None):
+        assert resume_checkpoint(value, str(tmp_path)) is None
+    assert resume_checkpoint("runs/checkpoint-7", str(tmp_path)) == "runs/checkpoint-7"
+
+
+def test_label_smoothing_is_refused(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), label_smoothing_factor=0.1, report_to="none", use_cpu=True)
+    with pytest.raises(ValueError, match="label_smoothing_factor"):
+        MoRETrainer(model=tiny_model(), args=args)
 
 
 def test_build_config_rejects_unknown_and_invalid_fields(tokenizer):
