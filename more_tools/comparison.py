@@ -156,8 +156,8 @@ class CompareArguments:
     preset: str = field(
         default="default",
         metadata={
-            "help": "Protocol and budget: a file of examples/configs/compare/ (smoke, default, converged, full, "
-            "guide, parity)."
+            "help": "Protocol and budget: a file of examples/configs/compare/ (smoke, quick, default, converged, "
+            "full, guide, parity, parity_local, parity_local_mixture)."
         },
     )
     output_dir: str | None = field(
