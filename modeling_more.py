@@ -2421,10 +2421,15 @@ def _combine_expert_report(report: MoREExpertReport, index, valid, num_rows, kep
         combined.steps_taken = steps
     if not report.stats:
         return combined
-    stats = report.stats
+    stats = dict(report.stats)
     names = sorted(stats)
     sizes = torch.tensor([stats[name].numel() for name in names])
     torch.distributed.all_reduce(sizes, op=torch.distributed.ReduceOp.MAX, group=group)
+    if "refinement_consistency" in stats:
+        # A mean over step pairs: over all ranks' steps, the pairs a rank's exited rows no longer ran count 0 (they do
+        # not move), as in one process.
+        pairs, all_pairs = stats["state_change"].numel() - 1, int(sizes[names.index("state_change")]) - 1
+        stats["refinement_consistency"] = stats["refinement_consistency"] * (pairs / all_pairs if all_pairs else 0.0)
     count = kept.sum().float()  # () this rank's kept rows
     packed = [
         F.pad(stats[name].detach().float().reshape(-1), (0, int(size) - stats[name].numel()))
@@ -2435,6 +2440,8 @@ def _combine_expert_report(report: MoREExpertReport, index, valid, num_rows, kep
     values = (total[:-1] / total[-1].clamp_min(1)).split(sizes.tolist())
     for name, value in zip(names, values, strict=True):
         combined.stats[name] = value.reshape(stats[name].shape) if value.numel() == stats[name].numel() else value
+    if "final_step_contribution" in combined.stats:  # the change at the last step of all ranks, not of this one
+        combined.stats["final_step_contribution"] = combined.stats["state_change"][-1]
     return combined
 
 

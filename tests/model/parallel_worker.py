@@ -67,7 +67,7 @@ def run_case(root, name, mode, inputs):
     with torch.no_grad():
         logits, expert_rows = counted_rows(lambda: model(**inputs).logits)
         stats = model(**inputs, output_recurrence_stats=True).recurrence_stats
-        adaptive = model(**inputs, output_recurrence_stats=True, adaptive_exit_threshold=0.3, num_recurrent_steps=6)
+        adaptive = model(**inputs, output_recurrence_stats=True, adaptive_exit_threshold=0.3, num_recurrent_steps=8)
     out = model(**inputs, labels=inputs["input_ids"])
     out.loss.backward()
     # Gradients gathered to full tensors, and each parameter's local shard size (what this rank stores).
@@ -84,9 +84,7 @@ def run_case(root, name, mode, inputs):
         "expert_rows": expert_rows,
         "stats": stats,
         "adaptive_logits": adaptive.logits,
-        "adaptive_steps": [
-            layer["steps_per_token"] for layer in adaptive.recurrence_stats if "steps_per_token" in layer
-        ],
+        "adaptive_stats": adaptive.recurrence_stats,
         "train_logits": out.logits.detach(),
         "loss": out.loss.detach(),
         "grads": grads,
