@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 from tqdm.auto import tqdm
 from transformers import (
@@ -163,11 +164,16 @@ GATHER_SCATTER_OPS = {
     "aten::index_copy",
     "aten::embedding_dense_backward",
 }
-MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::_grouped_mm", "aten::matmul"}
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"}
+# Products over the experts' stacked weights (experts, in, out): the expert compute, though the expert count is one of
+# their dimensions (the router's product has it too, below).
+GROUPED_MATMUL_OPS = {"aten::_grouped_mm", "more::grouped_mm", "more::grouped_mm_weight_grad"}
 
 
 def classify(event, num_experts: int) -> str:
     name, shapes = event.name, [s for s in event.input_shapes if s]
+    if name in GROUPED_MATMUL_OPS:
+        return "expert compute"
     if name in MATMUL_OPS:
         # The router is the only product with the expert count as a dimension ((tokens, d) x (d, E) and backward).
         return "routing" if any(num_experts in s for s in shapes) else "expert compute"
@@ -191,6 +197,8 @@ def dispatch_share(step: Callable, device, iterations: int, num_experts: int) ->
         synchronize(device)
     totals = {"routing": 0.0, "sort": 0.0, "gather/scatter": 0.0, "expert compute": 0.0, "other": 0.0}
     for event in prof.events():
+        if device.type == "cuda" and event.device_type != DeviceType.CPU:
+            continue  # a kernel's time is already its launching op's self device time: counted once, by op
         self_time = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
         totals[classify(event, num_experts)] += self_time
     total = sum(totals.values())

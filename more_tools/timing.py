@@ -3,6 +3,7 @@
 import gc
 import os
 import platform
+import statistics
 import subprocess
 import time
 from collections.abc import Callable
@@ -38,8 +39,7 @@ def time_interleaved(candidates: dict[str, Callable], repeats: int, device: torc
 
 
 def summary(seconds: list[float]) -> dict:
-    median = sorted(seconds)[len(seconds) // 2]
-    return {"min_s": min(seconds), "median_s": median, "spread": max(seconds) / min(seconds)}
+    return {"min_s": min(seconds), "median_s": statistics.median(seconds), "spread": max(seconds) / min(seconds)}
 
 
 def peak_memory(fn: Callable, device: torch.device) -> int:
