@@ -170,6 +170,7 @@ def main():
             steps=steps,  # per seed: max_steps, or fewer where the stop rule ended the job
             training_flops=training_flops_per_token(config)
             * (tokens_per_step * float(np.mean(steps)) + pretraining_tokens),
+            pretraining_flops=training_flops_per_token(config) * pretraining_tokens,  # included in training_flops
             train_seconds=[run["train_seconds"] for run in by_seed],
             learning_curves=[run["learning_curve"] for run in by_seed],
             diagnostics=next((run["diagnostics"] for run in runs[name] if "diagnostics" in run), None),

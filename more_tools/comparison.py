@@ -540,10 +540,10 @@ class _LearningCurve(_Scoring):
     training time spent so far without any scoring: accuracy against steps, FLOPs and seconds, so variants can be
     compared at equal time or compute as well as at equal steps."""
 
-    def __init__(self, examples, points: int, clock: _EvalClock):
+    def __init__(self, examples, points: int, clock: _EvalClock, start: float):
         super().__init__(examples, points, clock)
         self.curve: list[dict] = []
-        self.start = time.perf_counter()
+        self.start = start  # when the job's training began (before a corpus pretraining, as `train_seconds`)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if not (self.due(state) or state.global_step == state.max_steps or control.should_training_stop):
@@ -648,7 +648,7 @@ def run_job(job: Job, data: CompareData, queue=None) -> dict:
     clock = _EvalClock()
     # With the stop rule, test accuracy at every check too, so a stopped job's last 20 % has points at both ends.
     points = LEARNING_CURVE_POINTS if job.stop_at_accuracy is None else STOP_CHECKS
-    curve = _LearningCurve(data.test.select(data.in_distribution), points, clock)
+    curve = _LearningCurve(data.test.select(data.in_distribution), points, clock, start)
     stop = None if job.stop_at_accuracy is None else _StopWhenConverged(data.stopping, job.stop_at_accuracy, clock)
     callbacks = [curve] if stop is None else [stop, curve]  # the stop check first: the curve scores where it stops
     logs = train_model(model, data.train, args, tokenizer, queue, callbacks)
@@ -1007,7 +1007,7 @@ def variant_rows(results: dict, preset: Preset) -> tuple[list[str], list[list]]:
                 f"{result['training_flops']:.2e}",
                 round(float(np.mean(result["steps"]))),
                 f"{np.mean(result['train_seconds']):.1f}",  # a string: the cell formatter gives floats 3 decimals
-                (f"{change} flat" if flat["flat"] else f"**{change} still learning**") + seeds,
+                (f"{change} flat" if flat["flat"] else f"**{change} {moving_word(flat['change'])}**") + seeds,
             ]
         )
     return headers, rows
@@ -1062,13 +1062,19 @@ def depth_rows(results: dict, preset: Preset, task: str, versus_default: bool = 
     return headers, rows
 
 
+def moving_word(change: float) -> str:
+    """How a learning curve that is not flat moved over the last steps: up (learning) or down."""
+    return "still learning" if change > 0 else "falling"
+
+
 def steps_budget(preset: Preset, run: dict) -> str:
     if preset.stop_at_accuracy is None:
         return f"{run['max_steps']} optimizer steps (equal steps = equal data)"
     return (
         f"up to {run['max_steps']} optimizer steps, each job stopped once converged (validation exact match on the "
         f"trained difficulties >= {preset.stop_at_accuracy} at a check every {100 // STOP_CHECKS} % of the steps and "
-        f"at the check {100 - round(100 * FLAT_FROM)} % of its steps earlier; `steps`: mean over seeds)"
+        f"at the check {100 - round(100 * FLAT_FROM)} % of its steps earlier, that earlier accuracy within the "
+        "test-set noise of the current one; `steps`: mean over seeds)"
     )
 
 
@@ -1221,8 +1227,11 @@ def plot_learning_curves(runs: dict[str, list[dict]], results: dict, path: Path)
         curves = [run["learning_curve"] for run in variant_runs]
         steps = np.array(sorted({point["step"] for curve in curves for point in curve}))
         accuracy, seconds = (_carried_mean(curves, steps, key) for key in ("accuracy", "seconds"))
-        flops_per_step = results[name]["training_flops"] / np.mean(results[name]["steps"])
-        flops = flops_per_step * np.mean([np.minimum(steps, steps_trained(run)) for run in variant_runs], axis=0)
+        # A corpus pretraining (guide preset) comes before the first task step: its FLOPs are where the curve starts.
+        pretraining = results[name].get("pretraining_flops", 0.0)
+        flops_per_step = (results[name]["training_flops"] - pretraining) / np.mean(results[name]["steps"])
+        trained = np.mean([np.minimum(steps, steps_trained(run)) for run in variant_runs], axis=0)
+        flops = pretraining + flops_per_step * trained
         for ax, x in zip(axes, (flops, seconds), strict=True):
             ax.plot(x, accuracy, "-o", ms=3, color=f"C{index % 10}", label=name)
     axes[0].set(xlabel="training FLOPs", ylabel="exact match, trained difficulties", ylim=(0, 1.02))

@@ -255,8 +255,10 @@ def test_guide_preset_dry_run_pretrains_on_a_local_corpus(tmp_path, monkeypatch)
     # Corpus pretraining then the tasks: each stage logged apart, each counting its own steps from 1.
     for logs in (comparison["pretraining_logs"]["recurrent"][0], comparison["training_logs"]["recurrent"][0]):
         assert [entry["step"] for entry in logs] == [1, 2]
-    # Training FLOPs count the pretraining's tokens too: more than the task steps alone.
+    # Training FLOPs count the pretraining's tokens too: more than the task steps alone; the learning curve's compute
+    # axis starts after them.
     ffn = comparison["results"]["ffn"]
+    assert 0 < ffn["pretraining_flops"] < ffn["training_flops"]
     task_tokens = ffn["training_flops"] / ffn["training_flops_per_token"]
     assert task_tokens > 2 * 2 * 32  # 2 corpus steps of whole blocks (the preset's batch, block length) and more
     assert set(comparison["results"]["recurrent"]["accuracy"]) == set(compare_more.PRESETS["guide"].tasks)
@@ -349,6 +351,12 @@ def test_validation_split_is_scored_apart_from_the_test_split(tmp_path):
 
     test, validation = prompts("test"), prompts("validation")
     assert len(validation) == len(test) and not test & validation
+
+
+def test_a_curve_that_dropped_reads_falling_and_the_stop_rule_text_names_the_noise_test():
+    assert compare_tools.moving_word(0.1) == "still learning" and compare_tools.moving_word(-0.8) == "falling"
+    preset = dataclasses.replace(compare_more.PRESETS["smoke"], stop_at_accuracy=0.99)
+    assert "within the test-set noise" in compare_tools.steps_budget(preset, {"max_steps": 40})
 
 
 def test_a_validation_split_too_large_for_a_difficulty_says_why(tmp_path):
