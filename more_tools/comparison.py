@@ -4,6 +4,7 @@ one training job per variant x seed (in worker processes), statistics over seeds
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -674,6 +675,7 @@ def run_job(job: Job, data: CompareData, queue=None) -> dict:
             result["diagnostics"] = save_variant(
                 model, tokenizer, data, scores, output_dir, job.data_settings["split"]
             )
+            result["checkpoint"] = checkpoint_digest(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         write_atomically(Path(job_result_path(job)), json.dumps(result))
     return result
@@ -712,7 +714,22 @@ def finished_result(job: Job) -> dict | None:
             "Running %s seed %d again: %s has other settings (%s)", job.variant, job.seed, path, "; ".join(changes)
         )
         return None
+    if job.save_model and result.get("checkpoint") != checkpoint_digest(Path(job.output_dir)):
+        # Its report becomes the variant's model card: it must sit next to the checkpoint it describes.
+        logger.info(
+            "Running %s seed %d again: the checkpoint in %s is missing or not the one it saved",
+            job.variant,
+            job.seed,
+            job.output_dir,
+        )
+        return None
     return result
+
+
+def checkpoint_digest(directory: Path) -> str | None:
+    """SHA-256 of the weights saved in `directory` (None when there are none)."""
+    path = directory / "model.safetensors"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
 
 
 def setting_changes(old: dict, new: dict, prefix: str = "") -> list[str]:

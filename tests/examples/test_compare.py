@@ -294,6 +294,17 @@ def test_resume_loads_finished_jobs_instead_of_training(tmp_path, monkeypatch):
     assert "(2 of the jobs reused by --resume, not trained in that time)" in report
 
 
+def test_resume_reruns_the_job_whose_checkpoint_is_gone(tmp_path, monkeypatch):
+    """The first seed's report becomes the variant's model card: reused only with the checkpoint it saved beside it
+    (pooled result files or another run in the same directory once left a card without, or with another seed's,
+    weights)."""
+    output_dir, _ = _run(tmp_path, monkeypatch, "--variants=ffn,recurrent", "--seeds=1")
+    (output_dir / "ffn" / "model.safetensors").unlink()
+    _, second = _run(tmp_path, monkeypatch, "--variants=ffn,recurrent", "--seeds=1", "--resume")
+    assert second["run"]["reused_jobs"] == 1  # recurrent's
+    assert (output_dir / "ffn" / "model.safetensors").exists()
+
+
 def test_a_registered_expert_type_joins_the_comparison(tmp_path, monkeypatch):
     """A researcher's own expert (tests/model/toy_expert.py) registered by `--expert_modules`, also in the workers."""
     monkeypatch.syspath_prepend(str(scripts.EXAMPLES.parent / "tests" / "model"))  # where the toy expert's module is
