@@ -186,6 +186,7 @@ def build_model_card(
     repo_id: str,
     training_data: str | None = None,
     template_path: str | Path = TEMPLATE_PATH,
+    evaluation_method: str | None = None,
 ) -> ModelCard:
     """A filled model card for a MoRE checkpoint from its `more_tools.evaluation.evaluate_model` `results`."""
     config = results["config"]
@@ -206,6 +207,13 @@ def build_model_card(
             f"{evaluation.get('tasks', 'see the training arguments')}, each prompt ending in `Answer:` and followed "
             "by a short answer; train, validation and test splits share no prompt."
         )
+    if evaluation_method is None:
+        evaluation_method = (
+            "Greedy decoding, answer = generated text before the first newline or period, compared case-insensitively "
+            f"with the reference (exact match); perplexity over the {results['perplexity_on']} of the held-out "
+            f"{results.get('split', 'test')} split. Metrics come from `examples/evaluate_more.py` of the MoRE "
+            "repository."
+        )
     diagnostics = "\n\n".join([routing_table(results), recurrence_table(results), checks_table(results)])
     return ModelCard.from_template(
         card_data,
@@ -220,11 +228,10 @@ def build_model_card(
         router_type=config["router_type"],
         num_recurrent_steps=config["num_recurrent_steps"],
         num_moe_iterations=config["num_moe_iterations"],
-        perplexity_on=results["perplexity_on"],
-        split=results.get("split", "test"),
         architecture_table=architecture,
         example_prompt=json.dumps(EXAMPLE_PROMPT),
         training_data=training_data,
+        evaluation_method=evaluation_method,
         results_table=summary_table(results) + "\n\n" + task_table(results),
         depth_table=depth_table(results),
         diagnostics_table=diagnostics,

@@ -812,7 +812,19 @@ def write_card(variant_dir: Path, name: str, result: dict, preset: Preset, run: 
         f"`examples/compare_more.py --preset {run['preset']}` (variant `{name}`). The comparison over all seeds, "
         "with confidence intervals, is in `comparison.md` next to this directory."
     )
-    save_model_card(variant_dir, report, repo_id=f"more-{name}", training_data=training_data)
+    evaluation_method = (
+        "Exact match: with the reference answer fed in, every answer token and the end of sequence are the model's "
+        "top prediction, which is exactly when greedy decoding produces the answer and stops "
+        f"(`more_tools.metrics.score_answers`); perplexity over the answers of {report['split']} examples. Metrics "
+        "come from `examples/compare_more.py` of the MoRE repository."
+    )
+    save_model_card(
+        variant_dir,
+        report,
+        repo_id=f"more-{name}",
+        training_data=training_data,
+        evaluation_method=evaluation_method,
+    )
 
 
 # A worker's own state, set once by `_worker_init`: its queue to the main process's progress bar and the jobs' data.

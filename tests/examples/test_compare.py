@@ -386,7 +386,9 @@ def test_a_validation_run_says_what_it_scored(tmp_path, monkeypatch):
     assert "the validation split, drawn apart from the test split" in (output_dir / "comparison.md").read_text()
     card = (output_dir / "ffn" / "README.md").read_text()
     assert "validation examples per difficulty scored" in card and "split: validation" in card
-    assert "test examples" not in card and "split: test" not in card and "held-out validation split" in card
+    assert "test examples" not in card and "split: test" not in card and "answers of validation examples" in card
+    # The card says how the comparison scored it: teacher-forced exact match, not evaluate_more's generation.
+    assert "score_answers" in card and "evaluate_more" not in card
 
 
 def test_the_stop_rule_scores_validation_examples_of_trained_difficulties_only(tmp_path):
