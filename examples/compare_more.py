@@ -151,26 +151,29 @@ def main():
 
     # 4. Statistics, tables, plots, model cards.
     results = summarise(runs, data, preset)
-    batch_size = training["per_device_train_batch_size"]
-    tokens_per_step = data.train.columns["attention_mask"].sum(1).float().mean().item() * batch_size
-    pretraining_tokens = 0.0  # the guide preset's corpus blocks are trained on too
-    if data.corpus_train is not None:
-        pretraining_tokens = data.corpus_train.columns["attention_mask"].sum(1).float().mean().item() * batch_size
-        pretraining_tokens *= corpus_steps
+
+    def tokens_per_step(examples) -> float:  # real tokens of a batch, on average
+        return (
+            examples.columns["attention_mask"].sum(1).float().mean().item() * training["per_device_train_batch_size"]
+        )
+
+    task_tokens = tokens_per_step(data.train)
+    # The guide preset's corpus blocks are trained on too.
+    pretraining_tokens = 0.0 if data.corpus_train is None else tokens_per_step(data.corpus_train) * corpus_steps
     for name, config in configs.items():
         model = meta_model(config)
         by_seed = sorted(runs[name], key=lambda r: r["seed"])
         steps = [steps_trained(run) for run in by_seed]
+        per_token = training_flops_per_token(config)
         results[name].update(
             config=config.to_diff_dict(),
             active_params=model.num_parameters(active=True),
             total_params=model.num_parameters(),
             flops_per_token=model.flops_per_token(),
-            training_flops_per_token=training_flops_per_token(config),
+            training_flops_per_token=per_token,
             steps=steps,  # per seed: max_steps, or fewer where the stop rule ended the job
-            training_flops=training_flops_per_token(config)
-            * (tokens_per_step * float(np.mean(steps)) + pretraining_tokens),
-            pretraining_flops=training_flops_per_token(config) * pretraining_tokens,  # included in training_flops
+            training_flops=per_token * (task_tokens * float(np.mean(steps)) + pretraining_tokens),
+            pretraining_flops=per_token * pretraining_tokens,  # included in training_flops
             train_seconds=[run["train_seconds"] for run in by_seed],
             learning_curves=[run["learning_curve"] for run in by_seed],
             diagnostics=next((run["diagnostics"] for run in runs[name] if "diagnostics" in run), None),
