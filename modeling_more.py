@@ -18,6 +18,7 @@ import json
 import math
 import shutil
 import sys
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -2723,12 +2724,14 @@ class MoREPreTrainedModel(PreTrainedModel):
         experts, idle = get_expert_class(config.expert_type), config.num_experts - config.num_experts_per_tok
         if not only_trainable:
             return total - len(self._moe_blocks()) * idle * experts.parameters_per_expert(config)
-        # Only what the total counted: a frozen expert weight is in neither.
-        trainable = [
-            {name for name, param in block.experts.named_parameters() if param.requires_grad}
+        # Only what the total counted: a frozen expert weight is in neither. Layers alike are counted once.
+        trainable = Counter(
+            frozenset(name for name, param in block.experts.named_parameters() if param.requires_grad)
             for block in self._moe_blocks()
-        ]
-        return total - sum(idle * experts.parameters_per_expert(config, names) for names in trainable)
+        )
+        return total - sum(
+            layers * idle * experts.parameters_per_expert(config, names) for names, layers in trainable.items()
+        )
 
     def flops_per_token(self, num_recurrent_steps: int | None = None, num_moe_iterations: int | None = None) -> int:
         """Forward FLOPs (2 x multiply-adds) per token of every weight matmul at the given depth (config defaults):
